@@ -1,0 +1,88 @@
+# Shared helpers for the scripts in bin/ (sourced, not run).
+# shellcheck shell=bash
+set -euo pipefail
+export PGOPTIONS="${PGOPTIONS:-} -c client_min_messages=warning"
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT"
+
+log() { printf '%s\n' "$*" >&2; }
+die() { log "error: $*"; exit 1; }
+
+# Load .env without overriding what the caller already exported.
+load_env() {
+  [[ -f "$ROOT/.env" ]] || return 0
+  local line key
+  while IFS= read -r line || [[ -n $line ]]; do
+    [[ $line =~ ^[[:space:]]*(#|$) ]] && continue
+    key=${line%%=*}; key=${key#export }; key=${key//[[:space:]]/}
+    [[ -n ${!key+x} ]] || export "$key=${line#*=}"
+  done < "$ROOT/.env"
+}
+
+# The PostgreSQL binaries (initdb, pg_ctl, ...) of the newest installed server.
+pg_bindir() {
+  local d
+  d=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -1 || true)
+  [[ -n $d ]] || d=$(pg_config --bindir 2>/dev/null || true)
+  [[ -n $d && -x $d/initdb ]] || die "no PostgreSQL server binaries found; install them (Debian: apt-get install postgresql) or set DATABASE_URL to a running server"
+  printf '%s\n' "$d"
+}
+
+# Print the URL with the password masked.
+redact() { sed -E 's#(://[^:/@]*:)[^@]*@#\1***@#; s#([?&]password=)[^&]*#\1***#g' <<<"$1"; }
+
+# Make sure DATABASE_URL is set and its server answers; start a throwaway one otherwise.
+ensure_database_url() {
+  load_env
+  if [[ -z ${DATABASE_URL:-} ]]; then
+    DATABASE_URL=$("$ROOT/bin/dev-db")
+  fi
+  export DATABASE_URL
+}
+
+# Run psql against the maintenance database of the server in $1 (a URL).
+maintenance_url() {
+  python3 - "$1" <<'PY'
+import sys, urllib.parse as u
+p = u.urlsplit(sys.argv[1])
+q = [(k, v) for k, v in u.parse_qsl(p.query, keep_blank_values=True) if k != "dbname"]
+print(u.urlunsplit((p.scheme, p.netloc, "/postgres", u.urlencode(q), p.fragment)))
+PY
+}
+
+with_database() {
+  python3 - "$1" "$2" <<'PY'
+import sys, urllib.parse as u
+p = u.urlsplit(sys.argv[1])
+q = [(k, v) for k, v in u.parse_qsl(p.query, keep_blank_values=True) if k != "dbname"]
+print(u.urlunsplit((p.scheme, p.netloc, "/" + u.quote(sys.argv[2]), u.urlencode(q), p.fragment)))
+PY
+}
+
+# Create a scratch database on the server of DATABASE_URL and print its URL;
+# register its removal on exit.
+SCRATCH_DBS=()
+drop_scratch_dbs() {
+  local db
+  for db in "${SCRATCH_DBS[@]}"; do
+    psql -X -q "$(maintenance_url "$DATABASE_URL")" -c "DROP DATABASE IF EXISTS \"$db\" WITH (FORCE)" >/dev/null 2>&1 || true
+  done
+}
+trap drop_scratch_dbs EXIT
+scratch_db() {
+  local name="workflow_db_scratch_$1_$$"
+  psql -X -q -v ON_ERROR_STOP=1 "$(maintenance_url "$DATABASE_URL")" \
+    -c "DROP DATABASE IF EXISTS \"$name\" WITH (FORCE)" -c "CREATE DATABASE \"$name\"" >/dev/null
+  SCRATCH_DBS+=("$name")
+  with_database "$DATABASE_URL" "$name"
+}
+
+# diesel_cli (postgres only), installed once into ~/.cargo/bin.
+DIESEL_CLI_VERSION=2.3.14
+ensure_diesel_cli() {
+  if ! command -v diesel >/dev/null 2>&1 || ! diesel --version 2>/dev/null | grep -q "$DIESEL_CLI_VERSION"; then
+    log "installing diesel_cli $DIESEL_CLI_VERSION (postgres only)..."
+    cargo install diesel_cli --version "=$DIESEL_CLI_VERSION" --no-default-features --features postgres --locked >&2
+  fi
+}

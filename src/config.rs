@@ -1,0 +1,410 @@
+//! Configuration from the environment, and the database URL as a secret.
+//!
+//! The library reads the process environment but never loads `.env`; the
+//! binaries, scripts and tests do that (with `dotenvy`) before calling
+//! [`Config::from_env`].
+
+use std::fmt;
+use std::time::Duration;
+
+use url::Url;
+
+use crate::error::{Error, Result};
+
+/// Default number of connections in the pool (`DB_POOL_SIZE`).
+pub const DEFAULT_POOL_SIZE: u32 = 10;
+/// Default time an idle connection is kept (`DB_IDLE_TIMEOUT_SECS`).
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(20);
+/// Default time to wait for a connection (`DB_CONNECT_TIMEOUT_SECS`).
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// The variables that name the environment, in order of precedence.
+pub const ENVIRONMENT_VARS: [&str; 3] = ["APP_ENV", "RUST_ENV", "NODE_ENV"];
+
+/// Settings of the connection pool and the environment, read from variables.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub struct Config {
+    /// `DATABASE_URL` (required).
+    pub database_url: DatabaseUrl,
+    /// `DB_POOL_SIZE`: maximum connections in the pool (default 10).
+    pub pool_size: u32,
+    /// `DB_IDLE_TIMEOUT_SECS`: idle connections above one are closed after this (default 20 s).
+    pub idle_timeout: Duration,
+    /// `DB_CONNECT_TIMEOUT_SECS`: how long to wait for a connection (default 10 s).
+    pub connect_timeout: Duration,
+    /// `APP_ENV` / `RUST_ENV` / `NODE_ENV` (default development).
+    pub environment: Environment,
+}
+
+impl Config {
+    /// Reads the configuration from the process environment.
+    pub fn from_env() -> Result<Self> {
+        Self::from_lookup(|name| std::env::var(name).ok())
+    }
+
+    /// Reads the configuration through `lookup` (a variable name to its value),
+    /// so that callers and tests can supply variables without touching the
+    /// process environment.
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self> {
+        let database_url = match lookup("DATABASE_URL").filter(|v| !v.trim().is_empty()) {
+            Some(url) => DatabaseUrl::parse(&url)?,
+            None => {
+                return Err(Error::MissingEnv {
+                    var: "DATABASE_URL",
+                    hint: "set it to a PostgreSQL URL such as postgres://user@localhost:5432/workflow_db \
+                           (bin/dev-db prints one for a local server)",
+                });
+            }
+        };
+        let pool_size = parse_var(&lookup, "DB_POOL_SIZE", "an integer from 1 to 1000", |v| {
+            v.parse::<u32>().ok().filter(|n| (1..=1000).contains(n))
+        })?
+        .unwrap_or(DEFAULT_POOL_SIZE);
+        let idle_timeout = parse_secs(&lookup, "DB_IDLE_TIMEOUT_SECS")?.unwrap_or(DEFAULT_IDLE_TIMEOUT);
+        let connect_timeout =
+            parse_secs(&lookup, "DB_CONNECT_TIMEOUT_SECS")?.unwrap_or(DEFAULT_CONNECT_TIMEOUT);
+        Ok(Config {
+            database_url,
+            pool_size,
+            idle_timeout,
+            connect_timeout,
+            environment: Environment::from_lookup(&lookup),
+        })
+    }
+
+    /// A configuration with the defaults for `database_url` (used by tools and tests).
+    pub fn new(database_url: DatabaseUrl) -> Self {
+        Config {
+            database_url,
+            pool_size: DEFAULT_POOL_SIZE,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            environment: Environment::Development,
+        }
+    }
+}
+
+fn parse_var<T>(
+    lookup: &impl Fn(&str) -> Option<String>,
+    var: &'static str,
+    expected: &'static str,
+    parse: impl Fn(&str) -> Option<T>,
+) -> Result<Option<T>> {
+    match lookup(var) {
+        None => Ok(None),
+        Some(value) => match parse(value.trim()) {
+            Some(v) => Ok(Some(v)),
+            None => Err(Error::InvalidEnv {
+                var,
+                expected,
+                value,
+            }),
+        },
+    }
+}
+
+fn parse_secs(
+    lookup: &impl Fn(&str) -> Option<String>,
+    var: &'static str,
+) -> Result<Option<Duration>> {
+    parse_var(lookup, var, "a whole number of seconds from 1 to 86400", |v| {
+        v.parse::<u64>()
+            .ok()
+            .filter(|n| (1..=86_400).contains(n))
+            .map(Duration::from_secs)
+    })
+}
+
+/// The environment the process runs in, from `APP_ENV`, `RUST_ENV` or `NODE_ENV`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Environment {
+    /// `development` (the default when no variable is set).
+    Development,
+    /// `test`.
+    Test,
+    /// `production`: destructive admin commands are refused.
+    Production,
+    /// Any other name (`staging`, ...), lower-cased.
+    Other(String),
+}
+
+impl Environment {
+    /// Production if any of `APP_ENV`, `RUST_ENV`, `NODE_ENV` says production
+    /// (case-insensitive); otherwise the first one set; otherwise development.
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Self {
+        let values: Vec<String> = ENVIRONMENT_VARS
+            .iter()
+            .filter_map(|var| lookup(var))
+            .map(|v| v.trim().to_ascii_lowercase())
+            .filter(|v| !v.is_empty())
+            .collect();
+        if values.iter().any(|v| v == "production") {
+            return Environment::Production;
+        }
+        values
+            .first()
+            .map_or(Environment::Development, |v| Environment::from_name(v))
+    }
+
+    /// The environment named `name` (case-insensitive).
+    pub fn from_name(name: &str) -> Self {
+        match name.trim().to_ascii_lowercase().as_str() {
+            "development" | "" => Environment::Development,
+            "test" => Environment::Test,
+            "production" => Environment::Production,
+            other => Environment::Other(other.to_owned()),
+        }
+    }
+
+    /// The environment's name, as stored in the database stamp.
+    pub fn as_str(&self) -> &str {
+        match self {
+            Environment::Development => "development",
+            Environment::Test => "test",
+            Environment::Production => "production",
+            Environment::Other(name) => name,
+        }
+    }
+
+    /// Whether this is production.
+    pub fn is_production(&self) -> bool {
+        *self == Environment::Production
+    }
+}
+
+impl fmt::Display for Environment {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Where a URL points: a TCP host or a unix-socket directory.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Host {
+    /// A host name or IP address (IPv6 without brackets).
+    Tcp(String),
+    /// A unix-socket directory (a `host` starting with `/`, or no host at all).
+    Socket(String),
+}
+
+impl Host {
+    /// The host name, or the socket directory.
+    pub fn as_str(&self) -> &str {
+        match self {
+            Host::Tcp(h) | Host::Socket(h) => h,
+        }
+    }
+
+    /// Loopback (`localhost`, 127.0.0.0/8, `::1`) or a unix socket.
+    pub fn is_local(&self) -> bool {
+        match self {
+            Host::Socket(_) => true,
+            Host::Tcp(h) => {
+                let h = h.to_ascii_lowercase();
+                h == "localhost"
+                    || h.ends_with(".localhost")
+                    || h.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+            }
+        }
+    }
+}
+
+impl fmt::Display for Host {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Host::Tcp(h) if h.contains(':') => write!(f, "[{h}]"),
+            Host::Tcp(h) => f.write_str(h),
+            Host::Socket(dir) => write!(f, "unix socket {dir}"),
+        }
+    }
+}
+
+/// A PostgreSQL connection URL, kept as a secret.
+///
+/// `Display` and `Debug` show it with the password replaced by `***`; only
+/// [`DatabaseUrl::expose`] returns the real thing, for handing to libpq.
+/// Accepts `postgres://` and `postgresql://` URLs, including IPv6 hosts,
+/// percent-encoded user info and libpq query parameters (`host`, `port`,
+/// `dbname`, `user`, `password`, ...).
+#[derive(Clone, PartialEq, Eq)]
+pub struct DatabaseUrl {
+    url: Url,
+}
+
+impl DatabaseUrl {
+    /// Parses and validates a URL. The error never repeats the input.
+    pub fn parse(input: &str) -> Result<Self> {
+        let url = Url::parse(input.trim()).map_err(|e| Error::InvalidDatabaseUrl {
+            reason: format!(
+                "{e}; expected postgres://user:password@host:port/database (libpq key=value strings are not supported)"
+            ),
+        })?;
+        if !matches!(url.scheme(), "postgres" | "postgresql") {
+            return Err(Error::InvalidDatabaseUrl {
+                reason: format!(
+                    "scheme {:?} is not postgres:// or postgresql://",
+                    url.scheme()
+                ),
+            });
+        }
+        let this = DatabaseUrl { url };
+        if this.database().is_empty() {
+            return Err(Error::InvalidDatabaseUrl {
+                reason: "no database name; add one as the path, e.g. postgres://localhost/workflow_db"
+                    .into(),
+            });
+        }
+        Ok(this)
+    }
+
+    /// The URL with its password, for connecting. Never print it.
+    pub fn expose(&self) -> &str {
+        self.url.as_str()
+    }
+
+    fn query(&self, key: &str) -> Option<String> {
+        self.url
+            .query_pairs()
+            .filter(|(k, _)| k == key)
+            .map(|(_, v)| v.into_owned())
+            .last()
+    }
+
+    fn decoded(s: &str) -> String {
+        percent_decode(s)
+    }
+
+    /// The server: the `host` query parameter wins over the authority (as in libpq);
+    /// no host at all means libpq's default unix socket.
+    pub fn host(&self) -> Host {
+        let raw = self.query("host").filter(|h| !h.is_empty()).or_else(|| {
+            self.url
+                .host_str()
+                .filter(|h| !h.is_empty())
+                .map(|h| Self::decoded(h.trim_start_matches('[').trim_end_matches(']')))
+        });
+        match raw {
+            Some(h) if h.starts_with('/') || h.starts_with('@') => Host::Socket(h),
+            Some(h) => Host::Tcp(h),
+            None => Host::Socket("(libpq default)".into()),
+        }
+    }
+
+    /// The port (`port` query parameter, then the authority, then 5432).
+    pub fn port(&self) -> u16 {
+        self.query("port")
+            .and_then(|p| p.parse().ok())
+            .or(self.url.port())
+            .unwrap_or(5432)
+    }
+
+    /// The database name (`dbname` query parameter, then the path).
+    pub fn database(&self) -> String {
+        self.query("dbname")
+            .unwrap_or_else(|| Self::decoded(self.url.path().trim_start_matches('/')))
+    }
+
+    /// The user name, if the URL names one (`user` query parameter, then the user info).
+    pub fn user(&self) -> Option<String> {
+        self.query("user")
+            .or_else(|| Some(Self::decoded(self.url.username())))
+            .filter(|u| !u.is_empty())
+    }
+
+    /// Whether the URL carries a password (in the user info or as a parameter).
+    pub fn has_password(&self) -> bool {
+        self.url.password().is_some() || self.query("password").is_some()
+    }
+
+    /// The same server and credentials, another database.
+    pub fn with_database(&self, database: &str) -> DatabaseUrl {
+        let mut url = self.url.clone();
+        url.set_path(&format!("/{}", utf8_percent_encode(database)));
+        let pairs: Vec<(String, String)> = url
+            .query_pairs()
+            .filter(|(k, _)| k != "dbname")
+            .map(|(k, v)| (k.into_owned(), v.into_owned()))
+            .collect();
+        set_query(&mut url, &pairs);
+        DatabaseUrl { url }
+    }
+
+    /// The URL with a query parameter added unless already present
+    /// (e.g. `application_name`, `connect_timeout`).
+    pub fn with_default_param(&self, key: &str, value: &str) -> DatabaseUrl {
+        if self.query(key).is_some() {
+            return self.clone();
+        }
+        let mut url = self.url.clone();
+        url.query_pairs_mut().append_pair(key, value);
+        DatabaseUrl { url }
+    }
+
+    /// The URL with the password replaced by `***`, safe to print.
+    pub fn redacted(&self) -> String {
+        let mut url = self.url.clone();
+        if url.password().is_some() {
+            // Cannot fail: the URL has an authority since it has a password.
+            let _ = url.set_password(Some("***"));
+        }
+        if self.query("password").is_some() {
+            let pairs: Vec<(String, String)> = url
+                .query_pairs()
+                .map(|(k, v)| {
+                    let v = if k == "password" { "***".into() } else { v.into_owned() };
+                    (k.into_owned(), v)
+                })
+                .collect();
+            set_query(&mut url, &pairs);
+        }
+        url.to_string()
+    }
+
+    /// `host:port/database` (or `socket/database`), safe to print.
+    pub fn target(&self) -> String {
+        match self.host() {
+            Host::Socket(dir) => format!("{dir} (unix socket), database {}", self.database()),
+            host => format!("{host}:{}, database {}", self.port(), self.database()),
+        }
+    }
+}
+
+fn set_query(url: &mut Url, pairs: &[(String, String)]) {
+    if pairs.is_empty() {
+        url.set_query(None);
+    } else {
+        url.query_pairs_mut().clear().extend_pairs(pairs);
+    }
+}
+
+fn percent_decode(s: &str) -> String {
+    url::form_urlencoded::parse(format!("x={}", s.replace('+', "%2B")).as_bytes())
+        .next()
+        .map(|(_, v)| v.into_owned())
+        .unwrap_or_default()
+}
+
+fn utf8_percent_encode(s: &str) -> String {
+    url::form_urlencoded::byte_serialize(s.as_bytes())
+        .collect::<String>()
+        .replace('+', "%20")
+}
+
+impl fmt::Display for DatabaseUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.redacted())
+    }
+}
+
+impl fmt::Debug for DatabaseUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("DatabaseUrl").field(&self.redacted()).finish()
+    }
+}
+
+impl std::str::FromStr for DatabaseUrl {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        DatabaseUrl::parse(s)
+    }
+}

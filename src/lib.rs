@@ -1,0 +1,50 @@
+#![doc = include_str!("../README.md")]
+#![warn(missing_docs)]
+
+pub mod admin;
+pub mod config;
+pub mod enums;
+pub mod error;
+pub mod migrate;
+pub mod models;
+pub mod pool;
+#[allow(missing_docs)]
+pub mod schema;
+#[cfg(feature = "test-utils")]
+pub mod testing;
+
+pub use config::{Config, DatabaseUrl, Environment};
+pub use enums::{ExecutionStatus, StepStatus};
+pub use error::{Error, Result};
+pub use migrate::{MIGRATIONS, Migrator, run_pending_migrations};
+pub use models::{
+    Execution, ExecutionChanges, ExecutionStep, ExecutionStepChanges, ExecutionWithSteps, NewExecution,
+    NewExecutionStep, NewWorkflow, Workflow, WorkflowChanges, WorkflowWithExecutions,
+};
+pub use pool::{PgPool, PooledConn, build_pool};
+
+/// What an engine needs to write its own queries against these tables:
+/// the tables, the row and enum types, and Diesel's query DSL (`eq`, `and`,
+/// `or`, `desc`, `asc`, `sql`, ...).
+///
+/// ```no_run
+/// use workflow_db::prelude::*;
+///
+/// fn failed_for_user(conn: &mut PgConnection, user: &str) -> QueryResult<Vec<Execution>> {
+///     executions::table
+///         .filter(executions::status.eq(ExecutionStatus::Failed).and(executions::user_id.eq(user)))
+///         .order(executions::started_at.desc())
+///         .select(Execution::as_select())
+///         .load(conn)
+/// }
+/// ```
+pub mod prelude {
+    pub use crate::enums::{ExecutionStatus, StepStatus};
+    pub use crate::models::{
+        Execution, ExecutionStep, NewExecution, NewExecutionStep, NewWorkflow, Workflow,
+    };
+    pub use crate::schema::{execution_steps, executions, workflows};
+    pub use diesel::dsl::{exists, not, sql};
+    pub use diesel::prelude::*;
+    pub use diesel::{PgConnection, QueryResult};
+}

@@ -1,0 +1,163 @@
+use chrono::{DateTime, Utc};
+use diesel::prelude::*;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use uuid::Uuid;
+
+use super::Execution;
+use crate::enums::StepStatus;
+use crate::schema::execution_steps;
+
+/// One node run inside an execution (table `execution_steps`).
+#[derive(
+    Debug, Clone, PartialEq, Queryable, Selectable, Identifiable, Associations, Serialize, Deserialize,
+)]
+#[diesel(table_name = execution_steps, belongs_to(Execution), check_for_backend(diesel::pg::Pg))]
+pub struct ExecutionStep {
+    /// Primary key (UUIDv7).
+    pub id: Uuid,
+    /// The execution this step belongs to.
+    pub execution_id: Uuid,
+    /// The workflow node this step runs.
+    pub node_id: String,
+    /// Lifecycle status.
+    pub status: StepStatus,
+    /// JSON input.
+    pub input: Option<Value>,
+    /// JSON output.
+    pub output: Option<Value>,
+    /// JSON validation result.
+    pub validation: Option<Value>,
+    /// Retries so far.
+    pub retry_count: i32,
+    /// Error of the last failed attempt.
+    pub error: Option<String>,
+    /// When the current attempt started.
+    pub started_at: Option<DateTime<Utc>>,
+    /// When it reached a final status.
+    pub completed_at: Option<DateTime<Utc>>,
+    /// Creation time.
+    pub created_at: DateTime<Utc>,
+    /// Last change.
+    pub updated_at: DateTime<Utc>,
+}
+
+/// A step to insert; [`NewExecutionStep::new`] assigns a fresh UUIDv7 and status `pending`.
+#[derive(Debug, Clone, PartialEq, Insertable, Serialize, Deserialize)]
+#[diesel(table_name = execution_steps)]
+pub struct NewExecutionStep {
+    /// Primary key; keep the generated UUIDv7 unless you need a fixed id.
+    pub id: Uuid,
+    /// The execution it belongs to.
+    pub execution_id: Uuid,
+    /// The workflow node it runs (unique within the execution).
+    pub node_id: String,
+    /// Initial status (normally `pending`).
+    pub status: StepStatus,
+    /// JSON input.
+    pub input: Option<Value>,
+}
+
+/// Changes to a step; `None` leaves a column as it is.
+#[derive(Debug, Clone, Default, PartialEq, AsChangeset, Serialize, Deserialize)]
+#[diesel(table_name = execution_steps)]
+pub struct ExecutionStepChanges {
+    /// New status.
+    pub status: Option<StepStatus>,
+    /// New input.
+    pub input: Option<Option<Value>>,
+    /// New output.
+    pub output: Option<Option<Value>>,
+    /// New validation result.
+    pub validation: Option<Option<Value>>,
+    /// New retry count.
+    pub retry_count: Option<i32>,
+    /// New error message.
+    pub error: Option<Option<String>>,
+    /// New start time.
+    pub started_at: Option<Option<DateTime<Utc>>>,
+    /// New completion time.
+    pub completed_at: Option<Option<DateTime<Utc>>>,
+}
+
+impl NewExecutionStep {
+    /// A pending step of `execution_id` running `node_id`, with a fresh UUIDv7.
+    pub fn new(execution_id: Uuid, node_id: impl Into<String>) -> Self {
+        NewExecutionStep {
+            id: Uuid::now_v7(),
+            execution_id,
+            node_id: node_id.into(),
+            status: StepStatus::Pending,
+            input: None,
+        }
+    }
+
+    /// Sets the JSON input.
+    pub fn input(mut self, input: Value) -> Self {
+        self.input = Some(input);
+        self
+    }
+
+    /// Inserts the step and returns the stored row.
+    #[tracing::instrument(skip_all, fields(step.id = %self.id, execution.id = %self.execution_id))]
+    pub fn create(&self, conn: &mut PgConnection) -> QueryResult<ExecutionStep> {
+        diesel::insert_into(execution_steps::table)
+            .values(self)
+            .returning(ExecutionStep::as_returning())
+            .get_result(conn)
+    }
+
+    /// Inserts many steps in one statement and returns the stored rows.
+    #[tracing::instrument(skip_all, fields(count = steps.len()))]
+    pub fn create_many(conn: &mut PgConnection, steps: &[NewExecutionStep]) -> QueryResult<Vec<ExecutionStep>> {
+        diesel::insert_into(execution_steps::table)
+            .values(steps)
+            .returning(ExecutionStep::as_returning())
+            .get_results(conn)
+    }
+}
+
+impl ExecutionStep {
+    /// The step with this id; `Err(NotFound)` when there is none.
+    #[tracing::instrument(skip(conn))]
+    pub fn find(conn: &mut PgConnection, id: Uuid) -> QueryResult<ExecutionStep> {
+        execution_steps::table
+            .find(id)
+            .select(ExecutionStep::as_select())
+            .first(conn)
+    }
+
+    /// Every step of an execution, in creation order.
+    #[tracing::instrument(skip(conn))]
+    pub fn list_for_execution(conn: &mut PgConnection, execution_id: Uuid) -> QueryResult<Vec<ExecutionStep>> {
+        execution_steps::table
+            .filter(execution_steps::execution_id.eq(execution_id))
+            .select(ExecutionStep::as_select())
+            .order(execution_steps::id)
+            .load(conn)
+    }
+
+    /// Applies `changes` and returns the updated row (unchanged if `changes` is empty).
+    #[tracing::instrument(skip(conn, changes))]
+    pub fn update(
+        conn: &mut PgConnection,
+        id: Uuid,
+        changes: &ExecutionStepChanges,
+    ) -> QueryResult<ExecutionStep> {
+        if *changes == ExecutionStepChanges::default() {
+            return Self::find(conn, id);
+        }
+        diesel::update(execution_steps::table.find(id))
+            .set(changes)
+            .returning(ExecutionStep::as_returning())
+            .get_result(conn)
+    }
+
+    /// Deletes the step. Returns whether a row was deleted.
+    #[tracing::instrument(skip(conn))]
+    pub fn delete(conn: &mut PgConnection, id: Uuid) -> QueryResult<bool> {
+        diesel::delete(execution_steps::table.find(id))
+            .execute(conn)
+            .map(|n| n > 0)
+    }
+}

@@ -1,0 +1,250 @@
+//! A fresh, migrated database per test (feature `test-utils`).
+//!
+//! The first [`TestDatabase::new`] on a server builds a template database
+//! migrated with this build's migrations (named after their checksum, so a
+//! changed migration gets a new template); every test database is a
+//! `CREATE DATABASE .. TEMPLATE .. STRATEGY FILE_COPY` clone of it (a few
+//! milliseconds) and is dropped when the value is dropped. Tests therefore run
+//! in parallel, each on its own database. Databases left by crashed runs are
+//! swept by name (they carry their creation time) once they are an hour old.
+//!
+//! The server comes from `TEST_DATABASE_URL`, else `DATABASE_URL`, else
+//! `postgres://postgres@127.0.0.1:5432/postgres`. This module reads the
+//! process environment only; load `.env` in your tests if you use one.
+//!
+//! ```no_run
+//! let db = workflow_db::testing::TestDatabase::new();
+//! let mut conn = db.connect();
+//! let workflows = workflow_db::Workflow::list(&mut conn, None, 10)?;
+//! assert!(workflows.is_empty());
+//! # Ok::<(), diesel::result::Error>(())
+//! ```
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use diesel::connection::SimpleConnection;
+use diesel::prelude::*;
+use diesel::sql_types::{Integer, Text};
+
+use crate::config::{Config, DatabaseUrl, Environment};
+use crate::error::Result;
+use crate::migrate::{self, LOCK_NAMESPACE, Migrator, connect, quote_ident};
+use crate::pool::{PgPool, build_pool};
+
+/// Prefix of every test database's name.
+pub const TEST_DATABASE_PREFIX: &str = "workflow_db_test_";
+const TEMPLATE_PREFIX: &str = "workflow_db_template_";
+const TEMPLATE_LOCK: i32 = 2;
+const STALE_AFTER_SECS: u64 = 3600;
+const LOCAL_DEFAULT: &str = "postgres://postgres@127.0.0.1:5432/postgres";
+
+static COUNTER: AtomicUsize = AtomicUsize::new(0);
+
+/// A database of its own for one test, dropped on `Drop`.
+#[derive(Debug)]
+pub struct TestDatabase {
+    url: DatabaseUrl,
+    admin: DatabaseUrl,
+    name: String,
+}
+
+#[derive(QueryableByName)]
+struct Name {
+    #[diesel(sql_type = Text)]
+    datname: String,
+}
+
+/// The server the tests use: `TEST_DATABASE_URL`, `DATABASE_URL` or the local default.
+pub fn server_url() -> Result<DatabaseUrl> {
+    let raw = std::env::var("TEST_DATABASE_URL")
+        .or_else(|_| std::env::var("DATABASE_URL"))
+        .unwrap_or_else(|_| LOCAL_DEFAULT.to_owned());
+    DatabaseUrl::parse(&raw)
+}
+
+fn template_name() -> String {
+    let all: String = migrate::sources().iter().map(|s| s.checksum()).collect();
+    format!("{TEMPLATE_PREFIX}{}", &migrate::checksum(&all)[..16])
+}
+
+impl TestDatabase {
+    /// A fresh migrated database. Panics, saying how to start a server, when none answers.
+    pub fn new() -> TestDatabase {
+        match Self::try_new() {
+            Ok(db) => db,
+            Err(e) => panic!(
+                "no PostgreSQL for tests: {e}\n\
+                 Start one with `bin/dev-db` (it prints a URL) and export TEST_DATABASE_URL or DATABASE_URL."
+            ),
+        }
+    }
+
+    /// A fresh migrated database, or the error that prevented it.
+    pub fn try_new() -> Result<TestDatabase> {
+        Self::create(true)
+    }
+
+    /// A fresh, empty database (no migrations applied), for testing migrations themselves.
+    pub fn empty() -> TestDatabase {
+        match Self::create(false) {
+            Ok(db) => db,
+            Err(e) => panic!("no PostgreSQL for tests: {e}; start one with `bin/dev-db`"),
+        }
+    }
+
+    fn create(migrated: bool) -> Result<TestDatabase> {
+        let admin = server_url()?.with_database("postgres");
+        let mut conn = connect(&admin)?;
+        sweep_stale(&mut conn)?;
+        let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        let name = format!(
+            "{TEST_DATABASE_PREFIX}{now}_{}_{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        );
+        if migrated {
+            let template = ensure_template(&mut conn, &admin)?;
+            clone_database(&mut conn, &template, &name)?;
+        } else {
+            conn.batch_execute(&format!("CREATE DATABASE {}", quote_ident(&name)))?;
+        }
+        Ok(TestDatabase { url: admin.with_database(&name), admin, name })
+    }
+
+    /// The database's URL.
+    pub fn url(&self) -> &DatabaseUrl {
+        &self.url
+    }
+
+    /// The database's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// A new connection to the database. Panics if it cannot connect.
+    pub fn connect(&self) -> PgConnection {
+        match connect(&self.url) {
+            Ok(conn) => conn,
+            Err(e) => panic!("cannot connect to test database {}: {e}", self.name),
+        }
+    }
+
+    /// A configuration pointing at the database, in the test environment.
+    pub fn config(&self) -> Config {
+        let mut config = Config::new(self.url.clone());
+        config.environment = Environment::Test;
+        config
+    }
+
+    /// A pool of connections to the database. Panics if it cannot connect.
+    pub fn pool(&self) -> PgPool {
+        match build_pool(&self.config()) {
+            Ok(pool) => pool,
+            Err(e) => panic!("cannot build a pool for test database {}: {e}", self.name),
+        }
+    }
+}
+
+impl Default for TestDatabase {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for TestDatabase {
+    fn drop(&mut self) {
+        if let Ok(mut conn) = connect(&self.admin) {
+            let _ = conn.batch_execute(&format!(
+                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                quote_ident(&self.name)
+            ));
+        }
+    }
+}
+
+/// Builds the template for this build's migrations once per server, under an
+/// advisory lock so that parallel test processes build it once.
+fn ensure_template(conn: &mut PgConnection, admin: &DatabaseUrl) -> Result<String> {
+    let template = template_name();
+    if database_exists(conn, &template)? {
+        return Ok(template);
+    }
+    diesel::sql_query("SELECT pg_advisory_lock($1, $2)")
+        .bind::<Integer, _>(LOCK_NAMESPACE)
+        .bind::<Integer, _>(TEMPLATE_LOCK)
+        .execute(conn)?;
+    let result = (|| {
+        if database_exists(conn, &template)? {
+            return Ok(());
+        }
+        // Build under another name and rename: a template that exists is complete.
+        let building = format!("{template}_building");
+        conn.batch_execute(&format!(
+            "DROP DATABASE IF EXISTS {b} WITH (FORCE); CREATE DATABASE {b}",
+            b = quote_ident(&building)
+        ))?;
+        Migrator::new(admin.with_database(&building))
+            .environment(Environment::Test)
+            .run(|_| {})?;
+        conn.batch_execute(&format!(
+            "ALTER DATABASE {} RENAME TO {}",
+            quote_ident(&building),
+            quote_ident(&template)
+        ))?;
+        Ok(())
+    })();
+    diesel::sql_query("SELECT pg_advisory_unlock($1, $2)")
+        .bind::<Integer, _>(LOCK_NAMESPACE)
+        .bind::<Integer, _>(TEMPLATE_LOCK)
+        .execute(conn)?;
+    result.map(|()| template)
+}
+
+fn clone_database(conn: &mut PgConnection, template: &str, name: &str) -> Result<()> {
+    let sql = format!(
+        "CREATE DATABASE {} TEMPLATE {} STRATEGY FILE_COPY",
+        quote_ident(name),
+        quote_ident(template)
+    );
+    // Cloning fails while another session is connected to the template; that
+    // is rare (only the builder connects) and brief, so retry a little.
+    let mut attempt = 0;
+    loop {
+        match conn.batch_execute(&sql) {
+            Ok(()) => return Ok(()),
+            Err(e) if attempt < 50 && e.to_string().contains("being accessed by other users") => {
+                attempt += 1;
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+fn database_exists(conn: &mut PgConnection, name: &str) -> Result<bool> {
+    Ok(diesel::sql_query("SELECT datname FROM pg_database WHERE datname = $1")
+        .bind::<Text, _>(name)
+        .load::<Name>(conn)?
+        .len()
+        == 1)
+}
+
+/// Drops test databases left by crashed runs: their name carries their
+/// creation time, and any older than an hour is stale.
+fn sweep_stale(conn: &mut PgConnection) -> Result<()> {
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let names: Vec<Name> = diesel::sql_query("SELECT datname FROM pg_database WHERE starts_with(datname, $1)")
+        .bind::<Text, _>(TEST_DATABASE_PREFIX)
+        .load(conn)?;
+    for Name { datname } in names {
+        let created = datname[TEST_DATABASE_PREFIX.len()..]
+            .split('_')
+            .next()
+            .and_then(|t| t.parse::<u64>().ok());
+        if created.is_some_and(|t| t + STALE_AFTER_SECS < now) {
+            let _ = conn.batch_execute(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", quote_ident(&datname)));
+        }
+    }
+    Ok(())
+}
