@@ -60,7 +60,8 @@ impl Config {
             v.parse::<u32>().ok().filter(|n| (1..=1000).contains(n))
         })?
         .unwrap_or(DEFAULT_POOL_SIZE);
-        let idle_timeout = parse_secs(&lookup, "DB_IDLE_TIMEOUT_SECS")?.unwrap_or(DEFAULT_IDLE_TIMEOUT);
+        let idle_timeout =
+            parse_secs(&lookup, "DB_IDLE_TIMEOUT_SECS")?.unwrap_or(DEFAULT_IDLE_TIMEOUT);
         let connect_timeout =
             parse_secs(&lookup, "DB_CONNECT_TIMEOUT_SECS")?.unwrap_or(DEFAULT_CONNECT_TIMEOUT);
         Ok(Config {
@@ -107,12 +108,17 @@ fn parse_secs(
     lookup: &impl Fn(&str) -> Option<String>,
     var: &'static str,
 ) -> Result<Option<Duration>> {
-    parse_var(lookup, var, "a whole number of seconds from 1 to 86400", |v| {
-        v.parse::<u64>()
-            .ok()
-            .filter(|n| (1..=86_400).contains(n))
-            .map(Duration::from_secs)
-    })
+    parse_var(
+        lookup,
+        var,
+        "a whole number of seconds from 1 to 86400",
+        |v| {
+            v.parse::<u64>()
+                .ok()
+                .filter(|n| (1..=86_400).contains(n))
+                .map(Duration::from_secs)
+        },
+    )
 }
 
 /// The environment the process runs in, from `APP_ENV`, `RUST_ENV` or `NODE_ENV`.
@@ -203,7 +209,8 @@ impl Host {
                 let h = h.to_ascii_lowercase();
                 h == "localhost"
                     || h.ends_with(".localhost")
-                    || h.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+                    || h.parse::<std::net::IpAddr>()
+                        .is_ok_and(|ip| ip.is_loopback())
             }
         }
     }
@@ -250,8 +257,9 @@ impl DatabaseUrl {
         let this = DatabaseUrl { url };
         if this.database().is_empty() {
             return Err(Error::InvalidDatabaseUrl {
-                reason: "no database name; add one as the path, e.g. postgres://localhost/workflow_db"
-                    .into(),
+                reason:
+                    "no database name; add one as the path, e.g. postgres://localhost/workflow_db"
+                        .into(),
             });
         }
         Ok(this)
@@ -351,7 +359,11 @@ impl DatabaseUrl {
             let pairs: Vec<(String, String)> = url
                 .query_pairs()
                 .map(|(k, v)| {
-                    let v = if k == "password" { "***".into() } else { v.into_owned() };
+                    let v = if k == "password" {
+                        "***".into()
+                    } else {
+                        v.into_owned()
+                    };
                     (k.into_owned(), v)
                 })
                 .collect();
@@ -398,7 +410,9 @@ impl fmt::Display for DatabaseUrl {
 
 impl fmt::Debug for DatabaseUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_tuple("DatabaseUrl").field(&self.redacted()).finish()
+        f.debug_tuple("DatabaseUrl")
+            .field(&self.redacted())
+            .finish()
     }
 }
 

@@ -181,10 +181,18 @@ mod tests {
     #[test]
     fn final_statuses_have_no_way_out() {
         for from in ExecutionStatus::ALL.into_iter().filter(|s| s.is_final()) {
-            assert!(ExecutionStatus::ALL.iter().all(|&to| !from.can_transition_to(to)));
+            assert!(
+                ExecutionStatus::ALL
+                    .iter()
+                    .all(|&to| !from.can_transition_to(to))
+            );
         }
         for from in StepStatus::ALL.into_iter().filter(|s| s.is_final()) {
-            assert!(StepStatus::ALL.iter().all(|&to| !from.can_transition_to(to)));
+            assert!(
+                StepStatus::ALL
+                    .iter()
+                    .all(|&to| !from.can_transition_to(to))
+            );
         }
         assert!(StepStatus::Running.can_transition_to(StepStatus::Pending));
         assert!(!ExecutionStatus::Pending.can_transition_to(ExecutionStatus::Completed));

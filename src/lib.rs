@@ -18,8 +18,8 @@ pub use enums::{ExecutionStatus, StepStatus};
 pub use error::{Error, Result};
 pub use migrate::{MIGRATIONS, Migrator, run_pending_migrations};
 pub use models::{
-    Execution, ExecutionChanges, ExecutionStep, ExecutionStepChanges, ExecutionWithSteps, NewExecution,
-    NewExecutionStep, NewWorkflow, Workflow, WorkflowChanges, WorkflowWithExecutions,
+    Execution, ExecutionChanges, ExecutionStep, ExecutionStepChanges, ExecutionWithSteps,
+    NewExecution, NewExecutionStep, NewWorkflow, Workflow, WorkflowChanges, WorkflowWithExecutions,
 };
 pub use pool::{PgPool, PooledConn, build_pool};
 

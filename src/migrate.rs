@@ -230,7 +230,8 @@ fn read_state(conn: &mut PgConnection) -> Result<State> {
             .map(|f| f.value)
     };
     let diesel_table = exists(conn, "__diesel_schema_migrations")?;
-    let bookkeeping = exists(conn, "__workflow_db_migrations")? && exists(conn, "__workflow_db_metadata")?;
+    let bookkeeping =
+        exists(conn, "__workflow_db_migrations")? && exists(conn, "__workflow_db_metadata")?;
     let applied: Vec<Applied> = match (diesel_table, bookkeeping) {
         (false, _) => Vec::new(),
         (true, false) => diesel::sql_query(
@@ -254,7 +255,10 @@ fn read_state(conn: &mut PgConnection) -> Result<State> {
     };
     Ok(State {
         bookkeeping,
-        applied: applied.into_iter().map(|a| (a.version.clone(), a)).collect(),
+        applied: applied
+            .into_iter()
+            .map(|a| (a.version.clone(), a))
+            .collect(),
         stamp,
     })
 }
@@ -267,7 +271,11 @@ pub fn environment_stamp(conn: &mut PgConnection) -> Result<Option<String>> {
 impl State {
     fn verify_checksums(&self) -> Result<()> {
         for source in SOURCES {
-            if let Some(Applied { checksum: Some(recorded), .. }) = self.applied.get(source.version) {
+            if let Some(Applied {
+                checksum: Some(recorded),
+                ..
+            }) = self.applied.get(source.version)
+            {
                 let embedded = source.checksum();
                 if *recorded != embedded {
                     return Err(Error::MigrationChecksumMismatch {
@@ -282,7 +290,10 @@ impl State {
     }
 
     fn pending(&self) -> Vec<&'static MigrationSql> {
-        SOURCES.iter().filter(|s| !self.applied.contains_key(s.version)).collect()
+        SOURCES
+            .iter()
+            .filter(|s| !self.applied.contains_key(s.version))
+            .collect()
     }
 
     fn unknown_applied(&self) -> Vec<String> {
@@ -294,7 +305,9 @@ impl State {
     }
 
     fn out_of_order(&self) -> Result<()> {
-        let Some(newest) = self.applied.keys().max() else { return Ok(()) };
+        let Some(newest) = self.applied.keys().max() else {
+            return Ok(());
+        };
         let versions: Vec<String> = self
             .pending()
             .iter()
@@ -304,7 +317,10 @@ impl State {
         if versions.is_empty() {
             Ok(())
         } else {
-            Err(Error::OutOfOrderMigrations { versions, newest_applied: newest.clone() })
+            Err(Error::OutOfOrderMigrations {
+                versions,
+                newest_applied: newest.clone(),
+            })
         }
     }
 
@@ -353,7 +369,11 @@ impl Migrator {
 
     /// Opens the migrator's dedicated connection.
     pub fn connect(&self) -> Result<PgConnection> {
-        connect(&self.url.with_default_param("application_name", MIGRATOR_APPLICATION_NAME))
+        connect(
+            &self
+                .url
+                .with_default_param("application_name", MIGRATOR_APPLICATION_NAME),
+        )
     }
 
     /// Applies every pending migration (see the module docs), reporting
@@ -398,7 +418,11 @@ impl Migrator {
         }
     }
 
-    fn lock(&self, conn: &mut PgConnection, on_event: &mut impl FnMut(&MigrationEvent)) -> Result<()> {
+    fn lock(
+        &self,
+        conn: &mut PgConnection,
+        on_event: &mut impl FnMut(&MigrationEvent),
+    ) -> Result<()> {
         let start = Instant::now();
         let mut reported: Option<String> = None;
         loop {
@@ -413,10 +437,15 @@ impl Migrator {
             }
             let holder = lock_holder(conn)?.unwrap_or_else(|| "another session".into());
             if start.elapsed() >= self.lock_timeout {
-                return Err(Error::MigrationLockTimeout { waited: start.elapsed(), holder });
+                return Err(Error::MigrationLockTimeout {
+                    waited: start.elapsed(),
+                    holder,
+                });
             }
             if reported.as_ref() != Some(&holder) {
-                on_event(&MigrationEvent::WaitingForLock { holder: holder.clone() });
+                on_event(&MigrationEvent::WaitingForLock {
+                    holder: holder.clone(),
+                });
                 reported = Some(holder);
             }
             std::thread::sleep(Duration::from_millis(50).min(self.lock_timeout));
@@ -438,14 +467,18 @@ impl Migrator {
         }
         // Backfill checksums of migrations applied by other tools (diesel CLI).
         for source in SOURCES {
-            if matches!(state.applied.get(source.version), Some(Applied { checksum: None, .. })) {
+            if matches!(
+                state.applied.get(source.version),
+                Some(Applied { checksum: None, .. })
+            ) {
                 record(conn, source, None)?;
             }
         }
-        let embedded = MigrationSource::<Pg>::migrations(&MIGRATIONS).map_err(|e| Error::Migration {
-            version: "(embedded)".into(),
-            message: e.to_string(),
-        })?;
+        let embedded =
+            MigrationSource::<Pg>::migrations(&MIGRATIONS).map_err(|e| Error::Migration {
+                version: "(embedded)".into(),
+                message: e.to_string(),
+            })?;
         let mut applied = Vec::new();
         for source in state.pending() {
             let migration = embedded
@@ -483,7 +516,10 @@ impl Migrator {
         }
         if let Some(to) = state.stamp_change(&self.environment) {
             write_stamp(conn, &to)?;
-            on_event(&MigrationEvent::Stamped { from: state.stamp.clone(), to });
+            on_event(&MigrationEvent::Stamped {
+                from: state.stamp.clone(),
+                to,
+            });
         } else {
             self.report_kept_stamp(&state, on_event);
         }
@@ -504,7 +540,9 @@ impl Migrator {
                     applied: applied.is_some(),
                     applied_at: applied.and_then(|a| a.run_on),
                     duration_ms: applied.and_then(|a| a.duration_ms),
-                    checksum_ok: applied.and_then(|a| a.checksum.as_ref()).map(|c| *c == s.checksum()),
+                    checksum_ok: applied
+                        .and_then(|a| a.checksum.as_ref())
+                        .map(|c| *c == s.checksum()),
                 }
             })
             .collect();
@@ -575,11 +613,16 @@ pub fn connect(url: &DatabaseUrl) -> Result<PgConnection> {
     })
 }
 
-fn redact_connection_error(e: diesel::ConnectionError, url: &DatabaseUrl) -> diesel::ConnectionError {
+fn redact_connection_error(
+    e: diesel::ConnectionError,
+    url: &DatabaseUrl,
+) -> diesel::ConnectionError {
     // libpq does not echo passwords, but a malformed URL error may echo the input.
     match e {
         diesel::ConnectionError::InvalidConnectionUrl(msg) if url.has_password() => {
-            diesel::ConnectionError::InvalidConnectionUrl(msg.replace(url.expose(), &url.redacted()))
+            diesel::ConnectionError::InvalidConnectionUrl(
+                msg.replace(url.expose(), &url.redacted()),
+            )
         }
         other => other,
     }
@@ -589,22 +632,23 @@ fn redact_connection_error(e: diesel::ConnectionError, url: &DatabaseUrl) -> die
 /// server's `postgres` database (or `template1`). Returns whether it was created.
 pub fn create_database_if_missing(url: &DatabaseUrl) -> Result<bool> {
     let name = url.database();
-    let mut admin = connect(&url.with_database("postgres")).or_else(|_| connect(&url.with_database("template1")))?;
-    let exists = diesel::sql_query("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1) AS value")
-        .bind::<Text, _>(&name)
-        .get_result::<Flag>(&mut admin)?
-        .value;
+    let mut admin = connect(&url.with_database("postgres"))
+        .or_else(|_| connect(&url.with_database("template1")))?;
+    let exists =
+        diesel::sql_query("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1) AS value")
+            .bind::<Text, _>(&name)
+            .get_result::<Flag>(&mut admin)?
+            .value;
     if exists {
         return Ok(false);
     }
     match admin.batch_execute(&format!("CREATE DATABASE {}", quote_ident(&name))) {
         Ok(()) => Ok(true),
         // Another migrator created it in the meantime.
-        Err(diesel::result::Error::DatabaseError(diesel::result::DatabaseErrorKind::Unknown, info))
-            if info.message().contains("already exists") =>
-        {
-            Ok(false)
-        }
+        Err(diesel::result::Error::DatabaseError(
+            diesel::result::DatabaseErrorKind::Unknown,
+            info,
+        )) if info.message().contains("already exists") => Ok(false),
         Err(e) => Err(e.into()),
     }
 }

@@ -63,6 +63,16 @@ pub fn server_url() -> Result<DatabaseUrl> {
     DatabaseUrl::parse(&raw)
 }
 
+fn hint(e: &crate::Error) -> &'static str {
+    match e {
+        crate::Error::Connection { .. } => {
+            "\nNo PostgreSQL answers: start one with `bin/dev-db` (it prints a URL) \
+             and export TEST_DATABASE_URL or DATABASE_URL."
+        }
+        _ => "",
+    }
+}
+
 fn template_name() -> String {
     let all: String = migrate::sources().iter().map(|s| s.checksum()).collect();
     format!("{TEMPLATE_PREFIX}{}", &migrate::checksum(&all)[..16])
@@ -73,10 +83,7 @@ impl TestDatabase {
     pub fn new() -> TestDatabase {
         match Self::try_new() {
             Ok(db) => db,
-            Err(e) => panic!(
-                "no PostgreSQL for tests: {e}\n\
-                 Start one with `bin/dev-db` (it prints a URL) and export TEST_DATABASE_URL or DATABASE_URL."
-            ),
+            Err(e) => panic!("cannot create a test database: {e}{}", hint(&e)),
         }
     }
 
@@ -89,7 +96,7 @@ impl TestDatabase {
     pub fn empty() -> TestDatabase {
         match Self::create(false) {
             Ok(db) => db,
-            Err(e) => panic!("no PostgreSQL for tests: {e}; start one with `bin/dev-db`"),
+            Err(e) => panic!("cannot create a test database: {e}{}", hint(&e)),
         }
     }
 
@@ -97,7 +104,9 @@ impl TestDatabase {
         let admin = server_url()?.with_database("postgres");
         let mut conn = connect(&admin)?;
         sweep_stale(&mut conn)?;
-        let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
         let name = format!(
             "{TEST_DATABASE_PREFIX}{now}_{}_{}",
             std::process::id(),
@@ -109,7 +118,11 @@ impl TestDatabase {
         } else {
             conn.batch_execute(&format!("CREATE DATABASE {}", quote_ident(&name)))?;
         }
-        Ok(TestDatabase { url: admin.with_database(&name), admin, name })
+        Ok(TestDatabase {
+            url: admin.with_database(&name),
+            admin,
+            name,
+        })
     }
 
     /// The database's URL.
@@ -181,9 +194,10 @@ fn ensure_template(conn: &mut PgConnection, admin: &DatabaseUrl) -> Result<Strin
         // Build under another name and rename: a template that exists is complete.
         let building = format!("{template}_building");
         conn.batch_execute(&format!(
-            "DROP DATABASE IF EXISTS {b} WITH (FORCE); CREATE DATABASE {b}",
-            b = quote_ident(&building)
+            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+            quote_ident(&building)
         ))?;
+        conn.batch_execute(&format!("CREATE DATABASE {}", quote_ident(&building)))?;
         Migrator::new(admin.with_database(&building))
             .environment(Environment::Test)
             .run(|_| {})?;
@@ -223,27 +237,35 @@ fn clone_database(conn: &mut PgConnection, template: &str, name: &str) -> Result
 }
 
 fn database_exists(conn: &mut PgConnection, name: &str) -> Result<bool> {
-    Ok(diesel::sql_query("SELECT datname FROM pg_database WHERE datname = $1")
-        .bind::<Text, _>(name)
-        .load::<Name>(conn)?
-        .len()
-        == 1)
+    Ok(
+        diesel::sql_query("SELECT datname FROM pg_database WHERE datname = $1")
+            .bind::<Text, _>(name)
+            .load::<Name>(conn)?
+            .len()
+            == 1,
+    )
 }
 
 /// Drops test databases left by crashed runs: their name carries their
 /// creation time, and any older than an hour is stale.
 fn sweep_stale(conn: &mut PgConnection) -> Result<()> {
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
-    let names: Vec<Name> = diesel::sql_query("SELECT datname FROM pg_database WHERE starts_with(datname, $1)")
-        .bind::<Text, _>(TEST_DATABASE_PREFIX)
-        .load(conn)?;
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let names: Vec<Name> =
+        diesel::sql_query("SELECT datname FROM pg_database WHERE starts_with(datname, $1)")
+            .bind::<Text, _>(TEST_DATABASE_PREFIX)
+            .load(conn)?;
     for Name { datname } in names {
         let created = datname[TEST_DATABASE_PREFIX.len()..]
             .split('_')
             .next()
             .and_then(|t| t.parse::<u64>().ok());
         if created.is_some_and(|t| t + STALE_AFTER_SECS < now) {
-            let _ = conn.batch_execute(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", quote_ident(&datname)));
+            let _ = conn.batch_execute(&format!(
+                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                quote_ident(&datname)
+            ));
         }
     }
     Ok(())

@@ -54,7 +54,10 @@ fn run(args: &Args) -> anyhow::Result<ExitCode> {
     if args.status || args.check {
         let statuses = migrator.status()?;
         let pending: Vec<_> = statuses.iter().filter(|s| !s.applied).collect();
-        let edited: Vec<_> = statuses.iter().filter(|s| s.checksum_ok == Some(false)).collect();
+        let edited: Vec<_> = statuses
+            .iter()
+            .filter(|s| s.checksum_ok == Some(false))
+            .collect();
         if args.status {
             for s in &statuses {
                 println!(
@@ -62,7 +65,8 @@ fn run(args: &Args) -> anyhow::Result<ExitCode> {
                     s.version,
                     if s.applied { "applied" } else { "pending" },
                     s.applied_at.map_or_else(|| "-".into(), |t| t.to_rfc3339()),
-                    s.duration_ms.map_or_else(|| "-".into(), |d| format!("{d} ms")),
+                    s.duration_ms
+                        .map_or_else(|| "-".into(), |d| format!("{d} ms")),
                     s.name.as_deref().unwrap_or("(unknown to this build)")
                 );
             }
@@ -88,12 +92,17 @@ fn run(args: &Args) -> anyhow::Result<ExitCode> {
         MigrationEvent::WaitingForLock { holder } => {
             eprintln!("waiting for the migration lock held by {holder}")
         }
-        MigrationEvent::Applied(m) => println!("applied {} ({} ms)", m.name, m.duration.as_millis()),
+        MigrationEvent::Applied(m) => {
+            println!("applied {} ({} ms)", m.name, m.duration.as_millis())
+        }
         MigrationEvent::UnknownApplied { version } => {
             eprintln!("warning: applied migration {version} is unknown to this build")
         }
         MigrationEvent::Stamped { from, to } => {
-            println!("environment stamp: {} -> {to}", from.as_deref().unwrap_or("none"))
+            println!(
+                "environment stamp: {} -> {to}",
+                from.as_deref().unwrap_or("none")
+            )
         }
         MigrationEvent::StampKept { stamp, ours } => {
             println!("environment stamp {stamp} kept (this process runs as {ours})")

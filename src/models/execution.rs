@@ -10,7 +10,15 @@ use crate::schema::executions;
 
 /// A run of a workflow (table `executions`).
 #[derive(
-    Debug, Clone, PartialEq, Queryable, Selectable, Identifiable, Associations, Serialize, Deserialize,
+    Debug,
+    Clone,
+    PartialEq,
+    Queryable,
+    Selectable,
+    Identifiable,
+    Associations,
+    Serialize,
+    Deserialize,
 )]
 #[diesel(table_name = executions, belongs_to(Workflow), check_for_backend(diesel::pg::Pg))]
 pub struct Execution {
@@ -141,7 +149,11 @@ impl Execution {
     /// Up to `limit` executions in creation order after the id `after`
     /// (keyset pagination: pass the last id of the previous page).
     #[tracing::instrument(skip(conn))]
-    pub fn list(conn: &mut PgConnection, after: Option<Uuid>, limit: i64) -> QueryResult<Vec<Execution>> {
+    pub fn list(
+        conn: &mut PgConnection,
+        after: Option<Uuid>,
+        limit: i64,
+    ) -> QueryResult<Vec<Execution>> {
         let mut query = executions::table
             .select(Execution::as_select())
             .order(executions::id)
@@ -155,7 +167,11 @@ impl Execution {
 
     /// Applies `changes` and returns the updated row (unchanged if `changes` is empty).
     #[tracing::instrument(skip(conn, changes))]
-    pub fn update(conn: &mut PgConnection, id: Uuid, changes: &ExecutionChanges) -> QueryResult<Execution> {
+    pub fn update(
+        conn: &mut PgConnection,
+        id: Uuid,
+        changes: &ExecutionChanges,
+    ) -> QueryResult<Execution> {
         if *changes == ExecutionChanges::default() {
             return Self::find(conn, id);
         }

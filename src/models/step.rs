@@ -10,7 +10,15 @@ use crate::schema::execution_steps;
 
 /// One node run inside an execution (table `execution_steps`).
 #[derive(
-    Debug, Clone, PartialEq, Queryable, Selectable, Identifiable, Associations, Serialize, Deserialize,
+    Debug,
+    Clone,
+    PartialEq,
+    Queryable,
+    Selectable,
+    Identifiable,
+    Associations,
+    Serialize,
+    Deserialize,
 )]
 #[diesel(table_name = execution_steps, belongs_to(Execution), check_for_backend(diesel::pg::Pg))]
 pub struct ExecutionStep {
@@ -109,7 +117,10 @@ impl NewExecutionStep {
 
     /// Inserts many steps in one statement and returns the stored rows.
     #[tracing::instrument(skip_all, fields(count = steps.len()))]
-    pub fn create_many(conn: &mut PgConnection, steps: &[NewExecutionStep]) -> QueryResult<Vec<ExecutionStep>> {
+    pub fn create_many(
+        conn: &mut PgConnection,
+        steps: &[NewExecutionStep],
+    ) -> QueryResult<Vec<ExecutionStep>> {
         diesel::insert_into(execution_steps::table)
             .values(steps)
             .returning(ExecutionStep::as_returning())
@@ -129,7 +140,10 @@ impl ExecutionStep {
 
     /// Every step of an execution, in creation order.
     #[tracing::instrument(skip(conn))]
-    pub fn list_for_execution(conn: &mut PgConnection, execution_id: Uuid) -> QueryResult<Vec<ExecutionStep>> {
+    pub fn list_for_execution(
+        conn: &mut PgConnection,
+        execution_id: Uuid,
+    ) -> QueryResult<Vec<ExecutionStep>> {
         execution_steps::table
             .filter(execution_steps::execution_id.eq(execution_id))
             .select(ExecutionStep::as_select())

@@ -110,7 +110,11 @@ impl Workflow {
     /// order, after the id `after` (keyset pagination: pass the last id of the
     /// previous page).
     #[tracing::instrument(skip(conn))]
-    pub fn list(conn: &mut PgConnection, after: Option<Uuid>, limit: i64) -> QueryResult<Vec<Workflow>> {
+    pub fn list(
+        conn: &mut PgConnection,
+        after: Option<Uuid>,
+        limit: i64,
+    ) -> QueryResult<Vec<Workflow>> {
         let mut query = workflows::table
             .select(Workflow::as_select())
             .order(workflows::id)
@@ -124,7 +128,11 @@ impl Workflow {
 
     /// Applies `changes` and returns the updated row (unchanged if `changes` is empty).
     #[tracing::instrument(skip(conn, changes))]
-    pub fn update(conn: &mut PgConnection, id: Uuid, changes: &WorkflowChanges) -> QueryResult<Workflow> {
+    pub fn update(
+        conn: &mut PgConnection,
+        id: Uuid,
+        changes: &WorkflowChanges,
+    ) -> QueryResult<Workflow> {
         if *changes == WorkflowChanges::default() {
             return Self::find(conn, id);
         }
@@ -171,6 +179,9 @@ impl Workflow {
             .zip(executions)
             .map(|(steps, execution)| ExecutionWithSteps { execution, steps })
             .collect();
-        Ok(WorkflowWithExecutions { workflow, executions })
+        Ok(WorkflowWithExecutions {
+            workflow,
+            executions,
+        })
     }
 }
