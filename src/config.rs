@@ -422,3 +422,174 @@ impl std::str::FromStr for DatabaseUrl {
         DatabaseUrl::parse(s)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    const SECRET: &str = "s3cret-Pa55";
+
+    fn config(vars: &[(&str, &str)]) -> Result<Config> {
+        let map: HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Config::from_lookup(|k| map.get(k).cloned())
+    }
+
+    fn url_with_secret() -> String {
+        format!("postgres://app:{SECRET}@db.internal:6543/workflows?sslmode=disable")
+    }
+
+    #[test]
+    fn defaults() {
+        let c = config(&[("DATABASE_URL", "postgres://localhost/wf")]).unwrap();
+        assert_eq!(c.pool_size, 10);
+        assert_eq!(c.idle_timeout, Duration::from_secs(20));
+        assert_eq!(c.connect_timeout, Duration::from_secs(10));
+        assert_eq!(c.environment, Environment::Development);
+    }
+
+    #[test]
+    fn overrides() {
+        let c = config(&[
+            ("DATABASE_URL", "postgres://localhost/wf"),
+            ("DB_POOL_SIZE", "25"),
+            ("DB_IDLE_TIMEOUT_SECS", "5"),
+            ("DB_CONNECT_TIMEOUT_SECS", " 3 "),
+            ("APP_ENV", "Staging"),
+        ])
+        .unwrap();
+        assert_eq!(c.pool_size, 25);
+        assert_eq!(c.idle_timeout, Duration::from_secs(5));
+        assert_eq!(c.connect_timeout, Duration::from_secs(3));
+        assert_eq!(c.environment, Environment::Other("staging".into()));
+    }
+
+    #[test]
+    fn missing_database_url_names_the_variable() {
+        for vars in [&[][..], &[("DATABASE_URL", "  ")][..]] {
+            let err = config(vars).unwrap_err();
+            assert!(matches!(
+                err,
+                Error::MissingEnv {
+                    var: "DATABASE_URL",
+                    ..
+                }
+            ));
+            assert!(
+                err.to_string().starts_with("DATABASE_URL is not set"),
+                "{err}"
+            );
+        }
+    }
+
+    #[test]
+    fn invalid_values_name_the_variable_and_what_is_expected() {
+        for (var, value) in [
+            ("DB_POOL_SIZE", "ten"),
+            ("DB_POOL_SIZE", "0"),
+            ("DB_POOL_SIZE", "-1"),
+            ("DB_IDLE_TIMEOUT_SECS", "1.5"),
+            ("DB_CONNECT_TIMEOUT_SECS", "0"),
+        ] {
+            let err =
+                config(&[("DATABASE_URL", "postgres://localhost/wf"), (var, value)]).unwrap_err();
+            let msg = err.to_string();
+            assert!(
+                msg.starts_with(&format!("{var} is invalid: expected ")),
+                "{msg}"
+            );
+            assert!(msg.contains(&format!("{value:?}")), "{msg}");
+        }
+        for bad in [
+            "mysql://localhost/wf",
+            "not a url",
+            "postgres://localhost",
+            "host=localhost dbname=wf",
+        ] {
+            let err = config(&[("DATABASE_URL", bad)]).unwrap_err();
+            assert!(
+                matches!(err, Error::InvalidDatabaseUrl { .. }),
+                "{bad}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn production_if_any_variable_says_so() {
+        let env = |vars: &[(&str, &str)]| {
+            let map: HashMap<&str, &str> = vars.iter().copied().collect();
+            Environment::from_lookup(|k| map.get(k).map(|v| v.to_string()))
+        };
+        assert_eq!(env(&[]), Environment::Development);
+        assert_eq!(env(&[("NODE_ENV", "PRODUCTION")]), Environment::Production);
+        assert_eq!(
+            env(&[("APP_ENV", "development"), ("RUST_ENV", "production")]),
+            Environment::Production
+        );
+        assert_eq!(
+            env(&[("APP_ENV", "test"), ("NODE_ENV", "development")]),
+            Environment::Test
+        );
+    }
+
+    #[test]
+    fn password_never_appears_in_display_debug_or_errors() {
+        let c = config(&[("DATABASE_URL", &url_with_secret())]).unwrap();
+        for shown in [
+            format!("{c:?}"),
+            format!("{}", c.database_url),
+            format!("{:?}", c.database_url),
+            c.database_url.redacted(),
+            c.database_url.target(),
+        ] {
+            assert!(!shown.contains(SECRET), "password leaked: {shown}");
+        }
+        assert!(
+            c.database_url
+                .redacted()
+                .contains("app:***@db.internal:6543")
+        );
+        assert!(c.database_url.expose().contains(SECRET));
+
+        let as_param = format!("postgres://localhost/wf?password={SECRET}&sslmode=disable");
+        let u = DatabaseUrl::parse(&as_param).unwrap();
+        assert!(!u.to_string().contains(SECRET) && u.to_string().contains("password=***"));
+
+        // An unparseable URL is not echoed back either.
+        let broken = format!("postgres://app:{SECRET}@[::1/wf");
+        let err = config(&[("DATABASE_URL", &broken)]).unwrap_err();
+        assert!(!format!("{err} {err:?}").contains(SECRET));
+        // Nor does an invalid pool size reveal the URL.
+        let err =
+            config(&[("DATABASE_URL", &url_with_secret()), ("DB_POOL_SIZE", "x")]).unwrap_err();
+        assert!(!format!("{err} {err:?}").contains(SECRET));
+    }
+
+    #[test]
+    fn url_parts_follow_libpq() {
+        let u = DatabaseUrl::parse("postgresql://us%40er:p%40ss@[::1]:6000/my%20db").unwrap();
+        assert_eq!(u.host(), Host::Tcp("::1".into()));
+        assert!(u.host().is_local());
+        assert_eq!(u.port(), 6000);
+        assert_eq!(u.database(), "my db");
+        assert_eq!(u.user().as_deref(), Some("us@er"));
+
+        let u = DatabaseUrl::parse("postgres:///wf?host=/var/run/postgresql&port=5433").unwrap();
+        assert_eq!(u.host(), Host::Socket("/var/run/postgresql".into()));
+        assert_eq!(u.port(), 5433);
+        assert!(u.host().is_local());
+
+        let u = DatabaseUrl::parse("postgres://localhost/ignored?host=db.example.net&dbname=real")
+            .unwrap();
+        assert_eq!(u.host(), Host::Tcp("db.example.net".into()));
+        assert!(!u.host().is_local());
+        assert_eq!(u.database(), "real");
+
+        let moved = u.with_database("other");
+        assert_eq!(moved.database(), "other");
+        assert_eq!(moved.host(), u.host());
+    }
+}

@@ -2,6 +2,9 @@
 #![warn(missing_docs)]
 
 pub mod admin;
+pub mod catalog;
+#[cfg(feature = "cli")]
+pub mod cli;
 pub mod config;
 pub mod enums;
 pub mod error;

@@ -156,8 +156,12 @@ pub struct Migrator {
     url: DatabaseUrl,
     environment: Environment,
     lock_timeout: Duration,
+    ddl_lock_timeout: Duration,
     allow_out_of_order: bool,
 }
+
+/// Default `lock_timeout` of the statements inside migrations.
+pub const DEFAULT_DDL_LOCK_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Applies pending migrations to the database of `config`, stamping its
 /// environment: the call an engine service makes at boot.
@@ -344,6 +348,7 @@ impl Migrator {
             url,
             environment: Environment::Development,
             lock_timeout: DEFAULT_LOCK_TIMEOUT,
+            ddl_lock_timeout: DEFAULT_DDL_LOCK_TIMEOUT,
             allow_out_of_order: false,
         }
     }
@@ -357,6 +362,14 @@ impl Migrator {
     /// How long to wait for another migrator's lock before giving up.
     pub fn lock_timeout(mut self, timeout: Duration) -> Self {
         self.lock_timeout = timeout;
+        self
+    }
+
+    /// PostgreSQL `lock_timeout` for the statements of each migration: a
+    /// migration that waits longer for a table lock fails (and is rolled back)
+    /// instead of queueing every query of the live service behind it.
+    pub fn ddl_lock_timeout(mut self, timeout: Duration) -> Self {
+        self.ddl_lock_timeout = timeout;
         self
     }
 
@@ -459,6 +472,10 @@ impl Migrator {
     ) -> Result<Vec<AppliedMigration>> {
         conn.batch_execute(BOOKKEEPING_SQL)?;
         diesel::migration::MigrationConnection::setup(conn)?;
+        conn.batch_execute(&format!(
+            "SET lock_timeout = {}",
+            self.ddl_lock_timeout.as_millis().max(1)
+        ))?;
         // Another instance may have migrated while we waited: decide again.
         let state = read_state(conn)?;
         state.verify_checksums()?;
@@ -656,4 +673,66 @@ pub fn create_database_if_missing(url: &DatabaseUrl) -> Result<bool> {
 /// Quotes an SQL identifier (doubles embedded quotes).
 pub(crate) fn quote_ident(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// What `db-migrate --check` found; [`CheckReport::is_clean`] when nothing.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct CheckReport {
+    /// Embedded migrations not applied yet.
+    pub pending: Vec<String>,
+    /// Pending migrations older than the newest applied one.
+    pub out_of_order: Vec<String>,
+    /// Applied migrations whose SQL was edited since.
+    pub edited: Vec<String>,
+    /// Applied migrations this build does not know.
+    pub unknown_applied: Vec<String>,
+    /// Catalog differences between the live database and a fresh migration
+    /// (`+` only live, `-` missing live); compared only when nothing is pending.
+    pub drift: Vec<String>,
+}
+
+impl CheckReport {
+    /// Whether the database is exactly what the embedded migrations produce.
+    pub fn is_clean(&self) -> bool {
+        self.pending.is_empty()
+            && self.edited.is_empty()
+            && self.unknown_applied.is_empty()
+            && self.drift.is_empty()
+    }
+}
+
+impl Migrator {
+    /// Compares the database with the embedded migrations without changing
+    /// anything: pending, out-of-order, edited and unknown migrations, and the
+    /// live catalog against [`crate::catalog::EXPECTED`].
+    pub fn check(&self) -> Result<CheckReport> {
+        let mut conn = self.connect()?;
+        let state = read_state(&mut conn)?;
+        let mut report = CheckReport {
+            pending: state.pending().iter().map(|s| s.version.to_owned()).collect(),
+            out_of_order: match state.out_of_order() {
+                Err(Error::OutOfOrderMigrations { versions, .. }) => versions,
+                _ => Vec::new(),
+            },
+            edited: SOURCES
+                .iter()
+                .filter(|s| {
+                    matches!(state.applied.get(s.version), Some(Applied { checksum: Some(c), .. }) if *c != s.checksum())
+                })
+                .map(|s| s.version.to_owned())
+                .collect(),
+            unknown_applied: state.unknown_applied(),
+            drift: Vec::new(),
+        };
+        if report.pending.is_empty() {
+            let live = crate::catalog::snapshot(&mut conn)?;
+            report.drift = crate::catalog::diff(&crate::catalog::expected(), &live);
+        }
+        Ok(report)
+    }
+
+    /// The live catalog snapshot of the database (see [`crate::catalog`]).
+    pub fn catalog(&self) -> Result<Vec<String>> {
+        crate::catalog::snapshot(&mut self.connect()?)
+    }
 }

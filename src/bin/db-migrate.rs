@@ -4,115 +4,170 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
+use serde_json::json;
+use workflow_db::cli::{EXIT_CHECK_FAILED, Reporter, load_dotenv};
 use workflow_db::migrate::{self, MigrationEvent, Migrator};
-use workflow_db::{Config, DatabaseUrl};
+use workflow_db::{Config, DatabaseUrl, Environment};
 
-/// Apply the embedded migrations to DATABASE_URL (creating the database if needed).
+/// Apply the embedded migrations to DATABASE_URL, creating the database if needed.
 #[derive(Parser, Debug)]
 #[command(version, about)]
 struct Args {
     /// Database URL (overrides DATABASE_URL from the environment or .env).
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     database_url: Option<String>,
-    /// Change nothing; exit 1 when migrations are pending or an applied one was edited.
-    #[arg(long, conflicts_with = "status")]
+    /// Change nothing; exit 5 on pending, out-of-order, edited or unknown migrations, or schema drift.
+    #[arg(long, conflicts_with_all = ["status", "print_catalog"])]
     check: bool,
-    /// List every migration with applied/pending, applied-at and duration; change nothing.
-    #[arg(long)]
+    /// List every migration: applied/pending, applied-at, duration. Changes nothing.
+    #[arg(long, conflicts_with = "print_catalog")]
     status: bool,
+    /// Print the live catalog snapshot (what --check compares). Changes nothing.
+    #[arg(long)]
+    print_catalog: bool,
     /// Seconds to wait for another migrator's lock before giving up.
     #[arg(long, default_value_t = 300, value_name = "SECS")]
     lock_timeout: u64,
     /// Apply pending migrations older than the newest applied one (branches merged).
     #[arg(long)]
     allow_out_of_order: bool,
+    /// Print one JSON object per line instead of text.
+    #[arg(long)]
+    json: bool,
 }
 
 fn main() -> ExitCode {
-    let _ = dotenvy::dotenv();
+    load_dotenv();
     let args = Args::parse();
-    match run(&args) {
-        Ok(code) => code,
-        Err(e) => {
-            eprintln!("db-migrate: error: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    let out = Reporter::new(args.json);
+    run(&args, out).unwrap_or_else(|e| out.fail("db-migrate", &e))
 }
 
-fn run(args: &Args) -> anyhow::Result<ExitCode> {
+fn run(args: &Args, out: Reporter) -> anyhow::Result<ExitCode> {
     let url = match &args.database_url {
         Some(url) => DatabaseUrl::parse(url)?,
         None => Config::from_env()?.database_url,
     };
-    let environment = workflow_db::Environment::from_lookup(|v| std::env::var(v).ok());
     let migrator = Migrator::new(url.clone())
-        .environment(environment)
+        .environment(Environment::from_lookup(|v| std::env::var(v).ok()))
         .lock_timeout(Duration::from_secs(args.lock_timeout))
         .allow_out_of_order(args.allow_out_of_order);
 
-    if args.status || args.check {
-        let statuses = migrator.status()?;
-        let pending: Vec<_> = statuses.iter().filter(|s| !s.applied).collect();
-        let edited: Vec<_> = statuses
-            .iter()
-            .filter(|s| s.checksum_ok == Some(false))
-            .collect();
-        if args.status {
-            for s in &statuses {
-                println!(
-                    "{:<16} {:<8} {:<28} {:>8} {}",
-                    s.version,
-                    if s.applied { "applied" } else { "pending" },
-                    s.applied_at.map_or_else(|| "-".into(), |t| t.to_rfc3339()),
-                    s.duration_ms
-                        .map_or_else(|| "-".into(), |d| format!("{d} ms")),
-                    s.name.as_deref().unwrap_or("(unknown to this build)")
-                );
-            }
-            return Ok(ExitCode::SUCCESS);
+    if args.print_catalog {
+        for line in migrator.catalog()? {
+            out.event("catalog", &line, json!({ "line": line }));
         }
-        for s in &pending {
-            println!("pending: {}", s.name.as_deref().unwrap_or(&s.version));
+        return Ok(ExitCode::SUCCESS);
+    }
+    if args.status {
+        for s in migrator.status()? {
+            let human = format!(
+                "{:<16} {:<8} {:<33} {:>8}  {}",
+                s.version,
+                if s.applied { "applied" } else { "pending" },
+                s.applied_at.map_or_else(|| "-".into(), |t| t.to_rfc3339()),
+                s.duration_ms
+                    .map_or_else(|| "-".into(), |d| format!("{d} ms")),
+                s.name.as_deref().unwrap_or("(unknown to this build)")
+            );
+            out.event("migration", human, serde_json::to_value(&s)?);
         }
-        for s in &edited {
-            println!("edited after it was applied: {}", s.version);
+        return Ok(ExitCode::SUCCESS);
+    }
+    if args.check {
+        let report = migrator.check()?;
+        for v in &report.pending {
+            out.event("pending", format!("pending: {v}"), json!({ "version": v }));
         }
-        if pending.is_empty() && edited.is_empty() {
-            println!("{}: up to date", url.target());
-            return Ok(ExitCode::SUCCESS);
+        for v in &report.out_of_order {
+            out.event(
+                "out_of_order",
+                format!("out of order: {v} is older than the newest applied migration"),
+                json!({ "version": v }),
+            );
         }
-        return Ok(ExitCode::FAILURE);
+        for v in &report.edited {
+            out.event(
+                "edited",
+                format!("edited after it was applied: {v}"),
+                json!({ "version": v }),
+            );
+        }
+        for v in &report.unknown_applied {
+            out.event(
+                "unknown_applied",
+                format!("applied but unknown to this build: {v}"),
+                json!({ "version": v }),
+            );
+        }
+        for d in &report.drift {
+            out.event("drift", format!("drift: {d}"), json!({ "difference": d }));
+        }
+        let clean = report.is_clean();
+        out.event(
+            "check",
+            format!(
+                "{}: {}",
+                url.target(),
+                if clean {
+                    "up to date, no drift"
+                } else {
+                    "check failed"
+                }
+            ),
+            json!({ "target": url.target(), "clean": clean }),
+        );
+        return Ok(if clean {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::from(EXIT_CHECK_FAILED)
+        });
     }
 
     if migrate::create_database_if_missing(&url)? {
-        println!("created database {}", url.database());
+        out.event(
+            "created_database",
+            format!("created database {}", url.database()),
+            json!({ "database": url.database() }),
+        );
     }
     let applied = migrator.run(|event| match event {
-        MigrationEvent::WaitingForLock { holder } => {
-            eprintln!("waiting for the migration lock held by {holder}")
-        }
-        MigrationEvent::Applied(m) => {
-            println!("applied {} ({} ms)", m.name, m.duration.as_millis())
-        }
-        MigrationEvent::UnknownApplied { version } => {
-            eprintln!("warning: applied migration {version} is unknown to this build")
-        }
-        MigrationEvent::Stamped { from, to } => {
-            println!(
-                "environment stamp: {} -> {to}",
-                from.as_deref().unwrap_or("none")
-            )
-        }
-        MigrationEvent::StampKept { stamp, ours } => {
-            println!("environment stamp {stamp} kept (this process runs as {ours})")
-        }
+        MigrationEvent::WaitingForLock { holder } => out.warn(
+            "waiting_for_lock",
+            format!("waiting for the migration lock held by {holder}"),
+            json!({ "holder": holder }),
+        ),
+        MigrationEvent::Applied(m) => out.event(
+            "applied",
+            format!("applied {} ({} ms)", m.name, m.duration.as_millis()),
+            json!({ "version": m.version, "name": m.name, "duration_ms": m.duration.as_millis() as u64 }),
+        ),
+        MigrationEvent::UnknownApplied { version } => out.warn(
+            "unknown_applied",
+            format!("applied migration {version} is unknown to this build"),
+            json!({ "version": version }),
+        ),
+        MigrationEvent::Stamped { from, to } => out.event(
+            "stamped",
+            format!("environment stamp: {} -> {to}", from.as_deref().unwrap_or("none")),
+            json!({ "from": from, "to": to }),
+        ),
+        MigrationEvent::StampKept { stamp, ours } => out.event(
+            "stamp_kept",
+            format!("environment stamp {stamp} kept (this process runs as {ours})"),
+            json!({ "stamp": stamp, "environment": ours }),
+        ),
         _ => {}
     })?;
-    if applied.is_empty() {
-        println!("{}: nothing to migrate, up to date", url.target());
+    let human = if applied.is_empty() {
+        format!("{}: nothing to migrate, up to date", url.target())
     } else {
-        println!("{}: {} migration(s) applied", url.target(), applied.len());
-    }
+        format!("{}: {} migration(s) applied", url.target(), applied.len())
+    };
+    out.event(
+        "done",
+        human,
+        json!({ "target": url.target(), "applied": applied.len() }),
+    );
     Ok(ExitCode::SUCCESS)
 }
