@@ -736,3 +736,28 @@ impl Migrator {
         crate::catalog::snapshot(&mut self.connect()?)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn checksum_ignores_crlf_but_not_content() {
+        let lf = "CREATE TABLE t (id int);\nCOMMENT ON TABLE t IS 'x';\n";
+        assert_eq!(checksum(lf), checksum(&lf.replace('\n', "\r\n")));
+        assert_ne!(checksum(lf), checksum(&lf.replace("int", "bigint")));
+        assert_eq!(checksum(lf).len(), 64);
+    }
+
+    #[test]
+    fn sources_match_diesels_embedded_migrations() {
+        let embedded = MigrationSource::<Pg>::migrations(&MIGRATIONS).unwrap();
+        let versions: Vec<String> = embedded
+            .iter()
+            .map(|m| m.name().version().to_string())
+            .collect();
+        let ours: Vec<&str> = SOURCES.iter().map(|s| s.version).collect();
+        assert_eq!(versions, ours);
+        assert!(SOURCES.windows(2).all(|w| w[0].version < w[1].version));
+    }
+}
