@@ -516,3 +516,26 @@ fn a_seed_that_fails_in_the_database_writes_nothing() {
     assert!(result.is_err(), "{result:?}");
     assert_eq!(snapshot(&db), before);
 }
+
+#[test]
+fn urls_in_free_text_are_masked() {
+    use workflow_db::config::redact_urls_in;
+    let text = format!(
+        "error: unexpected argument 'postgres://u:{PASSWORD}@127.0.0.1:5432/db' found; \
+         also postgresql://a:b@c@[::1]/x and postgres://h/db?user=u&password={PASSWORD}&sslmode=require"
+    );
+    let masked = redact_urls_in(&text);
+    assert!(
+        !masked.contains(PASSWORD) && !masked.contains(":b@c@"),
+        "{masked}"
+    );
+    assert!(
+        masked.contains("postgres://u:***@127.0.0.1:5432/db'"),
+        "{masked}"
+    );
+    assert!(masked.contains("password=***&sslmode=require"), "{masked}");
+    assert_eq!(
+        redact_urls_in("postgres://user@host/db"),
+        "postgres://user@host/db"
+    );
+}
