@@ -13,6 +13,7 @@ pub mod models;
 pub mod pool;
 #[allow(missing_docs)]
 pub mod schema;
+pub mod seed;
 #[cfg(feature = "test-utils")]
 pub mod testing;
 
