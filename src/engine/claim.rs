@@ -41,16 +41,18 @@ fn micros(d: Duration) -> f64 {
 
 /// The runnable steps, in the order of `execution_steps_claim_idx` (the
 /// literals match the index predicate, so even a generic plan uses it); only
-/// the steps are locked, skipping rows other workers hold.
+/// the steps are locked, skipping rows other workers hold. `= ANY(ARRAY(..))`
+/// runs the subquery once as an init plan and updates by primary key (an
+/// `IN (..)` semi-join may seq-scan the table under a generic plan).
 const CLAIM: &str = "\
 UPDATE execution_steps SET status = 'running', locked_by = $1, locked_until = now() + $2
-WHERE id IN (
+WHERE id = ANY(ARRAY(
     SELECT s.id FROM execution_steps s
     WHERE s.status = 'pending' AND s.upstream_pending = 0 AND s.run_after <= now()
       AND EXISTS (SELECT 1 FROM executions e WHERE e.id = s.execution_id AND e.status = 'running')
     ORDER BY s.run_after, s.id
     LIMIT $3
-    FOR UPDATE SKIP LOCKED)
+    FOR UPDATE SKIP LOCKED))
 RETURNING *";
 
 /// Claims up to `limit` runnable steps for `worker`, in one statement, with a
@@ -124,9 +126,9 @@ pub fn reclaim_expired(conn: &mut PgConnection, limit: i64) -> QueryResult<Vec<E
         "UPDATE execution_steps SET ",
         retry_or_fail!("now()"),
         ", error = format('lease of worker %s expired at %s', locked_by, locked_until) \
-         WHERE id IN (SELECT id FROM execution_steps \
+         WHERE id = ANY(ARRAY(SELECT id FROM execution_steps \
                       WHERE status = 'running' AND locked_until < now() \
-                      ORDER BY locked_until LIMIT $1 FOR UPDATE SKIP LOCKED) \
+                      ORDER BY locked_until LIMIT $1 FOR UPDATE SKIP LOCKED)) \
            AND status = 'running' AND locked_until < now() \
          RETURNING *"
     ))

@@ -265,12 +265,12 @@ pub fn prune_executions(
     let mut total = 0u64;
     loop {
         let deleted = diesel::sql_query(
-            "DELETE FROM executions WHERE id IN ( \
+            "DELETE FROM executions WHERE id = ANY(ARRAY( \
                  SELECT x.id FROM executions x \
                  WHERE x.status IN ('completed', 'failed', 'cancelled') AND x.completed_at < $1 \
                    AND NOT EXISTS (SELECT 1 FROM executions c WHERE c.parent_execution_id = x.id \
                                    AND c.status NOT IN ('completed', 'failed', 'cancelled')) \
-                 ORDER BY x.completed_at LIMIT $2 FOR UPDATE SKIP LOCKED)",
+                 ORDER BY x.completed_at LIMIT $2 FOR UPDATE SKIP LOCKED))",
         )
         .bind::<Timestamptz, _>(older_than)
         .bind::<BigInt, _>(batch)
