@@ -169,7 +169,8 @@ BEGIN
             CASE WHEN NEW.error IS NOT NULL THEN jsonb_build_object('error', NEW.error) END);
     PERFORM pg_notify('workflow_db_events', json_build_object(
         'execution_id', NEW.id, 'step_id', NULL, 'status', NEW.status)::text);
-    IF NEW.status IN ('failed', 'cancelled') THEN
+    IF NEW.status IN ('completed', 'failed', 'cancelled') THEN
+        -- A final execution runs nothing more (none are left when it completed by itself).
         UPDATE execution_steps SET status = 'skipped'
             WHERE execution_id = NEW.id AND status = 'pending';
     ELSIF NEW.status = 'running' THEN
@@ -178,7 +179,7 @@ BEGIN
     RETURN NULL;
 END;
 $$;
-COMMENT ON FUNCTION workflow_db_execution_transitioned() IS 'AFTER UPDATE OF status trigger on executions: appends the event, notifies, skips pending steps of a failed/cancelled execution, settles a (re)started one.';
+COMMENT ON FUNCTION workflow_db_execution_transitioned() IS 'AFTER UPDATE OF status trigger on executions: appends the event, notifies, skips the pending steps of a final execution, settles a (re)started one.';
 CREATE TRIGGER executions_status_transitioned AFTER UPDATE OF status ON executions
     FOR EACH ROW WHEN (OLD.status IS DISTINCT FROM NEW.status)
     EXECUTE FUNCTION workflow_db_execution_transitioned();
