@@ -81,7 +81,7 @@ diesel::table! {
         run_after -> Timestamptz,
         /// Worker holding (or last holding) the lease on the running step.
         locked_by -> Nullable<Text>,
-        /// When the running step's lease expires; after that the step is reclaimable.
+        /// When the running step's lease expires (then it is reclaimable); NULL whenever the step is not running (cleared by the transition trigger).
         locked_until -> Nullable<Timestamptz>,
     }
 }

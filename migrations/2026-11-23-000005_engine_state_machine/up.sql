@@ -58,7 +58,7 @@ COMMENT ON COLUMN execution_steps.downstream IS 'Node ids of the steps that depe
 COMMENT ON COLUMN execution_steps.max_retries IS 'How many retries a failure (or an expired lease) may schedule before the step fails for good.';
 COMMENT ON COLUMN execution_steps.run_after IS 'Earliest time the step may be claimed (now at start; now + backoff after a failure).';
 COMMENT ON COLUMN execution_steps.locked_by IS 'Worker holding (or last holding) the lease on the running step.';
-COMMENT ON COLUMN execution_steps.locked_until IS 'When the running step''s lease expires; after that the step is reclaimable.';
+COMMENT ON COLUMN execution_steps.locked_until IS 'When the running step''s lease expires (then it is reclaimable); NULL whenever the step is not running (cleared by the transition trigger).';
 
 -- The claim order; only runnable-looking rows are in it.
 CREATE INDEX execution_steps_claim_idx ON execution_steps (run_after, id)

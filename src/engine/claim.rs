@@ -8,7 +8,7 @@ use uuid::Uuid;
 
 use crate::enums::StepStatus;
 use crate::error::{Error, Result};
-use crate::models::ExecutionStep;
+use crate::models::{ExecutionStep, MAX_PAGE_SIZE};
 use crate::schema::execution_steps;
 
 /// How long a failed step waits before its retry: `base * 2^retry_count`,
@@ -51,7 +51,7 @@ WHERE id = ANY(ARRAY(
     WHERE s.status = 'pending' AND s.upstream_pending = 0 AND s.run_after <= now()
       AND EXISTS (SELECT 1 FROM executions e WHERE e.id = s.execution_id AND e.status = 'running')
     ORDER BY s.run_after, s.id
-    LIMIT $3
+    LIMIT {limit}
     FOR UPDATE SKIP LOCKED))
 RETURNING *";
 
@@ -67,10 +67,10 @@ pub fn claim_steps(
     limit: i64,
     lease: Duration,
 ) -> QueryResult<Vec<ExecutionStep>> {
-    diesel::sql_query(CLAIM)
+    let limit = limit.clamp(1, MAX_PAGE_SIZE);
+    diesel::sql_query(CLAIM.replace("{limit}", &limit.to_string()))
         .bind::<Text, _>(worker)
         .bind::<Interval, _>(interval(lease))
-        .bind::<BigInt, _>(limit.max(1))
         .load(conn)
 }
 
@@ -86,7 +86,7 @@ pub fn heartbeat(
 ) -> QueryResult<Vec<Uuid>> {
     diesel::sql_query(
         "UPDATE execution_steps SET locked_until = now() + $3 \
-         WHERE id = ANY($1) AND status = 'running' AND locked_by = $2 RETURNING id",
+         WHERE id = ANY($1) AND locked_by = $2 AND locked_until IS NOT NULL RETURNING id",
     )
     .bind::<Array<SqlUuid>, _>(step_ids)
     .bind::<Text, _>(worker)
@@ -99,6 +99,17 @@ pub fn heartbeat(
 struct StepId {
     #[diesel(sql_type = SqlUuid)]
     id: Uuid,
+}
+
+/// "Running and leased to `$2`", as a filter that only the primary key can
+/// serve: `locked_until` is set by the claim and cleared by the transition
+/// trigger whenever the step leaves `running`. (A `status = 'running'`
+/// filter tempts the planner into `execution_steps_status_idx`, whose
+/// `running` range fills with dead entries as steps finish.)
+macro_rules! held_by {
+    () => {
+        "id = $1 AND locked_by = $2 AND locked_until IS NOT NULL"
+    };
 }
 
 /// The end of an attempt that may be retried: back to `pending` (retry
@@ -149,11 +160,12 @@ pub fn complete_step(
     worker: &str,
     output: Option<&Value>,
 ) -> Result<ExecutionStep> {
+    // The filter of `held_by!`.
     let updated = diesel::update(
         execution_steps::table
             .filter(execution_steps::id.eq(step_id))
-            .filter(execution_steps::status.eq(StepStatus::Running))
-            .filter(execution_steps::locked_by.eq(worker)),
+            .filter(execution_steps::locked_by.eq(worker))
+            .filter(execution_steps::locked_until.is_not_null()),
     )
     .set((
         execution_steps::status.eq(StepStatus::Completed),
@@ -184,7 +196,9 @@ pub fn fail_step(
     let updated = diesel::sql_query(concat!(
         "UPDATE execution_steps SET ",
         retry_or_fail!("now() + least($4 * power(2, retry_count), $5) * interval '1 microsecond'"),
-        ", error = $3 WHERE id = $1 AND status = 'running' AND locked_by = $2 RETURNING *"
+        ", error = $3 WHERE ",
+        held_by!(),
+        " RETURNING *"
     ))
     .bind::<SqlUuid, _>(step_id)
     .bind::<Text, _>(worker)
