@@ -43,7 +43,11 @@ fn micros(d: Duration) -> f64 {
 /// literals match the index predicate, so even a generic plan uses it); only
 /// the steps are locked, skipping rows other workers hold. `= ANY(ARRAY(..))`
 /// runs the subquery once as an init plan and updates by primary key (an
-/// `IN (..)` semi-join may seq-scan the table under a generic plan).
+/// `IN (..)` semi-join may seq-scan the table under a generic plan). The
+/// LIMIT is written as a literal: with a parameter there PostgreSQL costs
+/// the generic plan for an unknown row count and keeps re-planning; as a
+/// literal every call of one batch size reuses one prepared plan (at most
+/// [`MAX_PAGE_SIZE`] distinct statements per connection).
 const CLAIM: &str = "\
 UPDATE execution_steps SET status = 'running', locked_by = $1, locked_until = now() + $2
 WHERE id = ANY(ARRAY(
@@ -55,8 +59,8 @@ WHERE id = ANY(ARRAY(
     FOR UPDATE SKIP LOCKED))
 RETURNING *";
 
-/// Claims up to `limit` runnable steps for `worker`, in one statement, with a
-/// lease of `lease`. A step is runnable when it is pending, its execution is
+/// Claims up to `limit` (clamped to `1..=`[`MAX_PAGE_SIZE`]) runnable steps
+/// for `worker`, in one statement, with a lease of `lease`. A step is runnable when it is pending, its execution is
 /// running, its `run_after` has come and every upstream step is completed or
 /// skipped. Concurrent workers never receive the same step (`FOR UPDATE SKIP
 /// LOCKED`). Each claim is a `pending -> running` transition (event + NOTIFY).

@@ -114,17 +114,37 @@ pub fn resume(conn: &mut PgConnection, id: Uuid) -> Result<Execution> {
     transition_execution(conn, id, ExecutionStatus::Paused, ExecutionStatus::Running)
 }
 
-/// Cancels an execution that is not final: the database skips its pending
-/// steps in the same transaction, so nothing more is claimed. Steps already
-/// running may still report; their results are recorded. Cancelling a final
-/// execution is an [`Error::IllegalTransition`].
+/// Cancels an execution that is not final, whatever its status (one
+/// statement, so a concurrent pause or resume cannot make it miss): the
+/// database skips its pending steps in the same transaction, so nothing more
+/// is claimed. Steps already running may still report; their results are
+/// recorded. Cancelling a final execution is an [`Error::IllegalTransition`].
 #[tracing::instrument(skip(conn))]
 pub fn cancel(conn: &mut PgConnection, id: Uuid) -> Result<Execution> {
-    let current = Execution::find(conn, id)
-        .optional()?
-        .ok_or_else(|| Error::NotFound {
+    let not_final: Vec<ExecutionStatus> = ExecutionStatus::ALL
+        .into_iter()
+        .filter(|s| s.can_transition_to(ExecutionStatus::Cancelled))
+        .collect();
+    let updated = diesel::update(
+        executions::table
+            .filter(executions::id.eq(id))
+            .filter(executions::status.eq_any(not_final)),
+    )
+    .set(executions::status.eq(ExecutionStatus::Cancelled))
+    .returning(Execution::as_returning())
+    .get_result(conn)
+    .optional()?;
+    if let Some(row) = updated {
+        return Ok(row);
+    }
+    match Execution::find(conn, id).optional()? {
+        None => Err(Error::NotFound {
             entity: "execution",
             id: id.to_string(),
-        })?;
-    transition_execution(conn, id, current.status, ExecutionStatus::Cancelled)
+        }),
+        Some(current) => Err(Error::IllegalTransition {
+            from: current.status.into(),
+            to: ExecutionStatus::Cancelled.into(),
+        }),
+    }
 }
