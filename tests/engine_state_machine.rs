@@ -493,3 +493,37 @@ fn workflow_updates_are_validated_and_optimistic() {
             .any(|r| matches!(r, Err(Error::VersionConflict { actual: 4, .. })))
     );
 }
+
+#[test]
+fn a_legal_transition_written_by_hand_gets_the_same_treatment() {
+    let db = TestDatabase::new();
+    let mut conn = db.connect();
+    let wf = workflow(&mut conn, &["a", "b"], &[("a", "b")]);
+    let ex = start(&mut conn, &wf);
+    let a = steps(&mut conn, &ex)
+        .into_iter()
+        .find(|s| s.node_id == "a")
+        .unwrap();
+    // Another service, or psql, moves the step by hand.
+    for to in ["running", "completed"] {
+        diesel::sql_query(format!(
+            "UPDATE execution_steps SET status = '{to}' WHERE id = '{}'",
+            a.id
+        ))
+        .execute(&mut conn)
+        .unwrap();
+    }
+    let a = ExecutionStep::find(&mut conn, a.id).unwrap();
+    assert!(
+        a.started_at.is_some() && a.completed_at.is_some(),
+        "times set by the trigger"
+    );
+    assert_eq!(
+        ExecutionEvent::for_step(&mut conn, a.id).unwrap().len(),
+        2,
+        "history written"
+    );
+    let b = engine::claim_steps(&mut conn, "w", 10, LEASE).unwrap();
+    assert_eq!(b.len(), 1, "downstream unblocked");
+    assert_eq!(b[0].node_id, "b");
+}
