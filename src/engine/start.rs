@@ -52,12 +52,10 @@ pub fn start_execution(conn: &mut PgConnection, new: &NewExecution) -> Result<St
             ..new.clone()
         };
         let insert = diesel::insert_into(executions::table).values(&new);
-        let inserted = match &new.idempotency_key {
-            None => Some(
-                insert
-                    .returning(Execution::as_returning())
-                    .get_result(conn)?,
-            ),
+        let execution = match &new.idempotency_key {
+            None => insert
+                .returning(Execution::as_returning())
+                .get_result(conn)?,
             Some(key) => {
                 let inserted = insert
                     .on_conflict((executions::workflow_id, executions::idempotency_key))
@@ -66,21 +64,24 @@ pub fn start_execution(conn: &mut PgConnection, new: &NewExecution) -> Result<St
                     .returning(Execution::as_returning())
                     .get_result(conn)
                     .optional()?;
-                if inserted.is_none() {
-                    let existing = executions::table
-                        .filter(executions::workflow_id.eq(workflow.id))
-                        .filter(executions::idempotency_key.eq(key))
-                        .select(Execution::as_select())
-                        .first(conn)?;
-                    return Ok(Started {
-                        execution: existing,
-                        created: false,
-                    });
+                match inserted {
+                    Some(execution) => execution,
+                    None => {
+                        // The key is taken (by a committed start: a racing one
+                        // made our INSERT wait until it committed).
+                        let existing = executions::table
+                            .filter(executions::workflow_id.eq(workflow.id))
+                            .filter(executions::idempotency_key.eq(key))
+                            .select(Execution::as_select())
+                            .first(conn)?;
+                        return Ok(Started {
+                            execution: existing,
+                            created: false,
+                        });
+                    }
                 }
-                inserted
             }
         };
-        let execution = inserted.ok_or(diesel::result::Error::NotFound)?;
 
         let steps: Vec<NewExecutionStep> = plan
             .into_iter()
