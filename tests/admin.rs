@@ -330,7 +330,13 @@ fn reset_empties_every_application_table_and_keeps_schema_bookkeeping_and_stamp(
             .iter()
             .map(|t| t.table.as_str())
             .collect::<Vec<_>>(),
-        ["execution_steps", "executions", "later_table", "workflows"]
+        [
+            "execution_events",
+            "execution_steps",
+            "executions",
+            "later_table",
+            "workflows"
+        ]
     );
     assert!(!plan.to_string().contains(PASSWORD));
     prepared

@@ -262,8 +262,11 @@ fn database_rejects_bad_rows() {
         .create(&mut conn)
         .unwrap_err();
     assert!(err.to_string().contains("check constraint"), "{err}");
-    let err = NewWorkflow::new("x", json!({"not": "an array"}), edges)
-        .create(&mut conn)
+    // NewWorkflow::create refuses this graph in Rust (InvalidGraph); the
+    // database's own check catches writers that bypass the crate.
+    let err = diesel::insert_into(workflow_db::schema::workflows::table)
+        .values(&NewWorkflow::new("x", json!({"not": "an array"}), edges))
+        .execute(&mut conn)
         .unwrap_err();
     assert!(err.to_string().contains("check constraint"), "{err}");
     let err = NewExecution::new(uuid::Uuid::now_v7())

@@ -2,10 +2,12 @@
 //! queries. Every query takes `conn: &mut PgConnection` first, so callers can
 //! compose them inside their own `conn.transaction(..)`.
 
+mod event;
 mod execution;
 mod step;
 mod workflow;
 
+pub use event::ExecutionEvent;
 pub use execution::{Execution, ExecutionChanges, ExecutionWithSteps, NewExecution};
 pub use step::{ExecutionStep, ExecutionStepChanges, NewExecutionStep};
 pub use workflow::{NewWorkflow, Workflow, WorkflowChanges, WorkflowWithExecutions};

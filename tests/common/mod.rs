@@ -1,11 +1,14 @@
-//! Helpers shared by the admin tests: what "the database is unchanged" means.
+//! Helpers shared by the integration tests: what "the database is unchanged"
+//! means (admin tests) and small graphs and executions (engine tests).
 #![allow(dead_code)]
 
 use std::process::Command;
 
 use diesel::prelude::*;
 use diesel::sql_types::{BigInt, Text};
+use std::time::Duration;
 use workflow_db::testing::TestDatabase;
+use workflow_db::{Edge, NewExecution, NewWorkflow, Node, Workflow, WorkflowGraph};
 
 /// The password used in URLs whose output must never show it (trust auth ignores it).
 pub const PASSWORD: &str = "s3cretPRODpw";
@@ -90,4 +93,29 @@ pub fn seeded() -> TestDatabase {
 
 pub fn stamp(db: &TestDatabase) -> Option<String> {
     workflow_db::migrate::environment_stamp(&mut db.connect()).unwrap()
+}
+
+/// A lease long enough never to expire during a test.
+pub const LEASE: Duration = Duration::from_secs(60);
+
+/// A graph with these nodes (type "task") and edges.
+pub fn graph(nodes: &[&str], edges: &[(&str, &str)]) -> WorkflowGraph {
+    WorkflowGraph {
+        nodes: nodes.iter().map(|id| Node::new(*id, "task")).collect(),
+        edges: edges.iter().map(|(s, t)| Edge::new(*s, *t)).collect(),
+    }
+}
+
+/// Creates a workflow with this graph.
+pub fn workflow(conn: &mut PgConnection, nodes: &[&str], edges: &[(&str, &str)]) -> Workflow {
+    NewWorkflow::from_graph("test", &graph(nodes, edges))
+        .create(conn)
+        .unwrap()
+}
+
+/// Starts an execution of the workflow.
+pub fn start(conn: &mut PgConnection, wf: &Workflow) -> workflow_db::Execution {
+    workflow_db::engine::start_execution(conn, &NewExecution::new(wf.id))
+        .unwrap()
+        .execution
 }
