@@ -149,16 +149,10 @@ impl NewExecution {
     }
 }
 
-impl Execution {
-    /// The execution with this id; `Err(NotFound)` when there is none.
-    #[tracing::instrument(skip(conn))]
-    pub fn find(conn: &mut PgConnection, id: Uuid) -> QueryResult<Execution> {
-        executions::table
-            .find(id)
-            .select(Execution::as_select())
-            .first(conn)
-    }
+by_id_queries!(Execution, executions, "execution");
+changeset_update!(Execution, executions, ExecutionChanges);
 
+impl Execution {
     /// Up to `limit` executions of a workflow, newest (`started_at`) first.
     #[tracing::instrument(skip(conn))]
     pub fn list_for_workflow(
@@ -172,48 +166,5 @@ impl Execution {
             .order((executions::started_at.desc(), executions::id.desc()))
             .limit(page_size(limit))
             .load(conn)
-    }
-
-    /// Up to `limit` executions in creation order after the id `after`
-    /// (keyset pagination: pass the last id of the previous page).
-    #[tracing::instrument(skip(conn))]
-    pub fn list(
-        conn: &mut PgConnection,
-        after: Option<Uuid>,
-        limit: i64,
-    ) -> QueryResult<Vec<Execution>> {
-        let mut query = executions::table
-            .select(Execution::as_select())
-            .order(executions::id)
-            .limit(page_size(limit))
-            .into_boxed();
-        if let Some(after) = after {
-            query = query.filter(executions::id.gt(after));
-        }
-        query.load(conn)
-    }
-
-    /// Applies `changes` and returns the updated row (unchanged if `changes` is empty).
-    #[tracing::instrument(skip(conn, changes))]
-    pub fn update(
-        conn: &mut PgConnection,
-        id: Uuid,
-        changes: &ExecutionChanges,
-    ) -> QueryResult<Execution> {
-        if *changes == ExecutionChanges::default() {
-            return Self::find(conn, id);
-        }
-        diesel::update(executions::table.find(id))
-            .set(changes)
-            .returning(Execution::as_returning())
-            .get_result(conn)
-    }
-
-    /// Deletes the execution and its steps. Returns whether a row was deleted.
-    #[tracing::instrument(skip(conn))]
-    pub fn delete(conn: &mut PgConnection, id: Uuid) -> QueryResult<bool> {
-        diesel::delete(executions::table.find(id))
-            .execute(conn)
-            .map(|n| n > 0)
     }
 }

@@ -148,16 +148,10 @@ impl NewExecutionStep {
     }
 }
 
-impl ExecutionStep {
-    /// The step with this id; `Err(NotFound)` when there is none.
-    #[tracing::instrument(skip(conn))]
-    pub fn find(conn: &mut PgConnection, id: Uuid) -> QueryResult<ExecutionStep> {
-        execution_steps::table
-            .find(id)
-            .select(ExecutionStep::as_select())
-            .first(conn)
-    }
+by_id_queries!(ExecutionStep, execution_steps, "step");
+changeset_update!(ExecutionStep, execution_steps, ExecutionStepChanges);
 
+impl ExecutionStep {
     /// Every step of an execution, in creation order.
     #[tracing::instrument(skip(conn))]
     pub fn list_for_execution(
@@ -169,29 +163,5 @@ impl ExecutionStep {
             .select(ExecutionStep::as_select())
             .order(execution_steps::id)
             .load(conn)
-    }
-
-    /// Applies `changes` and returns the updated row (unchanged if `changes` is empty).
-    #[tracing::instrument(skip(conn, changes))]
-    pub fn update(
-        conn: &mut PgConnection,
-        id: Uuid,
-        changes: &ExecutionStepChanges,
-    ) -> QueryResult<ExecutionStep> {
-        if *changes == ExecutionStepChanges::default() {
-            return Self::find(conn, id);
-        }
-        diesel::update(execution_steps::table.find(id))
-            .set(changes)
-            .returning(ExecutionStep::as_returning())
-            .get_result(conn)
-    }
-
-    /// Deletes the step. Returns whether a row was deleted.
-    #[tracing::instrument(skip(conn))]
-    pub fn delete(conn: &mut PgConnection, id: Uuid) -> QueryResult<bool> {
-        diesel::delete(execution_steps::table.find(id))
-            .execute(conn)
-            .map(|n| n > 0)
     }
 }

@@ -114,36 +114,9 @@ impl WorkflowChanges {
     }
 }
 
+by_id_queries!(Workflow, workflows, "workflow");
+
 impl Workflow {
-    /// The workflow with this id; `Err(NotFound)` when there is none.
-    #[tracing::instrument(skip(conn))]
-    pub fn find(conn: &mut PgConnection, id: Uuid) -> QueryResult<Workflow> {
-        workflows::table
-            .find(id)
-            .select(Workflow::as_select())
-            .first(conn)
-    }
-
-    /// Up to `limit` workflows (at most [`super::MAX_PAGE_SIZE`]) in creation
-    /// order, after the id `after` (keyset pagination: pass the last id of the
-    /// previous page).
-    #[tracing::instrument(skip(conn))]
-    pub fn list(
-        conn: &mut PgConnection,
-        after: Option<Uuid>,
-        limit: i64,
-    ) -> QueryResult<Vec<Workflow>> {
-        let mut query = workflows::table
-            .select(Workflow::as_select())
-            .order(workflows::id)
-            .limit(page_size(limit))
-            .into_boxed();
-        if let Some(after) = after {
-            query = query.filter(workflows::id.gt(after));
-        }
-        query.load(conn)
-    }
-
     /// The typed graph of this definition.
     pub fn graph(&self) -> Result<WorkflowGraph> {
         WorkflowGraph::from_json(&self.nodes, &self.edges)
@@ -215,15 +188,6 @@ impl Workflow {
                 .returning(Workflow::as_returning())
                 .get_result(conn)?)
         })
-    }
-
-    /// Deletes the workflow, its executions and their steps (ON DELETE CASCADE).
-    /// Returns whether a row was deleted.
-    #[tracing::instrument(skip(conn))]
-    pub fn delete(conn: &mut PgConnection, id: Uuid) -> QueryResult<bool> {
-        diesel::delete(workflows::table.find(id))
-            .execute(conn)
-            .map(|n| n > 0)
     }
 
     /// The workflow with its `limit` most recent executions (by `started_at`,
