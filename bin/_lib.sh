@@ -9,14 +9,20 @@ cd "$ROOT"
 log() { printf '%s\n' "$*" >&2; }
 die() { log "error: $*"; exit 1; }
 
-# Load .env without overriding what the caller already exported.
+# Load .env without overriding what the caller already exported (KEY=VALUE
+# lines; `export`, surrounding quotes and comments are handled like dotenvy).
 load_env() {
   [[ -f "$ROOT/.env" ]] || return 0
-  local line key
+  local line key value
   while IFS= read -r line || [[ -n $line ]]; do
-    [[ $line =~ ^[[:space:]]*(#|$) ]] && continue
-    key=${line%%=*}; key=${key#export }; key=${key//[[:space:]]/}
-    [[ -n ${!key+x} ]] || export "$key=${line#*=}"
+    [[ $line =~ ^[[:space:]]*(export[[:space:]]+)?([A-Za-z_][A-Za-z0-9_]*)=(.*)$ ]] || continue
+    key=${BASH_REMATCH[2]} value=${BASH_REMATCH[3]}
+    if [[ $value =~ ^\"(.*)\"[[:space:]]*$ || $value =~ ^\'(.*)\'[[:space:]]*$ ]]; then
+      value=${BASH_REMATCH[1]}
+    else
+      value=${value%%[[:space:]]#*}; value=${value%"${value##*[![:space:]]}"}
+    fi
+    [[ -n ${!key+x} ]] || export "$key=$value"
   done < "$ROOT/.env"
 }
 
@@ -32,14 +38,16 @@ pg_bindir() {
 # Print the URL with the password masked.
 redact() { sed -E 's#(://[^:/@]*:)[^@]*@#\1***@#; s#([?&]password=)[^&]*#\1***#g' <<<"$1"; }
 
-# Make sure DATABASE_URL is set and its server answers; start a throwaway one otherwise.
+# Make sure DATABASE_URL is set and its server answers: bin/dev-db keeps a URL
+# that answers and otherwise finds or starts a local server.
 ensure_database_url() {
   load_env
-  if [[ -z ${DATABASE_URL:-} ]]; then
-    DATABASE_URL=$("$ROOT/bin/dev-db")
-  fi
+  DATABASE_URL=$("$ROOT/bin/dev-db")
   export DATABASE_URL
 }
+
+# Where cargo puts the binaries (honours CARGO_TARGET_DIR).
+BIN_DIR="${CARGO_TARGET_DIR:-$ROOT/target}/debug"
 
 # Run psql against the maintenance database of the server in $1 (a URL).
 maintenance_url() {
@@ -60,8 +68,8 @@ print(u.urlunsplit((p.scheme, p.netloc, "/" + u.quote(sys.argv[2]), u.urlencode(
 PY
 }
 
-# Create a scratch database on the server of DATABASE_URL and print its URL;
-# register its removal on exit.
+# Create a scratch database on the server of DATABASE_URL, store its URL in the
+# variable named by $2 (no subshell, so the EXIT trap knows to drop it).
 SCRATCH_DBS=()
 drop_scratch_dbs() {
   local db
@@ -70,12 +78,23 @@ drop_scratch_dbs() {
   done
 }
 trap drop_scratch_dbs EXIT
-scratch_db() {
+scratch_db() { # scratch_db NAME VAR
   local name="workflow_db_scratch_$1_$$"
   psql -X -q -v ON_ERROR_STOP=1 "$(maintenance_url "$DATABASE_URL")" \
     -c "DROP DATABASE IF EXISTS \"$name\" WITH (FORCE)" -c "CREATE DATABASE \"$name\"" >/dev/null
   SCRATCH_DBS+=("$name")
-  with_database "$DATABASE_URL" "$name"
+  printf -v "$2" '%s' "$(with_database "$DATABASE_URL" "$name")"
+}
+
+# squawk (migration lint) from PyPI; works with a system Python that refuses
+# global installs (PEP 668) by falling back to a user install.
+ensure_squawk() {
+  export PATH="$HOME/.local/bin:$PATH"
+  command -v squawk >/dev/null 2>&1 && return 0
+  log "installing squawk-cli from PyPI..."
+  python3 -m pip install --quiet squawk-cli 2>/dev/null \
+    || python3 -m pip install --quiet --user --break-system-packages squawk-cli \
+    || die "cannot install squawk-cli (needs python3 with pip: apt-get install python3-pip)"
 }
 
 # diesel_cli (postgres only), installed once into ~/.cargo/bin.

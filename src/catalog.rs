@@ -35,7 +35,7 @@ SELECT line FROM (
     LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
     WHERE r.relkind IN ('r', 'p', 'v', 'm') AND a.attnum > 0 AND NOT a.attisdropped
     UNION ALL
-    SELECT format('index %s', pg_get_indexdef(i.indexrelid))
+    SELECT format('index %s%s', pg_get_indexdef(i.indexrelid), CASE WHEN i.indisvalid THEN '' ELSE ' (INVALID)' END)
     FROM pg_index i JOIN rel r ON r.oid = i.indrelid
     UNION ALL
     SELECT format('constraint %s.%s %s', r.relname, co.conname, pg_get_constraintdef(co.oid))

@@ -210,20 +210,20 @@ struct State {
 }
 
 pub(crate) const BOOKKEEPING_SQL: &str = "
-CREATE TABLE IF NOT EXISTS __workflow_db_migrations (
+CREATE TABLE IF NOT EXISTS public.__workflow_db_migrations (
     version     text        PRIMARY KEY,
     name        text        NOT NULL,
     checksum    text        NOT NULL,
     applied_at  timestamptz NOT NULL DEFAULT now(),
     duration_ms bigint      NOT NULL
 );
-COMMENT ON TABLE __workflow_db_migrations IS 'workflow-db migrator: checksum and duration of each applied migration.';
-CREATE TABLE IF NOT EXISTS __workflow_db_metadata (
+COMMENT ON TABLE public.__workflow_db_migrations IS 'workflow-db migrator: checksum and duration of each applied migration.';
+CREATE TABLE IF NOT EXISTS public.__workflow_db_metadata (
     key        text        PRIMARY KEY,
     value      text        NOT NULL,
     updated_at timestamptz NOT NULL DEFAULT now()
 );
-COMMENT ON TABLE __workflow_db_metadata IS 'workflow-db: facts the database remembers about itself, such as the environment it belongs to.';
+COMMENT ON TABLE public.__workflow_db_metadata IS 'workflow-db: facts the database remembers about itself, such as the environment it belongs to.';
 ";
 
 fn read_state(conn: &mut PgConnection) -> Result<State> {
@@ -233,27 +233,29 @@ fn read_state(conn: &mut PgConnection) -> Result<State> {
             .get_result::<Flag>(conn)
             .map(|f| f.value)
     };
-    let diesel_table = exists(conn, "__diesel_schema_migrations")?;
-    let bookkeeping =
-        exists(conn, "__workflow_db_migrations")? && exists(conn, "__workflow_db_metadata")?;
+    let diesel_table = exists(conn, "public.__diesel_schema_migrations")?;
+    let bookkeeping = exists(conn, "public.__workflow_db_migrations")?
+        && exists(conn, "public.__workflow_db_metadata")?;
     let applied: Vec<Applied> = match (diesel_table, bookkeeping) {
         (false, _) => Vec::new(),
         (true, false) => diesel::sql_query(
             "SELECT version::text AS version, run_on::timestamptz AS run_on, \
-             NULL::text AS checksum, NULL::bigint AS duration_ms FROM __diesel_schema_migrations",
+             NULL::text AS checksum, NULL::bigint AS duration_ms FROM public.__diesel_schema_migrations",
         )
         .load(conn)?,
         (true, true) => diesel::sql_query(
             "SELECT d.version::text AS version, d.run_on::timestamptz AS run_on, w.checksum, w.duration_ms \
-             FROM __diesel_schema_migrations d LEFT JOIN __workflow_db_migrations w ON w.version = d.version",
+             FROM public.__diesel_schema_migrations d LEFT JOIN public.__workflow_db_migrations w ON w.version = d.version",
         )
         .load(conn)?,
     };
     let stamp = if bookkeeping {
-        diesel::sql_query("SELECT value FROM __workflow_db_metadata WHERE key = 'environment'")
-            .get_result::<OptText>(conn)
-            .optional()?
-            .and_then(|r| r.value)
+        diesel::sql_query(
+            "SELECT value FROM public.__workflow_db_metadata WHERE key = 'environment'",
+        )
+        .get_result::<OptText>(conn)
+        .optional()?
+        .and_then(|r| r.value)
     } else {
         None
     };
@@ -520,7 +522,12 @@ impl Migrator {
                     record(conn, source, Some(start.elapsed()))
                 })?;
             } else {
+                // A failed CREATE INDEX CONCURRENTLY leaves an INVALID index
+                // that a retry's IF NOT EXISTS would silently accept: refuse
+                // to run (or record) while one exists.
+                refuse_invalid_indexes(conn, source.version)?;
                 conn.run_migration(migration).map_err(|e| fail(&e))?;
+                refuse_invalid_indexes(conn, source.version)?;
                 record(conn, source, Some(start.elapsed()))?;
             }
             let done = AppliedMigration {
@@ -581,7 +588,7 @@ impl Migrator {
 
 fn record(conn: &mut PgConnection, source: &MigrationSql, took: Option<Duration>) -> Result<()> {
     diesel::sql_query(
-        "INSERT INTO __workflow_db_migrations (version, name, checksum, duration_ms) VALUES ($1, $2, $3, $4) \
+        "INSERT INTO public.__workflow_db_migrations (version, name, checksum, duration_ms) VALUES ($1, $2, $3, $4) \
          ON CONFLICT (version) DO NOTHING",
     )
     .bind::<Text, _>(source.version)
@@ -596,12 +603,40 @@ fn record(conn: &mut PgConnection, source: &MigrationSql, took: Option<Duration>
 pub(crate) fn write_stamp(conn: &mut PgConnection, environment: &str) -> Result<()> {
     conn.batch_execute(BOOKKEEPING_SQL)?;
     diesel::sql_query(
-        "INSERT INTO __workflow_db_metadata (key, value) VALUES ('environment', $1) \
+        "INSERT INTO public.__workflow_db_metadata (key, value) VALUES ('environment', $1) \
          ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value, updated_at = now()",
     )
     .bind::<Text, _>(environment)
     .execute(conn)?;
     Ok(())
+}
+
+/// Fails, naming them, when `public` has indexes left INVALID by a failed
+/// concurrent build.
+fn refuse_invalid_indexes(conn: &mut PgConnection, version: &str) -> Result<()> {
+    #[derive(QueryableByName)]
+    struct Invalid {
+        #[diesel(sql_type = Text)]
+        name: String,
+    }
+    let invalid: Vec<Invalid> = diesel::sql_query(
+        "SELECT c.relname::text AS name FROM pg_index i \
+         JOIN pg_class c ON c.oid = i.indexrelid JOIN pg_namespace n ON n.oid = c.relnamespace \
+         WHERE n.nspname = 'public' AND NOT i.indisvalid ORDER BY 1",
+    )
+    .load(conn)?;
+    if invalid.is_empty() {
+        return Ok(());
+    }
+    let names: Vec<String> = invalid.into_iter().map(|i| i.name).collect();
+    Err(Error::Migration {
+        version: version.to_owned(),
+        message: format!(
+            "index(es) {} are INVALID (a concurrent index build failed or was cancelled); fix the cause \
+             (e.g. duplicate rows for a unique index), run DROP INDEX CONCURRENTLY on each, then migrate again",
+            names.join(", ")
+        ),
+    })
 }
 
 /// Who holds the migration lock on this database, if anyone.
@@ -661,11 +696,12 @@ pub fn create_database_if_missing(url: &DatabaseUrl) -> Result<bool> {
     }
     match admin.batch_execute(&format!("CREATE DATABASE {}", quote_ident(&name))) {
         Ok(()) => Ok(true),
-        // Another migrator created it in the meantime.
-        Err(diesel::result::Error::DatabaseError(
-            diesel::result::DatabaseErrorKind::Unknown,
-            info,
-        )) if info.message().contains("already exists") => Ok(false),
+        // Another migrator created it in the meantime: whatever the error's
+        // wording (lc_messages) or kind, the database now being there settles it.
+        Err(e @ diesel::result::Error::DatabaseError(..)) if connect(url).is_ok() => {
+            tracing::debug!(error = %e, "database created concurrently");
+            Ok(false)
+        }
         Err(e) => Err(e.into()),
     }
 }

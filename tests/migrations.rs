@@ -292,3 +292,79 @@ fn the_environment_stamp_is_raised_to_production_and_never_lowered() {
         matches!(&events[..], [MigrationEvent::StampKept { stamp, .. }] if stamp == "production")
     );
 }
+
+#[test]
+fn an_invalid_index_from_a_failed_concurrent_build_is_never_recorded_as_applied() {
+    let db = TestDatabase::new();
+    let mut conn = db.connect();
+    // Roll the unique idempotency index (a CONCURRENTLY migration) back, then
+    // add rows that violate it, so that building it again fails half-way.
+    let version = migrate::sources()
+        .iter()
+        .find(|s| s.up.contains("executions_workflow_id_idempotency_key_key"))
+        .unwrap()
+        .version;
+    conn.batch_execute(&format!(
+        "DROP INDEX executions_workflow_id_idempotency_key_key;
+         DELETE FROM __diesel_schema_migrations WHERE version >= '{version}';
+         DELETE FROM __workflow_db_migrations WHERE version >= '{version}';
+         INSERT INTO workflows (id, name) VALUES ('00000000-0000-4000-8000-000000000001', 'w');
+         INSERT INTO executions (workflow_id, idempotency_key)
+         VALUES ('00000000-0000-4000-8000-000000000001', 'k'), ('00000000-0000-4000-8000-000000000001', 'k');"
+    ))
+    .unwrap();
+    // Newer migrations are "pending" again but older than nothing: allow order.
+    let err = migrator(&db)
+        .allow_out_of_order(true)
+        .run(|_| {})
+        .unwrap_err();
+    assert!(
+        matches!(&err, Error::Migration { version: v, .. } if v == version),
+        "{err}"
+    );
+    // The failed build left an INVALID index behind; the retry must not accept it.
+    let err = migrator(&db)
+        .allow_out_of_order(true)
+        .run(|_| {})
+        .unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        msg.contains("executions_workflow_id_idempotency_key_key") && msg.contains("INVALID"),
+        "{msg}"
+    );
+    let recorded =
+        format!("SELECT count(*) AS n FROM __diesel_schema_migrations WHERE version = '{version}'");
+    assert_eq!(count(&mut conn, &recorded), 0);
+    assert!(
+        catalog::snapshot(&mut conn)
+            .unwrap()
+            .iter()
+            .any(|l| l.contains("executions_workflow_id_idempotency_key_key")
+                && l.ends_with("(INVALID)"))
+    );
+}
+
+#[test]
+fn bookkeeping_is_found_whatever_the_search_path() {
+    let db = TestDatabase::new();
+    let mut conn = db.connect();
+    conn.batch_execute(&format!(
+        "CREATE SCHEMA app; ALTER DATABASE \"{}\" SET search_path = app",
+        db.name()
+    ))
+    .unwrap();
+    let url = db.url().with_default_param("options", "-csearch_path=app");
+    let mut other = migrate::connect(&url).unwrap();
+    assert_eq!(
+        migrate::environment_stamp(&mut other).unwrap().as_deref(),
+        Some("test")
+    );
+    let applied = Migrator::new(url)
+        .environment(Environment::Test)
+        .run(|_| {})
+        .unwrap();
+    assert!(
+        applied.is_empty(),
+        "nothing is pending, whatever the search_path"
+    );
+}
