@@ -102,6 +102,16 @@ pub enum Error {
         worker: String,
     },
 
+    /// A step was asked to move `pending -> running` by hand. Only a claim
+    /// (`engine::claim_steps`) starts a step, because only a claim gives it
+    /// the lease a worker reports under and `reclaim_expired` recovers; a
+    /// running step without one could never finish. Nothing was changed.
+    #[error("step {step_id} cannot be set running by hand: claim it (engine::claim_steps)")]
+    RunRequiresClaim {
+        /// The step.
+        step_id: Uuid,
+    },
+
     /// An optimistic update named a version that is no longer current.
     #[error("workflow {id} is at version {actual}, not {expected}; reload and retry")]
     VersionConflict {

@@ -276,3 +276,94 @@ fn a_failed_attempt_is_retried_after_its_backoff() {
         "doubled, capped: {wait}"
     );
 }
+
+#[test]
+fn an_expired_lease_cannot_report_even_before_it_is_reclaimed() {
+    let db = TestDatabase::new();
+    let mut conn = db.connect();
+    let wf = workflow(&mut conn, &["a"], &[]);
+    let ex = start(&mut conn, &wf);
+    let step = engine::claim_steps(&mut conn, "w1", 1, LEASE)
+        .unwrap()
+        .remove(0);
+    // The worker stalled past its lease; no reaper has run yet.
+    diesel::sql_query("UPDATE execution_steps SET locked_until = now() - interval '1 second'")
+        .execute(&mut conn)
+        .unwrap();
+    let stalled = ExecutionStep::find(&mut conn, step.id).unwrap();
+
+    assert!(
+        engine::heartbeat(&mut conn, "w1", &[step.id], LEASE)
+            .unwrap()
+            .is_empty(),
+        "an expired lease is not extended"
+    );
+    let err = engine::complete_step(&mut conn, step.id, "w1", None).unwrap_err();
+    assert!(matches!(err, Error::LeaseLost { .. }), "{err}");
+    let err = engine::fail_step(&mut conn, step.id, "w1", "late", &Backoff::default()).unwrap_err();
+    assert!(matches!(err, Error::LeaseLost { .. }), "{err}");
+    assert_eq!(
+        ExecutionStep::find(&mut conn, step.id).unwrap(),
+        stalled,
+        "nothing changed"
+    );
+    assert_eq!(
+        Execution::find(&mut conn, ex.id).unwrap().status,
+        ExecutionStatus::Running
+    );
+    // The reaper hands it to someone else.
+    assert_eq!(engine::reclaim_expired(&mut conn, 10).unwrap().len(), 1);
+    let again = engine::claim_steps(&mut conn, "w2", 1, LEASE)
+        .unwrap()
+        .remove(0);
+    engine::complete_step(&mut conn, again.id, "w2", None).unwrap();
+}
+
+#[test]
+fn a_huge_retry_count_backs_off_no_longer_than_the_cap() {
+    let db = TestDatabase::new();
+    let mut conn = db.connect();
+    let wf = workflow(&mut conn, &["a"], &[]);
+    start(&mut conn, &wf);
+    diesel::update(execution_steps::table)
+        .set((
+            execution_steps::retry_count.eq(5000),
+            execution_steps::max_retries.eq(10_000),
+        ))
+        .execute(&mut conn)
+        .unwrap();
+    let step = engine::claim_steps(&mut conn, "w", 1, LEASE)
+        .unwrap()
+        .remove(0);
+    let backoff = Backoff {
+        base: Duration::from_secs(1),
+        max: Duration::from_secs(600),
+    };
+    let retry = engine::fail_step(&mut conn, step.id, "w", "flaky", &backoff).unwrap();
+    assert_eq!(
+        (retry.status, retry.retry_count),
+        (StepStatus::Pending, 5001)
+    );
+    let wait = retry.run_after - chrono::Utc::now();
+    assert!(
+        wait > chrono::TimeDelta::minutes(9) && wait <= chrono::TimeDelta::minutes(10),
+        "capped at max: {wait}"
+    );
+
+    // An unbounded max is clamped too.
+    let step = {
+        diesel::update(execution_steps::table)
+            .set(execution_steps::run_after.eq(diesel::dsl::now))
+            .execute(&mut conn)
+            .unwrap();
+        engine::claim_steps(&mut conn, "w", 1, LEASE)
+            .unwrap()
+            .remove(0)
+    };
+    let unbounded = Backoff {
+        base: Duration::from_secs(1),
+        max: Duration::MAX,
+    };
+    let retry = engine::fail_step(&mut conn, step.id, "w", "flaky", &unbounded).unwrap();
+    assert_eq!(retry.status, StepStatus::Pending);
+}

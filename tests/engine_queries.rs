@@ -315,3 +315,73 @@ fn prune_deletes_old_final_executions_in_batches() {
         0
     );
 }
+
+#[test]
+fn prune_keeps_executions_with_an_unfinished_or_recent_execution_anywhere_below() {
+    let db = TestDatabase::new();
+    let mut conn = db.connect();
+    let wf = workflow(&mut conn, &["a"], &[]);
+    let child_of = |conn: &mut PgConnection, parent: &Execution| {
+        let mut new = NewExecution::new(wf.id);
+        new.parent_execution_id = Some(parent.id);
+        engine::start_execution(conn, &new).unwrap().execution
+    };
+    // parent (final, old) -> child (final, old) -> grandchild (running).
+    let parent = start(&mut conn, &wf);
+    let child = child_of(&mut conn, &parent);
+    let grandchild = child_of(&mut conn, &child);
+    // parent2 (final, old) -> child2 (final, old) -> grandchild2 (final, recent).
+    let parent2 = start(&mut conn, &wf);
+    let child2 = child_of(&mut conn, &parent2);
+    let grandchild2 = child_of(&mut conn, &child2);
+    // parent3 -> child3 -> grandchild3, all final and old: pruned together.
+    let parent3 = start(&mut conn, &wf);
+    let child3 = child_of(&mut conn, &parent3);
+    let grandchild3 = child_of(&mut conn, &child3);
+    for ex in [
+        &parent,
+        &child,
+        &parent2,
+        &child2,
+        &grandchild2,
+        &parent3,
+        &child3,
+        &grandchild3,
+    ] {
+        engine::cancel(&mut conn, ex.id).unwrap();
+    }
+    diesel::update(executions::table.filter(executions::id.ne(grandchild2.id)))
+        .set(executions::completed_at.eq(Utc::now() - TimeDelta::days(30)))
+        .execute(&mut conn)
+        .unwrap();
+
+    let removed = engine::prune_executions(&mut conn, Utc::now() - TimeDelta::days(7), 10).unwrap();
+    let left: HashSet<Uuid> = executions::table
+        .select(executions::id)
+        .load(&mut conn)
+        .unwrap()
+        .into_iter()
+        .collect();
+    let kept: HashSet<Uuid> = [
+        &parent,
+        &child,
+        &grandchild,
+        &parent2,
+        &child2,
+        &grandchild2,
+    ]
+    .iter()
+    .map(|e| e.id)
+    .collect();
+    assert_eq!(
+        left, kept,
+        "the running and the recent subtrees survive whole"
+    );
+    // parent3 (its subtree goes with it by cascade; child3 may also have been
+    // picked in the same batch, before the cascade reached it).
+    assert!((1..=3).contains(&removed), "{removed}");
+    assert_eq!(
+        Execution::find(&mut conn, grandchild.id).unwrap().status,
+        ExecutionStatus::Running
+    );
+}

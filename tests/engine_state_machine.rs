@@ -504,10 +504,13 @@ fn a_legal_transition_written_by_hand_gets_the_same_treatment() {
         .into_iter()
         .find(|s| s.node_id == "a")
         .unwrap();
-    // Another service, or psql, moves the step by hand.
-    for to in ["running", "completed"] {
+    // Another service, or psql, moves the step by hand (running needs a lease).
+    for set in [
+        "status = 'running', locked_by = 'psql', locked_until = now() + interval '1 minute'",
+        "status = 'completed'",
+    ] {
         diesel::sql_query(format!(
-            "UPDATE execution_steps SET status = '{to}' WHERE id = '{}'",
+            "UPDATE execution_steps SET {set} WHERE id = '{}'",
             a.id
         ))
         .execute(&mut conn)
@@ -526,4 +529,162 @@ fn a_legal_transition_written_by_hand_gets_the_same_treatment() {
     let b = engine::claim_steps(&mut conn, "w", 10, LEASE).unwrap();
     assert_eq!(b.len(), 1, "downstream unblocked");
     assert_eq!(b[0].node_id, "b");
+}
+
+#[test]
+fn a_step_runs_only_through_a_claim() {
+    let db = TestDatabase::new();
+    let mut conn = db.connect();
+    let wf = workflow(&mut conn, &["a"], &[]);
+    let ex = start(&mut conn, &wf);
+    let before = steps(&mut conn, &ex);
+    let a = before[0].clone();
+
+    // Rust refuses before any SQL, with a typed error.
+    let err = engine::transition_step(&mut conn, a.id, StepStatus::Pending, StepStatus::Running)
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::RunRequiresClaim { step_id } if step_id == a.id),
+        "{err}"
+    );
+    assert!(err.to_string().contains("claim it"), "{err}");
+    // PostgreSQL refuses a running step without a lease, whoever writes.
+    let err = diesel::sql_query("UPDATE execution_steps SET status = 'running' WHERE id = $1")
+        .bind::<diesel::sql_types::Uuid, _>(a.id)
+        .execute(&mut conn)
+        .unwrap_err();
+    assert!(
+        err.to_string().contains("a step runs only under a lease"),
+        "{err}"
+    );
+    assert_eq!(steps(&mut conn, &ex), before, "nothing changed");
+    assert!(
+        ExecutionEvent::for_step(&mut conn, a.id)
+            .unwrap()
+            .is_empty(),
+        "no history written"
+    );
+
+    // A claim runs it, with a lease that a worker can report under.
+    let claimed = engine::claim_steps(&mut conn, "w", 1, LEASE).unwrap();
+    assert_eq!(claimed.len(), 1);
+    assert!(claimed[0].locked_until.is_some());
+    engine::complete_step(&mut conn, a.id, "w", None).unwrap();
+    assert_eq!(
+        Execution::find(&mut conn, ex.id).unwrap().status,
+        ExecutionStatus::Completed
+    );
+}
+
+#[test]
+fn a_retry_under_a_final_execution_is_skipped() {
+    let db = TestDatabase::new();
+    let mut conn = db.connect();
+    let wf = workflow(&mut conn, &["a"], &[]);
+
+    // fail_step with retries left after the execution was cancelled.
+    let ex = start(&mut conn, &wf);
+    let a = engine::claim_steps(&mut conn, "w", 1, LEASE)
+        .unwrap()
+        .remove(0);
+    engine::cancel(&mut conn, ex.id).unwrap();
+    engine::fail_step(&mut conn, a.id, "w", "flaky", &Backoff::default()).unwrap();
+    let a = ExecutionStep::find(&mut conn, a.id).unwrap();
+    assert_eq!(a.status, StepStatus::Skipped, "not pending for ever");
+    let history: Vec<(Option<String>, String)> = ExecutionEvent::for_step(&mut conn, a.id)
+        .unwrap()
+        .into_iter()
+        .map(|e| (e.from_status, e.to_status))
+        .collect();
+    let t = |f: &str, to: &str| (Some(f.to_owned()), to.to_owned());
+    assert_eq!(
+        history,
+        [
+            t("pending", "running"),
+            t("running", "pending"),
+            t("pending", "skipped")
+        ]
+    );
+
+    // A reclaimed lease under a failed execution.
+    let wf = workflow(&mut conn, &["x", "y"], &[]);
+    let ex = start(&mut conn, &wf);
+    let claimed = engine::claim_steps(&mut conn, "w", 2, LEASE).unwrap();
+    let (x, y) = (&claimed[0], &claimed[1]);
+    diesel::update(execution_steps::table.filter(execution_steps::id.eq(x.id)))
+        .set(execution_steps::max_retries.eq(0))
+        .execute(&mut conn)
+        .unwrap();
+    engine::fail_step(&mut conn, x.id, "w", "boom", &Backoff::default()).unwrap();
+    assert_eq!(
+        Execution::find(&mut conn, ex.id).unwrap().status,
+        ExecutionStatus::Failed
+    );
+    diesel::sql_query(
+        "UPDATE execution_steps SET locked_until = now() - interval '1 second' WHERE id = $1",
+    )
+    .bind::<diesel::sql_types::Uuid, _>(y.id)
+    .execute(&mut conn)
+    .unwrap();
+    assert_eq!(engine::reclaim_expired(&mut conn, 10).unwrap().len(), 1);
+    assert_eq!(
+        ExecutionStep::find(&mut conn, y.id).unwrap().status,
+        StepStatus::Skipped
+    );
+    assert!(
+        engine::claim_steps(&mut conn, "w", 10, LEASE)
+            .unwrap()
+            .is_empty()
+    );
+}
+
+#[test]
+fn transitions_outside_read_committed_are_refused() {
+    let db = TestDatabase::new();
+    let mut conn = db.connect();
+    let wf = workflow(&mut conn, &["a"], &[]);
+    let ex = start(&mut conn, &wf);
+    let a = engine::claim_steps(&mut conn, "w", 1, LEASE)
+        .unwrap()
+        .remove(0);
+
+    let err = conn
+        .build_transaction()
+        .repeatable_read()
+        .run(|conn| engine::complete_step(conn, a.id, "w", None))
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("workflow-db engine transitions require READ COMMITTED"),
+        "{err}"
+    );
+    let err = conn
+        .build_transaction()
+        .serializable()
+        .run(|conn| engine::cancel(conn, ex.id))
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("workflow-db engine transitions require READ COMMITTED"),
+        "{err}"
+    );
+    assert_eq!(
+        ExecutionStep::find(&mut conn, a.id).unwrap(),
+        a,
+        "unchanged"
+    );
+    assert_eq!(
+        Execution::find(&mut conn, ex.id).unwrap().status,
+        ExecutionStatus::Running
+    );
+
+    // READ COMMITTED (the default) works, in a transaction or not.
+    conn.build_transaction()
+        .read_committed()
+        .run(|conn| engine::complete_step(conn, a.id, "w", None))
+        .unwrap();
+    assert_eq!(
+        Execution::find(&mut conn, ex.id).unwrap().status,
+        ExecutionStatus::Completed
+    );
 }

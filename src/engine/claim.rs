@@ -12,7 +12,7 @@ use crate::models::{ExecutionStep, MAX_PAGE_SIZE};
 use crate::schema::execution_steps;
 
 /// How long a failed step waits before its retry: `base * 2^retry_count`,
-/// capped at `max`.
+/// capped at `max` (the exponent is clamped to 30, so any retry count works).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Backoff {
     /// Delay of the first retry.
@@ -35,9 +35,14 @@ fn interval(d: Duration) -> PgInterval {
     PgInterval::from_microseconds(i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
 }
 
+/// Microseconds, at most [`MAX_BACKOFF`] (the interval arithmetic in SQL
+/// must stay in range).
 fn micros(d: Duration) -> f64 {
-    d.as_micros() as f64
+    d.min(MAX_BACKOFF).as_micros() as f64
 }
+
+/// Longest delay [`fail_step`] schedules, whatever [`Backoff::max`] says (100 years).
+const MAX_BACKOFF: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 
 /// The runnable steps, in the order of `execution_steps_claim_idx` (the
 /// literals match the index predicate, so even a generic plan uses it); only
@@ -78,9 +83,10 @@ pub fn claim_steps(
         .load(conn)
 }
 
-/// Extends the leases `worker` holds on `step_ids` to `now() + lease` and
-/// returns the ids it still holds; a missing id means the lease was lost
-/// (expired and reclaimed, or the step finished).
+/// Extends the unexpired leases `worker` holds on `step_ids` to
+/// `now() + lease` and returns the ids it still holds; a missing id means
+/// the lease was lost (it expired, even if not yet reclaimed, or the step
+/// finished): stop working on that step.
 #[tracing::instrument(skip(conn, step_ids), fields(count = step_ids.len()))]
 pub fn heartbeat(
     conn: &mut PgConnection,
@@ -90,7 +96,7 @@ pub fn heartbeat(
 ) -> QueryResult<Vec<Uuid>> {
     diesel::sql_query(
         "UPDATE execution_steps SET locked_until = now() + $3 \
-         WHERE id = ANY($1) AND locked_by = $2 AND locked_until IS NOT NULL RETURNING id",
+         WHERE id = ANY($1) AND locked_by = $2 AND locked_until > now() RETURNING id",
     )
     .bind::<Array<SqlUuid>, _>(step_ids)
     .bind::<Text, _>(worker)
@@ -105,14 +111,16 @@ struct StepId {
     id: Uuid,
 }
 
-/// "Running and leased to `$2`", as a filter that only the primary key can
-/// serve: `locked_until` is set by the claim and cleared by the transition
-/// trigger whenever the step leaves `running`. (A `status = 'running'`
+/// "Running and leased to `$2`, lease unexpired", as a filter that only the
+/// primary key can serve: `locked_until` is set by the claim and cleared by
+/// the transition trigger whenever the step leaves `running`. An expired
+/// lease no longer counts even before `reclaim_expired` runs: the step may be
+/// reclaimed and handed to another worker at any moment. (A `status = 'running'`
 /// filter tempts the planner into `execution_steps_status_idx`, whose
 /// `running` range fills with dead entries as steps finish.)
 macro_rules! held_by {
     () => {
-        "id = $1 AND locked_by = $2 AND locked_until IS NOT NULL"
+        "id = $1 AND locked_by = $2 AND locked_until > now()"
     };
 }
 
@@ -155,8 +163,8 @@ pub fn reclaim_expired(conn: &mut PgConnection, limit: i64) -> QueryResult<Vec<E
 /// The database unblocks the downstream steps and completes the execution
 /// when this was its last step, in the same transaction.
 ///
-/// Fails with [`Error::LeaseLost`] when the worker no longer holds the step
-/// and [`Error::IllegalTransition`] when it is already final.
+/// Fails with [`Error::LeaseLost`] when the worker does not hold an
+/// unexpired lease on the step and [`Error::IllegalTransition`] when it is already final.
 #[tracing::instrument(skip(conn, output))]
 pub fn complete_step(
     conn: &mut PgConnection,
@@ -169,7 +177,7 @@ pub fn complete_step(
         execution_steps::table
             .filter(execution_steps::id.eq(step_id))
             .filter(execution_steps::locked_by.eq(worker))
-            .filter(execution_steps::locked_until.is_not_null()),
+            .filter(execution_steps::locked_until.gt(diesel::dsl::now)),
     )
     .set((
         execution_steps::status.eq(StepStatus::Completed),
@@ -188,7 +196,9 @@ pub fn complete_step(
 /// one statement: while retries remain the step goes back to `pending`
 /// (retry count + 1) and becomes claimable after `backoff`; otherwise it is
 /// `failed`, and the database fails the execution (skipping its pending
-/// steps) in the same transaction.
+/// steps) in the same transaction. A retry under an execution that is
+/// already final is skipped by the database at the end of the statement (the
+/// returned row still shows `pending`).
 #[tracing::instrument(skip(conn, error))]
 pub fn fail_step(
     conn: &mut PgConnection,
@@ -199,7 +209,9 @@ pub fn fail_step(
 ) -> Result<ExecutionStep> {
     let updated = diesel::sql_query(concat!(
         "UPDATE execution_steps SET ",
-        retry_or_fail!("now() + least($4 * power(2, retry_count), $5) * interval '1 microsecond'"),
+        retry_or_fail!(
+            "now() + least($4 * power(2, least(retry_count, 30)), $5) * interval '1 microsecond'"
+        ),
         ", error = $3 WHERE ",
         held_by!(),
         " RETURNING *"

@@ -83,6 +83,10 @@ pub fn transition_execution(
 /// Moves a step `from -> to` (compare-and-set, as [`transition_execution`]).
 /// Workers use [`super::complete_step`] and [`super::fail_step`]; this is for
 /// engine decisions such as skipping a branch (`pending -> skipped`).
+///
+/// `pending -> running` is refused with [`Error::RunRequiresClaim`] before any
+/// SQL: a step starts only by [`super::claim_steps`], which gives it a lease
+/// (the database refuses a lease-less running step too).
 #[tracing::instrument(skip(conn))]
 pub fn transition_step(
     conn: &mut PgConnection,
@@ -90,6 +94,9 @@ pub fn transition_step(
     from: StepStatus,
     to: StepStatus,
 ) -> Result<ExecutionStep> {
+    if (from, to) == (StepStatus::Pending, StepStatus::Running) {
+        return Err(Error::RunRequiresClaim { step_id: id });
+    }
     compare_and_set!(
         conn,
         execution_steps,

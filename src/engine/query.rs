@@ -253,8 +253,11 @@ pub fn descendants(conn: &mut PgConnection, id: Uuid) -> QueryResult<Vec<Executi
 /// Deletes final executions (completed, failed, cancelled) that completed
 /// before `older_than`, with their steps and history, `batch` rows per
 /// statement (each short, skipping rows locked by others) until none is
-/// left; returns how many were deleted. Executions with a child that is not
-/// final are kept. Run it outside a transaction so each batch commits.
+/// left; returns how many were deleted (not counting the sub-executions
+/// deleted with them). Deleting an execution deletes its whole subtree of
+/// sub-executions (cascade), so an execution is kept when any execution
+/// below it, at any depth, is not final or completed at or after the
+/// cutoff. Run it outside a transaction so each batch commits.
 #[tracing::instrument(skip(conn))]
 pub fn prune_executions(
     conn: &mut PgConnection,
@@ -268,12 +271,20 @@ pub fn prune_executions(
             "DELETE FROM executions WHERE id = ANY(ARRAY( \
                  SELECT x.id FROM executions x \
                  WHERE x.status IN ('completed', 'failed', 'cancelled') AND x.completed_at < $1 \
-                   AND NOT EXISTS (SELECT 1 FROM executions c WHERE c.parent_execution_id = x.id \
-                                   AND c.status NOT IN ('completed', 'failed', 'cancelled')) \
+                   AND NOT EXISTS ( \
+                       WITH RECURSIVE down (id, depth) AS ( \
+                           SELECT c.id, 1 FROM executions c WHERE c.parent_execution_id = x.id \
+                           UNION ALL \
+                           SELECT c.id, down.depth + 1 FROM executions c \
+                           JOIN down ON c.parent_execution_id = down.id WHERE down.depth < $3) \
+                       SELECT 1 FROM down JOIN executions d ON d.id = down.id \
+                       WHERE d.status NOT IN ('completed', 'failed', 'cancelled') \
+                          OR d.completed_at IS NULL OR d.completed_at >= $1) \
                  ORDER BY x.completed_at LIMIT $2 FOR UPDATE SKIP LOCKED))",
         )
         .bind::<Timestamptz, _>(older_than)
         .bind::<BigInt, _>(batch)
+        .bind::<BigInt, _>(MAX_DEPTH)
         .execute(conn)?;
         total += deleted as u64;
         if (deleted as i64) < batch {
