@@ -432,8 +432,11 @@ pub fn redact_urls_in(text: &str) -> String {
     while let Some(i) = rest.find("://") {
         let (head, tail) = rest.split_at(i + 3);
         out.push_str(head);
+        // The authority ends only where a URL's authority can end: a quote,
+        // `@` or `:` may be part of the password, so they do not end it, and
+        // the user info ends at the last `@`.
         let end = tail
-            .find(|c: char| c.is_whitespace() || matches!(c, '/' | '?' | '#' | '\'' | '"' | '`'))
+            .find(|c: char| c.is_whitespace() || matches!(c, '/' | '?' | '#'))
             .unwrap_or(tail.len());
         let authority = &tail[..end];
         match (authority.find(':'), authority.rfind('@')) {
@@ -458,7 +461,7 @@ fn redact_password_params(text: &str) -> String {
         out.push_str(&rest[..i + KEY.len()]);
         let tail = &rest[i + KEY.len()..];
         let end = tail
-            .find(|c: char| c.is_whitespace() || matches!(c, '&' | '#' | '\'' | '"' | '`'))
+            .find(|c: char| c.is_whitespace() || matches!(c, '&' | '#'))
             .unwrap_or(tail.len());
         out.push_str("***");
         rest = &tail[end..];
@@ -610,6 +613,45 @@ mod tests {
         let err =
             config(&[("DATABASE_URL", &url_with_secret()), ("DB_POOL_SIZE", "x")]).unwrap_err();
         assert!(!format!("{err} {err:?}").contains(SECRET));
+    }
+
+    #[test]
+    fn free_text_redaction_hides_passwords_with_quotes_at_signs_and_colons() {
+        for password in [
+            "ab'cd",
+            "ab\"cd",
+            "ab`cd",
+            "p@ss:w'rd",
+            "a:b@c",
+            "x'y\"z@w:v",
+        ] {
+            for text in [
+                format!("error: postgres://u:{password}@h/db failed"),
+                format!("'postgres://u:{password}@h:5432/db?sslmode=disable'"),
+                format!("\"postgresql://u:{password}@[::1]\" and more"),
+                format!("postgres://u:{password}@h"),
+                format!("postgres://h/db?user=u&password={password}&sslmode=require"),
+            ] {
+                // Exactly the password is masked, all of it, and nothing else.
+                assert_eq!(redact_urls_in(&text), text.replace(password, "***"));
+            }
+        }
+        assert_eq!(
+            redact_urls_in("'postgres://u:ab'cd@h/db'"),
+            "'postgres://u:***@h/db'"
+        );
+        assert_eq!(
+            redact_urls_in("postgres://u:p@ss:w'rd@db.internal:6543/x?a=1"),
+            "postgres://u:***@db.internal:6543/x?a=1"
+        );
+        assert_eq!(
+            redact_urls_in("postgres://h/db?password=ab'cd&sslmode=require"),
+            "postgres://h/db?password=***&sslmode=require"
+        );
+        assert_eq!(
+            redact_urls_in("postgres://user@host:5432/db 'x'"),
+            "postgres://user@host:5432/db 'x'"
+        );
     }
 
     #[test]
