@@ -367,6 +367,67 @@ fn reset_empties_every_application_table_and_keeps_schema_bookkeeping_and_stamp(
 }
 
 #[test]
+fn reset_refuses_to_empty_a_table_of_another_schema_that_references_public() {
+    let db = seeded();
+    // A table outside `public` referencing `public.workflows`: TRUNCATE without
+    // CASCADE fails instead of silently emptying it as well.
+    db.connect()
+        .batch_execute(
+            "CREATE SCHEMA reporting; \
+             CREATE TABLE reporting.favourites (workflow_id uuid REFERENCES public.workflows (id)); \
+             INSERT INTO reporting.favourites SELECT id FROM public.workflows;",
+        )
+        .unwrap();
+    let before = snapshot(&db);
+    let favourites = |db: &TestDatabase| -> i64 {
+        let rows: Vec<common::TableCount> = diesel::RunQueryDsl::load(
+            diesel::sql_query(
+                "SELECT 'favourites' AS table, count(*) AS rows FROM reporting.favourites",
+            ),
+            &mut db.connect(),
+        )
+        .unwrap();
+        rows[0].rows
+    };
+    let kept = favourites(&db);
+    assert!(kept > 0);
+    let result = admin::prepare(Operation::Reset, db.url(), &no_env())
+        .unwrap()
+        .confirm(Confirmation::Flag(Some(db.name())))
+        .unwrap()
+        .execute();
+    let err = result.unwrap_err();
+    assert!(
+        !matches!(err, Error::ProtectedEnvironment { .. }),
+        "a database error, not a guard refusal: {err}"
+    );
+    assert!(err.to_string().contains("foreign key"), "{err}");
+    assert_eq!(
+        snapshot(&db).rows,
+        before.rows,
+        "nothing in public was emptied"
+    );
+    assert_eq!(favourites(&db), kept, "the other schema was not emptied");
+
+    // Without the foreign reference the reset goes through.
+    db.connect()
+        .batch_execute("DROP SCHEMA reporting CASCADE")
+        .unwrap();
+    admin::prepare(Operation::Reset, db.url(), &no_env())
+        .unwrap()
+        .confirm(Confirmation::Flag(Some(db.name())))
+        .unwrap()
+        .execute()
+        .unwrap();
+    assert!(
+        snapshot(&db)
+            .rows
+            .iter()
+            .all(|t| t.table.starts_with("__") || t.rows == 0)
+    );
+}
+
+#[test]
 fn nuke_then_migrate_gives_the_schema_of_a_fresh_migrate() {
     let fresh = TestDatabase::new();
     let db = seeded();
