@@ -540,6 +540,80 @@ fn source(name: &str, json: &str) -> SeedSource {
     }
 }
 
+/// `(node_id, upstream_pending, downstream)` of an execution's steps, by node id.
+fn dependencies(db: &TestDatabase, execution: &str) -> Vec<(String, i32, Vec<String>)> {
+    use diesel::prelude::*;
+    use workflow_db::schema::execution_steps as s;
+    let rows: Vec<(String, i32, Vec<Option<String>>)> = s::table
+        .filter(s::execution_id.eq(uuid::Uuid::parse_str(execution).unwrap()))
+        .order(s::node_id)
+        .select((s::node_id, s::upstream_pending, s::downstream))
+        .load(&mut db.connect())
+        .unwrap();
+    rows.into_iter()
+        .map(|(node, up, down)| {
+            let mut down: Vec<String> = down.into_iter().flatten().collect();
+            down.sort();
+            (node, up, down)
+        })
+        .collect()
+}
+
+#[test]
+fn seeded_steps_carry_the_dependency_columns_of_their_workflow_graph() {
+    let strings = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    // The running order ORD-1002: validate completed, charge running, reserve pending.
+    let db = seeded();
+    assert_eq!(
+        dependencies(&db, "0193a1c0-0001-7000-8000-000000000002"),
+        [
+            ("charge".to_owned(), 0, strings(&["ship"])),
+            ("reserve".to_owned(), 0, strings(&["ship"])),
+            ("validate".to_owned(), 0, strings(&["charge", "reserve"])),
+        ]
+    );
+
+    // Edges listed downstream-first; b waits for a (completed: not counted),
+    // c waits for b and d (pending, and not seeded at all).
+    let json = r#"{
+      "workflows": [{"id": "0193a1c0-0000-7000-8000-0000000000cc", "name": "Chain",
+        "nodes": [{"id": "a"}, {"id": "b"}, {"id": "c"}, {"id": "d"}],
+        "edges": [{"source": "b", "target": "c"}, {"source": "d", "target": "c"}, {"source": "a", "target": "b"}]}],
+      "executions": [{"id": "0193a1c0-0001-7000-8000-0000000000cc",
+        "workflow_id": "0193a1c0-0000-7000-8000-0000000000cc", "status": "running"}],
+      "execution_steps": [
+        {"id": "0193a1c0-0002-7000-8000-0000000000c3", "execution_id": "0193a1c0-0001-7000-8000-0000000000cc", "node_id": "c", "status": "pending"},
+        {"id": "0193a1c0-0002-7000-8000-0000000000c2", "execution_id": "0193a1c0-0001-7000-8000-0000000000cc", "node_id": "b", "status": "pending"},
+        {"id": "0193a1c0-0002-7000-8000-0000000000c1", "execution_id": "0193a1c0-0001-7000-8000-0000000000cc", "node_id": "a", "status": "completed"}
+      ]}"#;
+    let db = TestDatabase::new();
+    let report = seed::seed(&mut db.connect(), &[source("chain.json", json)]).unwrap();
+    assert_eq!(report.inserted(), 5);
+    let execution = "0193a1c0-0001-7000-8000-0000000000cc";
+    assert_eq!(
+        dependencies(&db, execution),
+        [
+            ("a".to_owned(), 0, strings(&["b"])),
+            ("b".to_owned(), 0, strings(&["c"])),
+            ("c".to_owned(), 2, Vec::new()),
+        ]
+    );
+    // Seeding again changes nothing (ON CONFLICT DO NOTHING).
+    let again = seed::seed(&mut db.connect(), &[source("chain.json", json)]).unwrap();
+    assert_eq!(again.inserted(), 0);
+    // Completing b unblocks c by one (the database trigger follows `downstream`).
+    db.connect()
+        .batch_execute(
+            "UPDATE execution_steps SET status = 'running' WHERE node_id = 'b'; \
+             UPDATE execution_steps SET status = 'completed' WHERE node_id = 'b';",
+        )
+        .unwrap();
+    assert_eq!(
+        dependencies(&db, execution)[2],
+        ("c".to_owned(), 1, Vec::new())
+    );
+}
+
 fn seed_error(sources: &[SeedSource]) -> (String, String) {
     match SeedSet::parse(sources) {
         Err(Error::InvalidSeed { file, message }) => (file, message),
@@ -559,6 +633,8 @@ fn a_malformed_seed_names_the_file_and_the_field() {
         (format!(r#"{{"workflows": [{wf}], "executions": [{{"id": "0193a1c0-0001-7000-8000-0000000000aa", "workflow_id": "0193a1c0-0000-7000-8000-0000000000ff", "status": "pending"}}]}}"#), "executions[0].workflow_id"),
         (format!(r#"{{"workflows": [{wf}, {wf}]}}"#), "workflows[1].id"),
         (r#"{"workflows": [{"id": "0193a1c0-0000-7000-8000-0000000000aa", "name": "W", "nodes": [{"id": "a"}], "edges": [{"source": "a", "target": "zz"}]}]}"#.to_owned(), "workflows[0].edges[0].target"),
+        (r#"{"workflows": [{"id": "0193a1c0-0000-7000-8000-0000000000aa", "name": "W", "nodes": [{"id": "a"}], "edges": [{"source": "a", "target": "a"}]}]}"#.to_owned(), "workflows[0].edges[0]"),
+        (r#"{"workflows": [{"id": "0193a1c0-0000-7000-8000-0000000000aa", "name": "W", "nodes": [{"id": "a"}, {"id": "b"}], "edges": [{"source": "a", "target": "b"}, {"source": "a", "target": "b"}]}]}"#.to_owned(), "workflows[0].edges[1]"),
         ("{ not json".to_owned(), "line 1"),
     ] {
         let (file, message) = seed_error(&[source("seeds/01_ok.json", "{}"), source("seeds/02_bad.json", &json)]);
