@@ -103,6 +103,46 @@ fn remote_servers_need_allow_remote() {
 }
 
 #[test]
+fn hostaddr_and_service_decide_whether_the_server_is_remote() {
+    // libpq connects to hostaddr, whatever the host name says.
+    let tunnelled = url("postgres://app@localhost/app?hostaddr=203.0.113.5");
+    let (rule, message) = rule_of(admin::check_url(&tunnelled, &no_env(), Operation::Reset));
+    assert_eq!(rule, GuardRule::RemoteServer);
+    assert!(message.contains("203.0.113.5"), "{message}");
+    admin::check_url(
+        &url("postgres://app@db.internal.example/app?hostaddr=127.0.0.1"),
+        &no_env(),
+        Operation::Reset,
+    )
+    .unwrap();
+    // A service's server is unknown: remote unless allowed.
+    let service = url("postgres://app@localhost/app?service=scratch");
+    let (rule, message) = rule_of(admin::check_url(&service, &no_env(), Operation::Nuke));
+    assert_eq!(rule, GuardRule::RemoteServer);
+    assert!(message.contains("service scratch"), "{message}");
+    let allowed = GuardOptions {
+        allow_remote: true,
+        ..no_env()
+    };
+    admin::check_url(&service, &allowed, Operation::Nuke).unwrap();
+    // Rule 3 sees the host name behind a hostaddr and a service's name.
+    for (u, needle) in [
+        (
+            "postgres://app@db.prod.internal/app?hostaddr=127.0.0.1",
+            "db.prod.internal",
+        ),
+        (
+            "postgres://app@localhost/app?service=billing_prod",
+            "billing_prod",
+        ),
+    ] {
+        let (rule, message) = rule_of(admin::check_url(&url(u), &allowed, Operation::Nuke));
+        assert_eq!(rule, GuardRule::UrlLooksLikeProduction, "{u}");
+        assert!(message.contains(needle), "{message}");
+    }
+}
+
+#[test]
 fn rule_3_comes_before_rule_4_and_has_a_named_override() {
     let u = url("postgres://app@db.example.com/app");
     let (rule, message) = rule_of(admin::check_url(&u, &no_env(), Operation::Nuke));
@@ -203,13 +243,17 @@ fn facts_read_after_connecting_must_match_the_url() {
     let b = TestDatabase::new();
     // Connected to b while the URL names a: the database differs.
     let facts = admin::server_facts(&mut b.connect()).unwrap();
-    let (rule, message) = rule_of(admin::check_facts(a.url(), &facts));
+    assert!(
+        facts.server_addr.is_some(),
+        "TCP connection: inet_server_addr() is set"
+    );
+    let (rule, message) = rule_of(admin::check_facts(a.url(), &facts, &no_env()));
     assert_eq!(rule, GuardRule::ConnectedTargetMismatch);
     assert!(
         message.contains(a.name()) && message.contains(b.name()),
         "{message}"
     );
-    admin::check_facts(b.url(), &facts).unwrap();
+    admin::check_facts(b.url(), &facts, &allow_remote()).unwrap();
 
     let tcp = url("postgres://postgres@127.0.0.1:5432/app");
     let fact = |port: Option<i32>, user: &str| ServerFacts {
@@ -217,21 +261,88 @@ fn facts_read_after_connecting_must_match_the_url() {
         user: user.into(),
         tcp_port: port,
         port_setting: 5432,
+        server_addr: port.map(|_| "127.0.0.1".to_owned()),
     };
-    admin::check_facts(&tcp, &fact(Some(5432), "postgres")).unwrap();
+    admin::check_facts(&tcp, &fact(Some(5432), "postgres"), &no_env()).unwrap();
     for (facts, needle) in [
         (fact(Some(6543), "postgres"), "inet_server_port"),
         (fact(None, "postgres"), "unix-socket"),
         (fact(Some(5432), "someone_else"), "session_user"),
     ] {
-        let (rule, message) = rule_of(admin::check_facts(&tcp, &facts));
+        let (rule, message) = rule_of(admin::check_facts(&tcp, &facts, &no_env()));
         assert_eq!(rule, GuardRule::ConnectedTargetMismatch);
         assert!(message.contains(needle), "{message}");
     }
     let socket = url("postgres:///app?host=/var/run/postgresql");
-    let (rule, _) = rule_of(admin::check_facts(&socket, &fact(Some(5432), "postgres")));
+    let (rule, message) = rule_of(admin::check_facts(
+        &socket,
+        &fact(Some(5432), "postgres"),
+        &no_env(),
+    ));
     assert_eq!(rule, GuardRule::ConnectedTargetMismatch);
-    admin::check_facts(&socket, &fact(None, "postgres")).unwrap();
+    assert!(message.contains("inet_server_addr"), "{message}");
+    admin::check_facts(&socket, &fact(None, "postgres"), &no_env()).unwrap();
+}
+
+fn allow_remote() -> GuardOptions {
+    GuardOptions {
+        allow_remote: true,
+        ..no_env()
+    }
+}
+
+#[test]
+fn a_loopback_url_reaching_a_server_on_another_address_is_a_mismatch() {
+    let facts = |addr: &str| ServerFacts {
+        database: "app".into(),
+        user: "postgres".into(),
+        tcp_port: Some(5432),
+        port_setting: 5432,
+        server_addr: Some(addr.into()),
+    };
+    // An SSH tunnel or port mapping: localhost on this side, 10.0.4.7 on the server's.
+    for loopback in [
+        "postgres://postgres@localhost:5432/app",
+        "postgres://postgres@127.0.0.1:5432/app",
+        "postgres://postgres@[::1]:5432/app",
+        "postgres://postgres@db.example.net:5432/app?hostaddr=127.0.0.1",
+    ] {
+        for remote in ["10.0.4.7", "203.0.113.5", "2001:db8::5", "::ffff:10.0.4.7"] {
+            let (rule, message) = rule_of(admin::check_facts(
+                &url(loopback),
+                &facts(remote),
+                &no_env(),
+            ));
+            assert_eq!(
+                rule,
+                GuardRule::ConnectedTargetMismatch,
+                "{loopback} {remote}"
+            );
+            assert!(
+                message.contains("inet_server_addr") && message.contains(remote),
+                "{message}"
+            );
+            // --allow-remote accepts a server that may be remote (Docker behind a published port).
+            admin::check_facts(&url(loopback), &facts(remote), &allow_remote()).unwrap();
+        }
+        for local in ["127.0.0.1", "127.0.1.1", "::1", "::ffff:127.0.0.1"] {
+            admin::check_facts(&url(loopback), &facts(local), &no_env()).unwrap();
+        }
+    }
+    // A remote URL already needed --allow-remote (rule 4); its address is not compared.
+    admin::check_facts(
+        &url("postgres://postgres@db.example.net:5432/app"),
+        &facts("10.0.4.7"),
+        &no_env(),
+    )
+    .unwrap();
+    // A unix-socket URL that reached a TCP server is a mismatch whatever the address.
+    let (rule, _) = rule_of(admin::check_facts(
+        &url("postgres:///app?host=/tmp&port=5432"),
+        &facts("127.0.0.1"),
+        &allow_remote(),
+    ));
+    assert_eq!(rule, GuardRule::ConnectedTargetMismatch);
 }
 
 // ---- confirmation through an injected reader ----
