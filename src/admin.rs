@@ -12,11 +12,17 @@
 //!    on a read-only connection.
 //! 3. [`GuardRule::UrlLooksLikeProduction`]: see [`production_url_reason`];
 //!    overridden only by [`GuardOptions::allow_production_looking_url`].
-//! 4. [`GuardRule::RemoteServer`]: the host is neither loopback nor a unix
-//!    socket and [`GuardOptions::allow_remote`] is not set.
+//! 4. [`GuardRule::RemoteServer`]: where libpq connects
+//!    ([`DatabaseUrl::host`]: `hostaddr` and `PGHOSTADDR` first, then the host
+//!    name and `PGHOST`; a `service` or `PGSERVICE` is unknown, so never local)
+//!    is neither loopback nor a unix socket and [`GuardOptions::allow_remote`]
+//!    is not set.
 //! 5. [`GuardRule::ConnectedTargetMismatch`]: what the server reports after
-//!    connecting (`current_database()`, `session_user`, `inet_server_port()`)
-//!    disagrees with the URL.
+//!    connecting (`current_database()`, `session_user`, `inet_server_port()`,
+//!    `inet_server_addr()`) disagrees with the URL: another database, user,
+//!    port or transport, or a loopback URL that reached a server whose address
+//!    is not loopback (a tunnel, proxy or port mapping; accepted only with
+//!    [`GuardOptions::allow_remote`], since the server may then be remote).
 //!
 //! No option overrides rules 1 and 2. Rules 3 and 4 need no connection, so
 //! when the server cannot be reached they still refuse with their own rule.
@@ -161,22 +167,29 @@ pub const PRODUCTION_HOST_MARKERS: &[&str] = &[
     ".ondigitalocean.",
 ];
 
-/// Why the URL looks like production (rule 3), or None. Looks at the host
-/// (`host` query parameter included), the database name and the user, never
-/// at the password.
+/// Why the URL looks like production (rule 3), or None. Looks at where
+/// libpq connects ([`DatabaseUrl::host`]: `hostaddr`, service, host,
+/// `PG*` variables) and at the host name when a `hostaddr` overrides it, the
+/// database name and the user, never at the password.
 pub fn production_url_reason(url: &DatabaseUrl) -> Option<String> {
     let host = url.host();
-    let host_lc = host.as_str().to_ascii_lowercase();
-    if host_lc.contains("prod") {
-        return Some(format!("the host {host} contains \"prod\""));
+    let mut hosts = vec![host.to_string()];
+    if let Some(name) = url.host_name().filter(|name| name != host.as_str()) {
+        hosts.push(name);
     }
-    if let Some(marker) = PRODUCTION_HOST_MARKERS
-        .iter()
-        .find(|m| host_lc.contains(*m))
-    {
-        return Some(format!(
-            "the host {host} contains {marker:?} (a hosted or managed server)"
-        ));
+    for shown in hosts {
+        let host_lc = shown.to_ascii_lowercase();
+        if host_lc.contains("prod") {
+            return Some(format!("the host {shown} contains \"prod\""));
+        }
+        if let Some(marker) = PRODUCTION_HOST_MARKERS
+            .iter()
+            .find(|m| host_lc.contains(*m))
+        {
+            return Some(format!(
+                "the host {shown} contains {marker:?} (a hosted or managed server)"
+            ));
+        }
     }
     let database = url.database();
     if database.to_ascii_lowercase().contains("prod") {
@@ -302,10 +315,16 @@ pub fn check_url(url: &DatabaseUrl, options: &GuardOptions, operation: Operation
     }
     let host = url.host();
     if !host.is_local() && !options.allow_remote {
+        let why = match host {
+            Host::Service(_) => {
+                " (a connection service: the server is whatever pg_service.conf says)"
+            }
+            _ => "",
+        };
         return Err(refuse(
             GuardRule::RemoteServer,
             format!(
-                "the server {host} is neither loopback nor a unix socket. {} only touches a remote \
+                "the server {host} is neither loopback nor a unix socket{why}. {} only touches a remote \
                  server when told so explicitly: add --allow-remote if this is a disposable database.",
                 operation.command()
             ),
@@ -329,19 +348,33 @@ pub struct ServerFacts {
     /// The `port` setting (the socket file's number over a unix socket).
     #[diesel(sql_type = Integer)]
     pub port_setting: i32,
+    /// `host(inet_server_addr())`: the server's address on this connection;
+    /// None over a unix socket.
+    #[diesel(sql_type = Nullable<Text>)]
+    pub server_addr: Option<String>,
 }
 
 /// Reads [`ServerFacts`] on `conn`.
 pub fn server_facts(conn: &mut PgConnection) -> Result<ServerFacts> {
     Ok(diesel::sql_query(
         "SELECT current_database()::text AS database, session_user::text AS user, \
-         inet_server_port() AS tcp_port, current_setting('port')::int AS port_setting",
+         inet_server_port() AS tcp_port, current_setting('port')::int AS port_setting, \
+         host(inet_server_addr()) AS server_addr",
     )
     .get_result(conn)?)
 }
 
-/// Rule 5: refuses when `facts` disagree with `url`.
-pub fn check_facts(url: &DatabaseUrl, facts: &ServerFacts) -> Result<()> {
+/// Whether `addr` (as `host(inet)` prints it) is a loopback address.
+fn is_loopback_addr(addr: &str) -> bool {
+    addr.parse::<std::net::IpAddr>()
+        .is_ok_and(|ip| ip.to_canonical().is_loopback())
+}
+
+/// Rule 5: refuses when `facts` disagree with `url`. A loopback URL that
+/// reached a server on another address passes only with
+/// [`GuardOptions::allow_remote`]; a [`Host::Service`] URL has no transport or
+/// port to compare.
+pub fn check_facts(url: &DatabaseUrl, facts: &ServerFacts, options: &GuardOptions) -> Result<()> {
     let mismatch = |what: String| {
         Err(refuse(
             GuardRule::ConnectedTargetMismatch,
@@ -367,8 +400,28 @@ pub fn check_facts(url: &DatabaseUrl, facts: &ServerFacts) -> Result<()> {
             ));
         }
     }
+    let host = url.host();
+    match (&host, facts.server_addr.as_deref()) {
+        (Host::Service(_), _) => return Ok(()),
+        (Host::Tcp(_), Some(addr))
+            if host.is_local() && !is_loopback_addr(addr) && !options.allow_remote =>
+        {
+            return mismatch(format!(
+                "the URL names the loopback host {host} but the server reports inet_server_addr() = \
+                 {addr}, not a loopback address: a tunnel, proxy or port mapping leads to another \
+                 machine or container, which may be remote (--allow-remote accepts that)"
+            ));
+        }
+        (Host::Socket(dir), Some(addr)) => {
+            return mismatch(format!(
+                "the URL names the unix socket {dir} but the server reports a TCP connection to \
+                 inet_server_addr() = {addr}"
+            ));
+        }
+        _ => {}
+    }
     let port = i32::from(url.port());
-    match (url.host(), facts.tcp_port) {
+    match (host, facts.tcp_port) {
         (Host::Tcp(_), None) => mismatch(format!(
             "the URL names TCP host {} but the server reports a unix-socket connection",
             url.host()
@@ -544,7 +597,7 @@ pub fn prepare(
     check_stamp(stamp.as_deref(), &url.database(), operation)?;
     url_verdict?;
     let facts = server_facts(&mut conn)?;
-    check_facts(url, &facts)?;
+    check_facts(url, &facts, options)?;
     let (tables, other_objects) = match operation {
         Operation::Reset => (tables_with_rows(&mut conn, false)?, Vec::new()),
         Operation::Nuke => (
@@ -671,7 +724,10 @@ impl Confirmed {
 }
 
 /// Empties every table of `public` except the `__` bookkeeping, in one
-/// `TRUNCATE .. RESTART IDENTITY CASCADE`; tables added later are covered.
+/// `TRUNCATE .. RESTART IDENTITY`; tables added later are covered. No
+/// `CASCADE`: the list holds every table of `public`, so foreign keys among
+/// them need none, and a table in another schema that references one of them
+/// makes the statement fail (nothing is emptied) instead of being emptied too.
 fn truncate_all(conn: &mut PgConnection) -> Result<()> {
     let tables = tables_with_rows(conn, false)?;
     if tables.is_empty() {
@@ -682,7 +738,7 @@ fn truncate_all(conn: &mut PgConnection) -> Result<()> {
         .map(|t| format!("public.{}", quote_ident(&t.table)))
         .collect();
     conn.batch_execute(&format!(
-        "TRUNCATE TABLE {} RESTART IDENTITY CASCADE",
+        "TRUNCATE TABLE {} RESTART IDENTITY",
         list.join(", ")
     ))?;
     Ok(())

@@ -184,27 +184,33 @@ impl fmt::Display for Environment {
     }
 }
 
-/// Where a URL points: a TCP host or a unix-socket directory.
+/// Where a URL points: a TCP host, a unix-socket directory, or a service
+/// whose server only libpq knows.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Host {
-    /// A host name or IP address (IPv6 without brackets).
+    /// A host name or IP address (IPv6 without brackets); a `hostaddr` too.
     Tcp(String),
     /// A unix-socket directory (a `host` starting with `/`, or no host at all).
     Socket(String),
+    /// A connection service (`service` parameter or `PGSERVICE`): libpq takes
+    /// the server from `pg_service.conf`, so where it connects is unknown
+    /// here and never counts as local.
+    Service(String),
 }
 
 impl Host {
-    /// The host name, or the socket directory.
+    /// The host name, the socket directory, or the service name.
     pub fn as_str(&self) -> &str {
         match self {
-            Host::Tcp(h) | Host::Socket(h) => h,
+            Host::Tcp(h) | Host::Socket(h) | Host::Service(h) => h,
         }
     }
 
-    /// Loopback (`localhost`, 127.0.0.0/8, `::1`) or a unix socket.
+    /// Loopback (`localhost`, 127.0.0.0/8, `::1`) or a unix socket; never a service.
     pub fn is_local(&self) -> bool {
         match self {
             Host::Socket(_) => true,
+            Host::Service(_) => false,
             Host::Tcp(h) => {
                 let h = h.to_ascii_lowercase();
                 h == "localhost"
@@ -222,6 +228,7 @@ impl fmt::Display for Host {
             Host::Tcp(h) if h.contains(':') => write!(f, "[{h}]"),
             Host::Tcp(h) => f.write_str(h),
             Host::Socket(dir) => write!(f, "unix socket {dir}"),
+            Host::Service(name) => write!(f, "service {name} (from pg_service.conf)"),
         }
     }
 }
@@ -282,27 +289,71 @@ impl DatabaseUrl {
         percent_decode(s)
     }
 
-    /// The server: the `host` query parameter wins over the authority (as in libpq);
-    /// no host at all means libpq's default unix socket.
+    /// Where libpq connects, reading `PGHOSTADDR`, `PGHOST` and `PGSERVICE`
+    /// from the process environment (see [`DatabaseUrl::host_with`]).
     pub fn host(&self) -> Host {
-        let raw = self.query("host").filter(|h| !h.is_empty()).or_else(|| {
-            self.url
-                .host_str()
-                .filter(|h| !h.is_empty())
-                .map(|h| Self::decoded(h.trim_start_matches('[').trim_end_matches(']')))
-        });
-        match raw {
+        self.host_with(|var| std::env::var(var).ok())
+    }
+
+    /// Where libpq connects, with the environment read through `env` (a
+    /// variable name to its value). As in libpq: a connection service
+    /// (`service` parameter, then `PGSERVICE`) makes the server unknown
+    /// ([`Host::Service`]); otherwise an address (`hostaddr` parameter, then
+    /// `PGHOSTADDR`) is where libpq connects, whatever the host name says;
+    /// otherwise the host name ([`DatabaseUrl::host_name_with`]); no host at
+    /// all means libpq's default unix socket.
+    pub fn host_with(&self, env: impl Fn(&str) -> Option<String>) -> Host {
+        let env = |var: &str| env(var).filter(|v| !v.is_empty());
+        if let Some(service) = self.param("service").or_else(|| env("PGSERVICE")) {
+            return Host::Service(service);
+        }
+        if let Some(addr) = self.param("hostaddr").or_else(|| env("PGHOSTADDR")) {
+            return Host::Tcp(addr);
+        }
+        match self.host_name_with(env) {
             Some(h) if h.starts_with('/') || h.starts_with('@') => Host::Socket(h),
             Some(h) => Host::Tcp(h),
             None => Host::Socket("(libpq default)".into()),
         }
     }
 
-    /// The port (`port` query parameter, then the authority, then 5432).
+    /// The host name given to libpq: the `host` query parameter, then the
+    /// authority, then `PGHOST` (read through `env`). Where libpq connects
+    /// unless a `hostaddr` or a service says otherwise (see
+    /// [`DatabaseUrl::host_with`]).
+    pub fn host_name_with(&self, env: impl Fn(&str) -> Option<String>) -> Option<String> {
+        self.param("host")
+            .or_else(|| {
+                self.url
+                    .host_str()
+                    .filter(|h| !h.is_empty())
+                    .map(|h| Self::decoded(h.trim_start_matches('[').trim_end_matches(']')))
+            })
+            .or_else(|| env("PGHOST").filter(|h| !h.is_empty()))
+    }
+
+    /// [`DatabaseUrl::host_name_with`] on the process environment.
+    pub fn host_name(&self) -> Option<String> {
+        self.host_name_with(|var| std::env::var(var).ok())
+    }
+
+    /// A query parameter, unless empty.
+    fn param(&self, key: &str) -> Option<String> {
+        self.query(key).filter(|v| !v.is_empty())
+    }
+
+    /// The port (`port` query parameter, then the authority, then `PGPORT`,
+    /// then 5432, as in libpq).
     pub fn port(&self) -> u16 {
+        self.port_with(|var| std::env::var(var).ok())
+    }
+
+    /// [`DatabaseUrl::port`] with the environment read through `env`.
+    pub fn port_with(&self, env: impl Fn(&str) -> Option<String>) -> u16 {
         self.query("port")
             .and_then(|p| p.parse().ok())
             .or(self.url.port())
+            .or_else(|| env("PGPORT").and_then(|p| p.trim().parse().ok()))
             .unwrap_or(5432)
     }
 
@@ -376,6 +427,7 @@ impl DatabaseUrl {
     pub fn target(&self) -> String {
         match self.host() {
             Host::Socket(dir) => format!("{dir} (unix socket), database {}", self.database()),
+            host @ Host::Service(_) => format!("{host}, database {}", self.database()),
             host => format!("{host}:{}, database {}", self.port(), self.database()),
         }
     }
@@ -432,8 +484,11 @@ pub fn redact_urls_in(text: &str) -> String {
     while let Some(i) = rest.find("://") {
         let (head, tail) = rest.split_at(i + 3);
         out.push_str(head);
+        // The authority ends only where a URL's authority can end: a quote,
+        // `@` or `:` may be part of the password, so they do not end it, and
+        // the user info ends at the last `@`.
         let end = tail
-            .find(|c: char| c.is_whitespace() || matches!(c, '/' | '?' | '#' | '\'' | '"' | '`'))
+            .find(|c: char| c.is_whitespace() || matches!(c, '/' | '?' | '#'))
             .unwrap_or(tail.len());
         let authority = &tail[..end];
         match (authority.find(':'), authority.rfind('@')) {
@@ -458,7 +513,7 @@ fn redact_password_params(text: &str) -> String {
         out.push_str(&rest[..i + KEY.len()]);
         let tail = &rest[i + KEY.len()..];
         let end = tail
-            .find(|c: char| c.is_whitespace() || matches!(c, '&' | '#' | '\'' | '"' | '`'))
+            .find(|c: char| c.is_whitespace() || matches!(c, '&' | '#'))
             .unwrap_or(tail.len());
         out.push_str("***");
         rest = &tail[end..];
@@ -613,6 +668,45 @@ mod tests {
     }
 
     #[test]
+    fn free_text_redaction_hides_passwords_with_quotes_at_signs_and_colons() {
+        for password in [
+            "ab'cd",
+            "ab\"cd",
+            "ab`cd",
+            "p@ss:w'rd",
+            "a:b@c",
+            "x'y\"z@w:v",
+        ] {
+            for text in [
+                format!("error: postgres://u:{password}@h/db failed"),
+                format!("'postgres://u:{password}@h:5432/db?sslmode=disable'"),
+                format!("\"postgresql://u:{password}@[::1]\" and more"),
+                format!("postgres://u:{password}@h"),
+                format!("postgres://h/db?user=u&password={password}&sslmode=require"),
+            ] {
+                // Exactly the password is masked, all of it, and nothing else.
+                assert_eq!(redact_urls_in(&text), text.replace(password, "***"));
+            }
+        }
+        assert_eq!(
+            redact_urls_in("'postgres://u:ab'cd@h/db'"),
+            "'postgres://u:***@h/db'"
+        );
+        assert_eq!(
+            redact_urls_in("postgres://u:p@ss:w'rd@db.internal:6543/x?a=1"),
+            "postgres://u:***@db.internal:6543/x?a=1"
+        );
+        assert_eq!(
+            redact_urls_in("postgres://h/db?password=ab'cd&sslmode=require"),
+            "postgres://h/db?password=***&sslmode=require"
+        );
+        assert_eq!(
+            redact_urls_in("postgres://user@host:5432/db 'x'"),
+            "postgres://user@host:5432/db 'x'"
+        );
+    }
+
+    #[test]
     fn url_parts_follow_libpq() {
         let u = DatabaseUrl::parse("postgresql://us%40er:p%40ss@[::1]:6000/my%20db").unwrap();
         assert_eq!(u.host(), Host::Tcp("::1".into()));
@@ -635,5 +729,87 @@ mod tests {
         let moved = u.with_database("other");
         assert_eq!(moved.database(), "other");
         assert_eq!(moved.host(), u.host());
+    }
+
+    fn env_of<'a>(vars: &'a [(&'a str, &'a str)]) -> impl Fn(&str) -> Option<String> + 'a {
+        move |k| {
+            vars.iter()
+                .find(|(n, _)| *n == k)
+                .map(|(_, v)| v.to_string())
+        }
+    }
+
+    #[test]
+    fn hostaddr_wins_over_the_host_name_as_in_libpq() {
+        let none = env_of(&[]);
+        let u = DatabaseUrl::parse("postgres://localhost/app?hostaddr=203.0.113.5").unwrap();
+        assert_eq!(u.host_with(&none), Host::Tcp("203.0.113.5".into()));
+        assert!(!u.host_with(&none).is_local());
+        assert_eq!(u.host_name_with(&none).as_deref(), Some("localhost"));
+        let u = DatabaseUrl::parse("postgres:///app?host=/tmp&hostaddr=10.1.2.3").unwrap();
+        assert_eq!(u.host_with(&none), Host::Tcp("10.1.2.3".into()));
+        let u = DatabaseUrl::parse("postgres://db.example.net/app?hostaddr=127.0.0.1").unwrap();
+        assert!(u.host_with(&none).is_local());
+        // An empty hostaddr is no hostaddr.
+        let u = DatabaseUrl::parse("postgres://localhost/app?hostaddr=").unwrap();
+        assert_eq!(u.host_with(&none), Host::Tcp("localhost".into()));
+    }
+
+    #[test]
+    fn pghostaddr_and_pghost_apply_as_libpq_applies_them() {
+        let loopback = DatabaseUrl::parse("postgres://localhost/app").unwrap();
+        let no_host = DatabaseUrl::parse("postgres:///app").unwrap();
+        // PGHOSTADDR applies even when the URL names a host (libpq connects to it).
+        let addr = env_of(&[("PGHOSTADDR", "203.0.113.5")]);
+        assert_eq!(loopback.host_with(&addr), Host::Tcp("203.0.113.5".into()));
+        assert!(!loopback.host_with(&addr).is_local());
+        // ... but not over a hostaddr in the URL.
+        let explicit = DatabaseUrl::parse("postgres://localhost/app?hostaddr=127.0.0.1").unwrap();
+        assert_eq!(explicit.host_with(&addr), Host::Tcp("127.0.0.1".into()));
+        // PGHOST only when the URL has no host.
+        let cloudsql = env_of(&[("PGHOST", "/cloudsql/proj:prod")]);
+        assert_eq!(
+            no_host.host_with(&cloudsql),
+            Host::Socket("/cloudsql/proj:prod".into())
+        );
+        assert_eq!(loopback.host_with(&cloudsql), Host::Tcp("localhost".into()));
+        let remote = env_of(&[("PGHOST", "db.example.net")]);
+        assert_eq!(
+            no_host.host_with(&remote),
+            Host::Tcp("db.example.net".into())
+        );
+        assert!(!no_host.host_with(&remote).is_local());
+        assert_eq!(
+            no_host.host_with(env_of(&[("PGHOST", "")])),
+            Host::Socket("(libpq default)".into())
+        );
+        // PGPORT when the URL has no port.
+        let port = env_of(&[("PGPORT", "6543")]);
+        assert_eq!(no_host.port_with(&port), 6543);
+        let with_port = DatabaseUrl::parse("postgres://localhost:5433/app").unwrap();
+        assert_eq!(with_port.port_with(&port), 5433);
+    }
+
+    #[test]
+    fn a_service_makes_the_server_unknown_and_not_local() {
+        let none = env_of(&[]);
+        let u = DatabaseUrl::parse("postgres://localhost/app?service=billing").unwrap();
+        assert_eq!(u.host_with(&none), Host::Service("billing".into()));
+        assert!(!u.host_with(&none).is_local());
+        let u = DatabaseUrl::parse("postgres:///app").unwrap();
+        let env = env_of(&[("PGSERVICE", "billing"), ("PGHOST", "/tmp")]);
+        assert_eq!(u.host_with(&env), Host::Service("billing".into()));
+        assert!(!u.host_with(&env).is_local());
+        let shown = Host::Service("billing".into()).to_string();
+        assert!(shown.contains("service billing"), "{shown}");
+        let u = DatabaseUrl::parse("postgres://u:pw@localhost/app?service=billing").unwrap();
+        if std::env::var_os("PGSERVICE").is_none() {
+            let target = u.target();
+            assert!(
+                target.contains("service billing") && target.contains("database app"),
+                "{target}"
+            );
+            assert!(!target.contains("pw"));
+        }
     }
 }

@@ -12,6 +12,13 @@
 //! All files are parsed and checked before anything is written, and the
 //! inserts run in one transaction: a bad file writes nothing.
 //!
+//! Steps get the engine's dependency columns from their workflow's edges, as
+//! if the engine had started the execution and run it to the seeded state:
+//! `downstream` lists the nodes depending on the step, and `upstream_pending`
+//! counts the upstream nodes whose step in the same execution is not
+//! `completed` or `skipped` (a node without a seeded step counts as not done).
+//! So a seeded running execution is claimable and unblocks like a real one.
+//!
 //! ```no_run
 //! # fn demo(conn: &mut diesel::PgConnection) -> workflow_db::Result<()> {
 //! let seeds = workflow_db::seed::SeedSet::parse(&workflow_db::seed::embedded())?;
@@ -166,6 +173,12 @@ struct SeedStep {
     completed_at: Option<DateTime<Utc>>,
     created_at: Option<DateTime<Utc>>,
     updated_at: Option<DateTime<Utc>>,
+    /// Not in the files: computed from the workflow's edges (see [`SeedSet::parse`]).
+    #[serde(skip)]
+    upstream_pending: i32,
+    /// Not in the files: computed from the workflow's edges (see [`SeedSet::parse`]).
+    #[serde(skip)]
+    downstream: Vec<String>,
 }
 
 /// Parsed and checked seed data, ready to insert.
@@ -229,8 +242,10 @@ impl Origin<'_> {
     }
 }
 
-/// The node ids of a workflow's `nodes`, checking the graph's shape.
-fn node_ids(w: &SeedWorkflow, origin: &Origin<'_>) -> Result<BTreeSet<String>> {
+/// A workflow's node ids and its edges (`source`, `target`), checking the
+/// graph's shape: unique node ids, edges between two distinct existing
+/// nodes, no edge twice.
+fn graph(w: &SeedWorkflow, origin: &Origin<'_>) -> Result<SeedGraph> {
     let Some(nodes) = w.nodes.as_array() else {
         return Err(origin.error("nodes", "must be an array of node objects"));
     };
@@ -250,10 +265,12 @@ fn node_ids(w: &SeedWorkflow, origin: &Origin<'_>) -> Result<BTreeSet<String>> {
     let Some(edges) = w.edges.as_array() else {
         return Err(origin.error("edges", "must be an array of {source, target} objects"));
     };
+    let mut pairs: Vec<(String, String)> = Vec::with_capacity(edges.len());
     for (i, edge) in edges.iter().enumerate() {
+        let mut ends = Vec::with_capacity(2);
         for end in ["source", "target"] {
             match edge.get(end).and_then(Value::as_str) {
-                Some(id) if ids.contains(id) => {}
+                Some(id) if ids.contains(id) => ends.push(id.to_owned()),
                 Some(id) => {
                     return Err(origin.error(
                         &format!("edges[{i}].{end}"),
@@ -267,8 +284,54 @@ fn node_ids(w: &SeedWorkflow, origin: &Origin<'_>) -> Result<BTreeSet<String>> {
                 }
             }
         }
+        let (source, target) = (ends.swap_remove(0), ends.swap_remove(0));
+        if source == target {
+            return Err(origin.error(&format!("edges[{i}]"), format!("{source:?} -> itself")));
+        }
+        if pairs.iter().any(|(s, t)| *s == source && *t == target) {
+            return Err(origin.error(
+                &format!("edges[{i}]"),
+                format!("duplicate edge {source:?} -> {target:?}"),
+            ));
+        }
+        pairs.push((source, target));
     }
-    Ok(ids)
+    Ok(SeedGraph { ids, edges: pairs })
+}
+
+/// The node ids and edges of one seeded workflow.
+struct SeedGraph {
+    ids: BTreeSet<String>,
+    edges: Vec<(String, String)>,
+}
+
+impl SeedGraph {
+    /// Node ids of the steps depending on `node` (its `downstream` column).
+    fn downstream(&self, node: &str) -> Vec<String> {
+        self.edges
+            .iter()
+            .filter(|(source, _)| source == node)
+            .map(|(_, target)| target.clone())
+            .collect()
+    }
+
+    /// Upstream nodes of `node` whose step is not completed or skipped
+    /// (`status` gives a seeded step's status in the same execution; a node
+    /// without a seeded step counts as not done): its `upstream_pending`.
+    fn upstream_pending(&self, node: &str, status: impl Fn(&str) -> Option<StepStatus>) -> i32 {
+        let pending = self
+            .edges
+            .iter()
+            .filter(|(source, target)| {
+                target == node
+                    && !matches!(
+                        status(source),
+                        Some(StepStatus::Completed | StepStatus::Skipped)
+                    )
+            })
+            .count();
+        i32::try_from(pending).unwrap_or(i32::MAX)
+    }
 }
 
 impl SeedSet {
@@ -278,7 +341,7 @@ impl SeedSet {
     pub fn parse(sources: &[SeedSource]) -> Result<SeedSet> {
         let mut set = SeedSet::default();
         let mut seen: BTreeMap<Uuid, String> = BTreeMap::new();
-        let mut workflow_nodes: BTreeMap<Uuid, BTreeSet<String>> = BTreeMap::new();
+        let mut workflow_nodes: BTreeMap<Uuid, SeedGraph> = BTreeMap::new();
         let mut execution_workflow: BTreeMap<Uuid, Uuid> = BTreeMap::new();
         let mut unique = |id: Uuid, origin: &Origin<'_>| -> Result<()> {
             match seen.insert(id, format!("{} {}", origin.file, origin.path)) {
@@ -298,7 +361,7 @@ impl SeedSet {
                 if w.name.trim().is_empty() {
                     return Err(origin.error("name", "must not be empty"));
                 }
-                workflow_nodes.insert(w.id, node_ids(&w, &origin)?);
+                workflow_nodes.insert(w.id, graph(&w, &origin)?);
                 set.workflows.push(w);
             }
             for (i, e) in file.executions.into_iter().enumerate() {
@@ -328,7 +391,7 @@ impl SeedSet {
                         ),
                     ));
                 };
-                if !workflow_nodes[workflow].contains(&s.node_id) {
+                if !workflow_nodes[workflow].ids.contains(&s.node_id) {
                     return Err(origin.error(
                         "node_id",
                         format!("workflow {workflow} has no node {:?}", s.node_id),
@@ -339,6 +402,23 @@ impl SeedSet {
                 }
                 set.execution_steps.push(s);
             }
+        }
+        // The engine's dependency columns, as a start of the execution would
+        // have set them and the steps' transitions since then would have left
+        // them: `downstream` from the edges, `upstream_pending` counting the
+        // upstream steps that are not completed or skipped in the seeds.
+        let statuses: BTreeMap<(Uuid, String), StepStatus> = set
+            .execution_steps
+            .iter()
+            .map(|s| ((s.execution_id, s.node_id.clone()), s.status))
+            .collect();
+        for step in &mut set.execution_steps {
+            let graph = &workflow_nodes[&execution_workflow[&step.execution_id]];
+            let execution = step.execution_id;
+            step.downstream = graph.downstream(&step.node_id);
+            step.upstream_pending = graph.upstream_pending(&step.node_id, |node| {
+                statuses.get(&(execution, node.to_owned())).copied()
+            });
         }
         Ok(set)
     }

@@ -103,6 +103,46 @@ fn remote_servers_need_allow_remote() {
 }
 
 #[test]
+fn hostaddr_and_service_decide_whether_the_server_is_remote() {
+    // libpq connects to hostaddr, whatever the host name says.
+    let tunnelled = url("postgres://app@localhost/app?hostaddr=203.0.113.5");
+    let (rule, message) = rule_of(admin::check_url(&tunnelled, &no_env(), Operation::Reset));
+    assert_eq!(rule, GuardRule::RemoteServer);
+    assert!(message.contains("203.0.113.5"), "{message}");
+    admin::check_url(
+        &url("postgres://app@db.internal.example/app?hostaddr=127.0.0.1"),
+        &no_env(),
+        Operation::Reset,
+    )
+    .unwrap();
+    // A service's server is unknown: remote unless allowed.
+    let service = url("postgres://app@localhost/app?service=scratch");
+    let (rule, message) = rule_of(admin::check_url(&service, &no_env(), Operation::Nuke));
+    assert_eq!(rule, GuardRule::RemoteServer);
+    assert!(message.contains("service scratch"), "{message}");
+    let allowed = GuardOptions {
+        allow_remote: true,
+        ..no_env()
+    };
+    admin::check_url(&service, &allowed, Operation::Nuke).unwrap();
+    // Rule 3 sees the host name behind a hostaddr and a service's name.
+    for (u, needle) in [
+        (
+            "postgres://app@db.prod.internal/app?hostaddr=127.0.0.1",
+            "db.prod.internal",
+        ),
+        (
+            "postgres://app@localhost/app?service=billing_prod",
+            "billing_prod",
+        ),
+    ] {
+        let (rule, message) = rule_of(admin::check_url(&url(u), &allowed, Operation::Nuke));
+        assert_eq!(rule, GuardRule::UrlLooksLikeProduction, "{u}");
+        assert!(message.contains(needle), "{message}");
+    }
+}
+
+#[test]
 fn rule_3_comes_before_rule_4_and_has_a_named_override() {
     let u = url("postgres://app@db.example.com/app");
     let (rule, message) = rule_of(admin::check_url(&u, &no_env(), Operation::Nuke));
@@ -203,13 +243,17 @@ fn facts_read_after_connecting_must_match_the_url() {
     let b = TestDatabase::new();
     // Connected to b while the URL names a: the database differs.
     let facts = admin::server_facts(&mut b.connect()).unwrap();
-    let (rule, message) = rule_of(admin::check_facts(a.url(), &facts));
+    assert!(
+        facts.server_addr.is_some(),
+        "TCP connection: inet_server_addr() is set"
+    );
+    let (rule, message) = rule_of(admin::check_facts(a.url(), &facts, &no_env()));
     assert_eq!(rule, GuardRule::ConnectedTargetMismatch);
     assert!(
         message.contains(a.name()) && message.contains(b.name()),
         "{message}"
     );
-    admin::check_facts(b.url(), &facts).unwrap();
+    admin::check_facts(b.url(), &facts, &allow_remote()).unwrap();
 
     let tcp = url("postgres://postgres@127.0.0.1:5432/app");
     let fact = |port: Option<i32>, user: &str| ServerFacts {
@@ -217,21 +261,88 @@ fn facts_read_after_connecting_must_match_the_url() {
         user: user.into(),
         tcp_port: port,
         port_setting: 5432,
+        server_addr: port.map(|_| "127.0.0.1".to_owned()),
     };
-    admin::check_facts(&tcp, &fact(Some(5432), "postgres")).unwrap();
+    admin::check_facts(&tcp, &fact(Some(5432), "postgres"), &no_env()).unwrap();
     for (facts, needle) in [
         (fact(Some(6543), "postgres"), "inet_server_port"),
         (fact(None, "postgres"), "unix-socket"),
         (fact(Some(5432), "someone_else"), "session_user"),
     ] {
-        let (rule, message) = rule_of(admin::check_facts(&tcp, &facts));
+        let (rule, message) = rule_of(admin::check_facts(&tcp, &facts, &no_env()));
         assert_eq!(rule, GuardRule::ConnectedTargetMismatch);
         assert!(message.contains(needle), "{message}");
     }
     let socket = url("postgres:///app?host=/var/run/postgresql");
-    let (rule, _) = rule_of(admin::check_facts(&socket, &fact(Some(5432), "postgres")));
+    let (rule, message) = rule_of(admin::check_facts(
+        &socket,
+        &fact(Some(5432), "postgres"),
+        &no_env(),
+    ));
     assert_eq!(rule, GuardRule::ConnectedTargetMismatch);
-    admin::check_facts(&socket, &fact(None, "postgres")).unwrap();
+    assert!(message.contains("inet_server_addr"), "{message}");
+    admin::check_facts(&socket, &fact(None, "postgres"), &no_env()).unwrap();
+}
+
+fn allow_remote() -> GuardOptions {
+    GuardOptions {
+        allow_remote: true,
+        ..no_env()
+    }
+}
+
+#[test]
+fn a_loopback_url_reaching_a_server_on_another_address_is_a_mismatch() {
+    let facts = |addr: &str| ServerFacts {
+        database: "app".into(),
+        user: "postgres".into(),
+        tcp_port: Some(5432),
+        port_setting: 5432,
+        server_addr: Some(addr.into()),
+    };
+    // An SSH tunnel or port mapping: localhost on this side, 10.0.4.7 on the server's.
+    for loopback in [
+        "postgres://postgres@localhost:5432/app",
+        "postgres://postgres@127.0.0.1:5432/app",
+        "postgres://postgres@[::1]:5432/app",
+        "postgres://postgres@db.example.net:5432/app?hostaddr=127.0.0.1",
+    ] {
+        for remote in ["10.0.4.7", "203.0.113.5", "2001:db8::5", "::ffff:10.0.4.7"] {
+            let (rule, message) = rule_of(admin::check_facts(
+                &url(loopback),
+                &facts(remote),
+                &no_env(),
+            ));
+            assert_eq!(
+                rule,
+                GuardRule::ConnectedTargetMismatch,
+                "{loopback} {remote}"
+            );
+            assert!(
+                message.contains("inet_server_addr") && message.contains(remote),
+                "{message}"
+            );
+            // --allow-remote accepts a server that may be remote (Docker behind a published port).
+            admin::check_facts(&url(loopback), &facts(remote), &allow_remote()).unwrap();
+        }
+        for local in ["127.0.0.1", "127.0.1.1", "::1", "::ffff:127.0.0.1"] {
+            admin::check_facts(&url(loopback), &facts(local), &no_env()).unwrap();
+        }
+    }
+    // A remote URL already needed --allow-remote (rule 4); its address is not compared.
+    admin::check_facts(
+        &url("postgres://postgres@db.example.net:5432/app"),
+        &facts("10.0.4.7"),
+        &no_env(),
+    )
+    .unwrap();
+    // A unix-socket URL that reached a TCP server is a mismatch whatever the address.
+    let (rule, _) = rule_of(admin::check_facts(
+        &url("postgres:///app?host=/tmp&port=5432"),
+        &facts("127.0.0.1"),
+        &allow_remote(),
+    ));
+    assert_eq!(rule, GuardRule::ConnectedTargetMismatch);
 }
 
 // ---- confirmation through an injected reader ----
@@ -367,6 +478,67 @@ fn reset_empties_every_application_table_and_keeps_schema_bookkeeping_and_stamp(
 }
 
 #[test]
+fn reset_refuses_to_empty_a_table_of_another_schema_that_references_public() {
+    let db = seeded();
+    // A table outside `public` referencing `public.workflows`: TRUNCATE without
+    // CASCADE fails instead of silently emptying it as well.
+    db.connect()
+        .batch_execute(
+            "CREATE SCHEMA reporting; \
+             CREATE TABLE reporting.favourites (workflow_id uuid REFERENCES public.workflows (id)); \
+             INSERT INTO reporting.favourites SELECT id FROM public.workflows;",
+        )
+        .unwrap();
+    let before = snapshot(&db);
+    let favourites = |db: &TestDatabase| -> i64 {
+        let rows: Vec<common::TableCount> = diesel::RunQueryDsl::load(
+            diesel::sql_query(
+                "SELECT 'favourites' AS table, count(*) AS rows FROM reporting.favourites",
+            ),
+            &mut db.connect(),
+        )
+        .unwrap();
+        rows[0].rows
+    };
+    let kept = favourites(&db);
+    assert!(kept > 0);
+    let result = admin::prepare(Operation::Reset, db.url(), &no_env())
+        .unwrap()
+        .confirm(Confirmation::Flag(Some(db.name())))
+        .unwrap()
+        .execute();
+    let err = result.unwrap_err();
+    assert!(
+        !matches!(err, Error::ProtectedEnvironment { .. }),
+        "a database error, not a guard refusal: {err}"
+    );
+    assert!(err.to_string().contains("foreign key"), "{err}");
+    assert_eq!(
+        snapshot(&db).rows,
+        before.rows,
+        "nothing in public was emptied"
+    );
+    assert_eq!(favourites(&db), kept, "the other schema was not emptied");
+
+    // Without the foreign reference the reset goes through.
+    db.connect()
+        .batch_execute("DROP SCHEMA reporting CASCADE")
+        .unwrap();
+    admin::prepare(Operation::Reset, db.url(), &no_env())
+        .unwrap()
+        .confirm(Confirmation::Flag(Some(db.name())))
+        .unwrap()
+        .execute()
+        .unwrap();
+    assert!(
+        snapshot(&db)
+            .rows
+            .iter()
+            .all(|t| t.table.starts_with("__") || t.rows == 0)
+    );
+}
+
+#[test]
 fn nuke_then_migrate_gives_the_schema_of_a_fresh_migrate() {
     let fresh = TestDatabase::new();
     let db = seeded();
@@ -479,6 +651,80 @@ fn source(name: &str, json: &str) -> SeedSource {
     }
 }
 
+/// `(node_id, upstream_pending, downstream)` of an execution's steps, by node id.
+fn dependencies(db: &TestDatabase, execution: &str) -> Vec<(String, i32, Vec<String>)> {
+    use diesel::prelude::*;
+    use workflow_db::schema::execution_steps as s;
+    let rows: Vec<(String, i32, Vec<Option<String>>)> = s::table
+        .filter(s::execution_id.eq(uuid::Uuid::parse_str(execution).unwrap()))
+        .order(s::node_id)
+        .select((s::node_id, s::upstream_pending, s::downstream))
+        .load(&mut db.connect())
+        .unwrap();
+    rows.into_iter()
+        .map(|(node, up, down)| {
+            let mut down: Vec<String> = down.into_iter().flatten().collect();
+            down.sort();
+            (node, up, down)
+        })
+        .collect()
+}
+
+#[test]
+fn seeded_steps_carry_the_dependency_columns_of_their_workflow_graph() {
+    let strings = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    // The running order ORD-1002: validate completed, charge running, reserve pending.
+    let db = seeded();
+    assert_eq!(
+        dependencies(&db, "0193a1c0-0001-7000-8000-000000000002"),
+        [
+            ("charge".to_owned(), 0, strings(&["ship"])),
+            ("reserve".to_owned(), 0, strings(&["ship"])),
+            ("validate".to_owned(), 0, strings(&["charge", "reserve"])),
+        ]
+    );
+
+    // Edges listed downstream-first; b waits for a (completed: not counted),
+    // c waits for b and d (pending, and not seeded at all).
+    let json = r#"{
+      "workflows": [{"id": "0193a1c0-0000-7000-8000-0000000000cc", "name": "Chain",
+        "nodes": [{"id": "a"}, {"id": "b"}, {"id": "c"}, {"id": "d"}],
+        "edges": [{"source": "b", "target": "c"}, {"source": "d", "target": "c"}, {"source": "a", "target": "b"}]}],
+      "executions": [{"id": "0193a1c0-0001-7000-8000-0000000000cc",
+        "workflow_id": "0193a1c0-0000-7000-8000-0000000000cc", "status": "running"}],
+      "execution_steps": [
+        {"id": "0193a1c0-0002-7000-8000-0000000000c3", "execution_id": "0193a1c0-0001-7000-8000-0000000000cc", "node_id": "c", "status": "pending"},
+        {"id": "0193a1c0-0002-7000-8000-0000000000c2", "execution_id": "0193a1c0-0001-7000-8000-0000000000cc", "node_id": "b", "status": "pending"},
+        {"id": "0193a1c0-0002-7000-8000-0000000000c1", "execution_id": "0193a1c0-0001-7000-8000-0000000000cc", "node_id": "a", "status": "completed"}
+      ]}"#;
+    let db = TestDatabase::new();
+    let report = seed::seed(&mut db.connect(), &[source("chain.json", json)]).unwrap();
+    assert_eq!(report.inserted(), 5);
+    let execution = "0193a1c0-0001-7000-8000-0000000000cc";
+    assert_eq!(
+        dependencies(&db, execution),
+        [
+            ("a".to_owned(), 0, strings(&["b"])),
+            ("b".to_owned(), 0, strings(&["c"])),
+            ("c".to_owned(), 2, Vec::new()),
+        ]
+    );
+    // Seeding again changes nothing (ON CONFLICT DO NOTHING).
+    let again = seed::seed(&mut db.connect(), &[source("chain.json", json)]).unwrap();
+    assert_eq!(again.inserted(), 0);
+    // Completing b unblocks c by one (the database trigger follows `downstream`).
+    db.connect()
+        .batch_execute(
+            "UPDATE execution_steps SET status = 'running' WHERE node_id = 'b'; \
+             UPDATE execution_steps SET status = 'completed' WHERE node_id = 'b';",
+        )
+        .unwrap();
+    assert_eq!(
+        dependencies(&db, execution)[2],
+        ("c".to_owned(), 1, Vec::new())
+    );
+}
+
 fn seed_error(sources: &[SeedSource]) -> (String, String) {
     match SeedSet::parse(sources) {
         Err(Error::InvalidSeed { file, message }) => (file, message),
@@ -498,6 +744,8 @@ fn a_malformed_seed_names_the_file_and_the_field() {
         (format!(r#"{{"workflows": [{wf}], "executions": [{{"id": "0193a1c0-0001-7000-8000-0000000000aa", "workflow_id": "0193a1c0-0000-7000-8000-0000000000ff", "status": "pending"}}]}}"#), "executions[0].workflow_id"),
         (format!(r#"{{"workflows": [{wf}, {wf}]}}"#), "workflows[1].id"),
         (r#"{"workflows": [{"id": "0193a1c0-0000-7000-8000-0000000000aa", "name": "W", "nodes": [{"id": "a"}], "edges": [{"source": "a", "target": "zz"}]}]}"#.to_owned(), "workflows[0].edges[0].target"),
+        (r#"{"workflows": [{"id": "0193a1c0-0000-7000-8000-0000000000aa", "name": "W", "nodes": [{"id": "a"}], "edges": [{"source": "a", "target": "a"}]}]}"#.to_owned(), "workflows[0].edges[0]"),
+        (r#"{"workflows": [{"id": "0193a1c0-0000-7000-8000-0000000000aa", "name": "W", "nodes": [{"id": "a"}, {"id": "b"}], "edges": [{"source": "a", "target": "b"}, {"source": "a", "target": "b"}]}]}"#.to_owned(), "workflows[0].edges[1]"),
         ("{ not json".to_owned(), "line 1"),
     ] {
         let (file, message) = seed_error(&[source("seeds/01_ok.json", "{}"), source("seeds/02_bad.json", &json)]);

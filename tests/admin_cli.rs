@@ -221,6 +221,47 @@ fn rule_4_remote_server_needs_allow_remote() {
 }
 
 #[test]
+fn rule_4_follows_hostaddr_pghostaddr_and_pgservice_as_libpq_does() {
+    let db = seeded();
+    // The URL says 127.0.0.1, but libpq connects to hostaddr / PGHOSTADDR
+    // (0.0.0.0 reaches the local server without being a loopback address).
+    let loopback = url_with(&db, None, None);
+    let sep = if loopback.contains('?') { '&' } else { '?' };
+    let with_hostaddr = format!("{loopback}{sep}hostaddr=0.0.0.0");
+    for (url, envs) in [
+        (&with_hostaddr, &[][..]),
+        (&loopback, &[("PGHOSTADDR", "0.0.0.0")][..]),
+        // A service's server is unknown (this one is not even defined).
+        (
+            &loopback,
+            &[("PGSERVICE", "workflow_db_no_such_service")][..],
+        ),
+    ] {
+        let r = assert_refused(
+            &db,
+            RESET,
+            &["--database-url", url, "--confirm", db.name()],
+            envs,
+            3,
+            "remote-server",
+        );
+        assert!(r.stderr.contains("--allow-remote"), "{}", r.stderr);
+    }
+    let r = run(
+        RESET,
+        &[
+            "--database-url",
+            &loopback,
+            "--confirm",
+            db.name(),
+            "--allow-remote",
+        ],
+        &[("PGHOSTADDR", "0.0.0.0")],
+    );
+    assert_eq!(r.code, 0, "{}", r.output());
+}
+
+#[test]
 fn without_a_terminal_the_confirm_flag_is_required_and_must_match() {
     let db = seeded();
     let url = url_with(&db, None, None);
