@@ -18,6 +18,9 @@
 //! counts the upstream nodes whose step in the same execution is not
 //! `completed` or `skipped` (a node without a seeded step counts as not done).
 //! So a seeded running execution is claimable and unblocks like a real one.
+//! A seeded running step is held by worker `seed` with a lease that has
+//! already expired, so `engine::reclaim_expired` recovers it like the step of
+//! a worker that died.
 //!
 //! ```no_run
 //! # fn demo(conn: &mut diesel::PgConnection) -> workflow_db::Result<()> {
@@ -179,6 +182,14 @@ struct SeedStep {
     /// Not in the files: computed from the workflow's edges (see [`SeedSet::parse`]).
     #[serde(skip)]
     downstream: Vec<String>,
+    /// Not in the files: a running step is held by worker `seed`.
+    #[serde(skip)]
+    locked_by: Option<String>,
+    /// Not in the files: the lease of a running step, already expired (its
+    /// `started_at`), so that `engine::reclaim_expired` picks it up like the
+    /// step of a worker that died.
+    #[serde(skip)]
+    locked_until: Option<DateTime<Utc>>,
 }
 
 /// Parsed and checked seed data, ready to insert.
@@ -419,6 +430,10 @@ impl SeedSet {
             step.upstream_pending = graph.upstream_pending(&step.node_id, |node| {
                 statuses.get(&(execution, node.to_owned())).copied()
             });
+            if step.status == StepStatus::Running {
+                step.locked_by = Some("seed".into());
+                step.locked_until = Some(step.started_at.unwrap_or(DateTime::<Utc>::UNIX_EPOCH));
+            }
         }
         Ok(set)
     }

@@ -715,7 +715,8 @@ fn seeded_steps_carry_the_dependency_columns_of_their_workflow_graph() {
     // Completing b unblocks c by one (the database trigger follows `downstream`).
     db.connect()
         .batch_execute(
-            "UPDATE execution_steps SET status = 'running' WHERE node_id = 'b'; \
+            "UPDATE execution_steps SET status = 'running', locked_by = 't', \
+             locked_until = now() + interval '1 minute' WHERE node_id = 'b'; \
              UPDATE execution_steps SET status = 'completed' WHERE node_id = 'b';",
         )
         .unwrap();
@@ -792,4 +793,26 @@ fn urls_in_free_text_are_masked() {
         redact_urls_in("postgres://user@host/db"),
         "postgres://user@host/db"
     );
+}
+
+#[test]
+fn a_seeded_running_step_holds_an_expired_lease_and_is_reclaimed() {
+    let db = seeded();
+    let mut conn = db.connect();
+    let running = |conn: &mut diesel::PgConnection| {
+        workflow_db::ExecutionStep::list(conn, None, 1000)
+            .unwrap()
+            .into_iter()
+            .filter(|s| s.status == workflow_db::StepStatus::Running)
+            .collect::<Vec<_>>()
+    };
+    let before = running(&mut conn);
+    assert!(!before.is_empty(), "the seeds have running steps");
+    let reclaimed = workflow_db::engine::reclaim_expired(&mut conn, 100).unwrap();
+    let mut reclaimed: Vec<_> = reclaimed.iter().map(|s| s.id).collect();
+    let mut expected: Vec<_> = before.iter().map(|s| s.id).collect();
+    reclaimed.sort();
+    expected.sort();
+    assert_eq!(reclaimed, expected);
+    assert!(running(&mut conn).is_empty());
 }
