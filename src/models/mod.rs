@@ -2,6 +2,7 @@
 //! queries. Every query takes `conn: &mut PgConnection` first, so callers can
 //! compose them inside their own `conn.transaction(..)`.
 
+pub mod bulk;
 mod execution;
 mod step;
 mod workflow;
