@@ -160,3 +160,38 @@ fn a_violated_constraint_fails_the_whole_copy_and_leaves_the_connection_usable()
     assert!(bulk::copy_steps(&mut conn, &dup).is_err());
     assert_eq!(Workflow::find(&mut conn, wf.id).unwrap().id, wf.id);
 }
+
+#[test]
+fn one_statement_start_inserts_the_execution_and_its_steps() {
+    let db = TestDatabase::new();
+    let mut conn = db.connect();
+    let wf = workflow(&mut conn);
+    let e = NewExecution::new(wf.id)
+        .user_id("user-1")
+        .data(json!({"trigger": "api"}));
+    let steps: Vec<_> = (0..10)
+        .map(|k| {
+            workflow_db::NewExecutionStep::new(e.id, format!("node-{k}"))
+                .input(json!({"nodeId": format!("node-{k}")}))
+        })
+        .collect();
+    bulk::insert_execution_with_steps(&mut conn, &e, &steps).unwrap();
+    let row = Execution::find(&mut conn, e.id).unwrap();
+    assert_eq!(row.user_id.as_deref(), Some("user-1"));
+    assert_eq!(row.status, ExecutionStatus::Pending);
+    assert!(row.started_at.is_some());
+    let stored = ExecutionStep::list_for_execution(&mut conn, e.id).unwrap();
+    assert_eq!(stored.len(), 10);
+    for (s, n) in stored.iter().zip(&steps) {
+        assert_eq!((s.id, &s.node_id, &s.input), (n.id, &n.node_id, &n.input));
+        assert_eq!(s.status, StepStatus::Pending);
+    }
+    // Atomic: a failing step (duplicate node) leaves no execution behind.
+    let e2 = NewExecution::new(wf.id);
+    let dup = vec![
+        workflow_db::NewExecutionStep::new(e2.id, "a"),
+        workflow_db::NewExecutionStep::new(e2.id, "a"),
+    ];
+    assert!(bulk::insert_execution_with_steps(&mut conn, &e2, &dup).is_err());
+    assert!(Execution::find(&mut conn, e2.id).is_err());
+}
