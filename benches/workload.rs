@@ -48,6 +48,7 @@ struct Args {
     queries: usize,
     limit: bool,
     keep: bool,
+    database: String,
     limit_dir: PathBuf,
 }
 
@@ -61,6 +62,7 @@ usage: cargo bench --bench workload -- [options]
   --queries N       sequential calls per latency figure (default 1000)
   --limit           also run the pgbench limit on the same database, print ratios
   --keep            keep the bench database afterwards
+  --database NAME   name of the bench database (default workflow_db_bench)
 env: DATABASE_URL (server; database name replaced by workflow_db_bench),
      PERF_LIMIT_DIR (default ../shared/perf-limit), PGBENCH, PSQL";
 
@@ -75,6 +77,7 @@ fn parse_args() -> Res<Args> {
         queries: 1000,
         limit: false,
         keep: false,
+        database: BENCH_DB.to_owned(),
         limit_dir: std::env::var_os("PERF_LIMIT_DIR")
             .map(PathBuf::from)
             .unwrap_or_else(|| root.join("../shared/perf-limit")),
@@ -110,12 +113,20 @@ fn parse_args() -> Res<Args> {
             "--queries" => a.queries = value("--queries")?.parse()?,
             "--limit" => a.limit = true,
             "--keep" => a.keep = true,
+            "--database" => a.database = value("--database")?,
             "-h" | "--help" => {
                 println!("{USAGE}");
                 std::process::exit(0);
             }
             other => return Err(format!("unknown argument {other:?}\n{USAGE}").into()),
         }
+    }
+    if !a
+        .database
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || c == '_')
+    {
+        return Err("--database: letters, digits and _ only".into());
     }
     if a.runs == 0 || a.executions == 0 || a.queries == 0 || a.duration <= 0.0 {
         return Err("--runs, --executions, --queries and --duration must be positive".into());
@@ -337,8 +348,9 @@ impl Bench {
 
     fn recreate_database(&self) -> Res<()> {
         let mut admin = connect(&self.url.with_database("postgres"))?;
-        admin.batch_execute(&format!("DROP DATABASE IF EXISTS {BENCH_DB} WITH (FORCE)"))?;
-        admin.batch_execute(&format!("CREATE DATABASE {BENCH_DB}"))?;
+        let db = &self.args.database;
+        admin.batch_execute(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"))?;
+        admin.batch_execute(&format!("CREATE DATABASE {db}"))?;
         Migrator::new(self.url.clone()).run(|_| {})?;
         let mut conn = self.conn()?;
         let nodes: Vec<Value> = (0..NODES)
@@ -362,7 +374,8 @@ impl Bench {
 
     fn drop_database(&self) -> Res<()> {
         let mut admin = connect(&self.url.with_database("postgres"))?;
-        admin.batch_execute(&format!("DROP DATABASE IF EXISTS {BENCH_DB} WITH (FORCE)"))?;
+        let db = &self.args.database;
+        admin.batch_execute(&format!("DROP DATABASE IF EXISTS {db} WITH (FORCE)"))?;
         Ok(())
     }
 
@@ -1207,14 +1220,15 @@ fn run() -> Res<()> {
     }
     W5_N.set(args.executions);
     let started = Utc::now();
-    let url = server_url()?.with_database(BENCH_DB);
+    let url = server_url()?.with_database(&args.database);
     let mut b = Bench {
         args,
         url,
         report: Report::default(),
     };
     eprintln!(
-        "creating database {BENCH_DB} (dropped if present), migrating, seeding 100 workflows"
+        "creating database {} (dropped if present), migrating, seeding 100 workflows",
+        b.args.database
     );
     b.recreate_database()?;
     if b.args.limit {
