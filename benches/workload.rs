@@ -21,6 +21,7 @@ use diesel::prelude::*;
 use diesel::r2d2::{ConnectionManager, Pool};
 use serde_json::{Value, json};
 use uuid::Uuid;
+use workflow_db::engine;
 use workflow_db::models::bulk::{self, CopyExecution, CopyStep};
 use workflow_db::schema::{execution_steps, executions};
 use workflow_db::{
@@ -49,17 +50,19 @@ struct Args {
     limit: bool,
     keep: bool,
     database: String,
+    w6_executions: u64,
     limit_dir: PathBuf,
 }
 
 const USAGE: &str = "\
 usage: cargo bench --bench workload -- [options]
-  --only W1,W3      run only these workloads (W1..W6, R2D2)
+  --only W1,W3      run only these workloads (W1..W6, CLAIM, R2D2)
   --runs N          repetitions of every figure (default 3)
   --executions N    W5/W3/W4 data scale in executions (default 100000; steps = 10x)
   --duration SECS   length of each throughput measurement (default 8)
   --warmup SECS     warm-up before each throughput measurement (default 1)
   --queries N       sequential calls per latency figure (default 1000)
+  --w6-executions N executions of the 10-node chain per W6 figure (default 200)
   --limit           also run the pgbench limit on the same database, print ratios
   --keep            keep the bench database afterwards
   --database NAME   name of the bench database (default workflow_db_bench)
@@ -78,6 +81,7 @@ fn parse_args() -> Res<Args> {
         limit: false,
         keep: false,
         database: BENCH_DB.to_owned(),
+        w6_executions: 200,
         limit_dir: std::env::var_os("PERF_LIMIT_DIR")
             .map(PathBuf::from)
             .unwrap_or_else(|| root.join("../shared/perf-limit")),
@@ -114,6 +118,7 @@ fn parse_args() -> Res<Args> {
             "--limit" => a.limit = true,
             "--keep" => a.keep = true,
             "--database" => a.database = value("--database")?,
+            "--w6-executions" => a.w6_executions = value("--w6-executions")?.parse()?,
             "-h" | "--help" => {
                 println!("{USAGE}");
                 std::process::exit(0);
@@ -128,7 +133,12 @@ fn parse_args() -> Res<Args> {
     {
         return Err("--database: letters, digits and _ only".into());
     }
-    if a.runs == 0 || a.executions == 0 || a.queries == 0 || a.duration <= 0.0 {
+    if a.runs == 0
+        || a.executions == 0
+        || a.queries == 0
+        || a.w6_executions == 0
+        || a.duration <= 0.0
+    {
         return Err("--runs, --executions, --queries and --duration must be positive".into());
     }
     Ok(a)
@@ -524,6 +534,32 @@ impl Bench {
                 },
             )?;
             self.report.ours(&one, "executions/s", Better::Higher, v);
+            // The engine's start: the execution, its steps from the graph
+            // (dependency counters; no step input), pending -> running with
+            // the start event and NOTIFY, in one transaction.
+            let eng = format!(
+                "W1 start, {c} (engine::start_execution: steps from the graph + event + NOTIFY)"
+            );
+            self.reset_runs()?;
+            let v = self.throughput(
+                clients,
+                |_, _| Ok(()),
+                |conn, _, rng| {
+                    let (w, u, n) = (
+                        rng.below(WORKFLOWS),
+                        rng.below(USERS),
+                        1 + rng.below(1_000_000_000),
+                    );
+                    engine::start_execution(
+                        conn,
+                        &NewExecution::new(workflow_id(w))
+                            .user_id(format!("user-{u}"))
+                            .data(execution_data(n)),
+                    )?;
+                    Ok(1)
+                },
+            )?;
+            self.report.ours(&eng, "executions/s", Better::Higher, v);
             if self.args.limit {
                 let l1 = format!("W1 start, {c} (w1.sql: BEGIN/INSERT/INSERT/COMMIT)");
                 let l2 = format!("W1 start, {c} (w1_cte.sql: one CTE statement)");
@@ -536,6 +572,8 @@ impl Bench {
                 self.report.pair(&models, &l1);
                 self.report.pair(&one, &l1);
                 self.report.pair(&one, &l2);
+                self.report.pair(&eng, &l1);
+                self.report.pair(&eng, &l2);
             }
         }
         Ok(())
@@ -554,41 +592,6 @@ impl Bench {
         }
         self.sql("VACUUM ANALYZE executions, execution_steps")?;
         self.sql("CHECKPOINT")
-    }
-
-    fn w2(&mut self, rep: usize) -> Res<()> {
-        eprintln!("W2 claim+complete (rep {rep})");
-        // The crate side needs the engine API (claim with FOR UPDATE SKIP
-        // LOCKED as a lease, complete, state machine, events, NOTIFY) of issue 5.
-        let note = "W2 (crate): not measured yet, it needs the engine API of issue 5".to_owned();
-        if !self.report.notes.contains(&note) {
-            self.report.notes.push(note);
-        }
-        if self.args.limit {
-            for workers in [1usize, 4] {
-                let w = if workers == 1 {
-                    "1 worker".to_owned()
-                } else {
-                    format!("{workers} workers")
-                };
-                for (script, label) in [
-                    (
-                        "w2.sql",
-                        "SELECT FOR UPDATE SKIP LOCKED + UPDATE, then UPDATE",
-                    ),
-                    (
-                        "w2_single.sql",
-                        "UPDATE..WHERE id=(SELECT..SKIP LOCKED), then UPDATE",
-                    ),
-                ] {
-                    self.w2_pool()?;
-                    let v = self.pgbench_tput(script, workers)?;
-                    let name = format!("W2 claim+complete, {w} ({script}: {label})");
-                    self.report.lim(&name, "steps/s", Better::Higher, v);
-                }
-            }
-        }
-        Ok(())
     }
 
     // ------------------------------------------------------------ W5
@@ -747,13 +750,183 @@ impl Bench {
 
     // ------------------------------------------------------------ W6 (engine API)
 
+    fn w2_pool_running(&self) -> Res<()> {
+        for stmt in W2_POOL_RUNNING {
+            self.sql(stmt)?;
+        }
+        Ok(())
+    }
+
+    fn w2(&mut self, rep: usize) -> Res<()> {
+        eprintln!("W2 claim+complete (rep {rep})");
+        for workers in [1usize, 4] {
+            let w = if workers == 1 {
+                "1 worker".to_owned()
+            } else {
+                format!("{workers} workers")
+            };
+            let single = format!("W2 claim+complete, {w} (engine: claim_steps 1 + complete_step)");
+            let batched = format!(
+                "W2 claim+complete, {w} (engine: claim_steps 10 per statement, 10 complete_step per transaction)"
+            );
+            self.w2_pool_running()?;
+            let v = self.throughput(
+                workers,
+                |_, c| Ok(format!("w2-{c}")),
+                |conn, worker, rng| complete_batch(conn, worker, 1, rng),
+            )?;
+            self.report.ours(&single, "steps/s", Better::Higher, v);
+            self.w2_pool_running()?;
+            let v = self.throughput(
+                workers,
+                |_, c| Ok(format!("w2b-{c}")),
+                |conn, worker, rng| complete_batch(conn, worker, 10, rng),
+            )?;
+            self.report.ours(&batched, "steps/s", Better::Higher, v);
+            self.report.pair(&batched, &single);
+            if self.args.limit {
+                for (script, label) in [
+                    (
+                        "w2.sql",
+                        "SELECT FOR UPDATE SKIP LOCKED + UPDATE, then UPDATE",
+                    ),
+                    (
+                        "w2_single.sql",
+                        "UPDATE..WHERE id=(SELECT..SKIP LOCKED), then UPDATE",
+                    ),
+                ] {
+                    self.w2_pool()?;
+                    let v = self.pgbench_tput(script, workers)?;
+                    let name = format!("W2 claim+complete, {w} ({script}: {label})");
+                    self.report.lim(&name, "steps/s", Better::Higher, v);
+                    self.report.pair(&single, &name);
+                    self.report.pair(&batched, &name);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    // ------------------------------------------------------------ claim latency growth
+
+    fn claim_growth(&mut self, rep: usize) -> Res<()> {
+        eprintln!("claim latency growth (rep {rep})");
+        for pending in [10_000u64, 1_000_000] {
+            self.reset_runs()?;
+            let execs = pending / NODES as u64;
+            let mut conn = self.conn()?;
+            bulk::copy_executions(
+                &mut conn,
+                (0..execs).map(|i| CopyExecution {
+                    status: ExecutionStatus::Running,
+                    ..w5_execution(i)
+                }),
+            )?;
+            bulk::copy_steps(
+                &mut conn,
+                (0..pending).map(|j| CopyStep {
+                    status: StepStatus::Pending,
+                    output: None,
+                    error: None,
+                    retry_count: 0,
+                    started_at: None,
+                    completed_at: None,
+                    ..w5_step(j)
+                }),
+            )?;
+            self.sql("VACUUM ANALYZE executions, execution_steps")?;
+            self.sql("CHECKPOINT")?;
+            let name = format!(
+                "W2 claim latency, {} pending steps (engine::claim_steps 1)",
+                scale_label(pending).trim_start_matches('@')
+            );
+            let (p50, p99, mean) = self.latency(|conn, _| {
+                let s = engine::claim_steps(conn, "growth", 1, LEASE)?;
+                if s.len() != 1 {
+                    return Err("claim found nothing".into());
+                }
+                Ok(())
+            })?;
+            self.record_latency(&name, p50, p99, mean, false);
+        }
+        Ok(())
+    }
+
+    // ------------------------------------------------------------ W6
+
     fn w6(&mut self, rep: usize) -> Res<()> {
         eprintln!("W6 engine loop (rep {rep})");
-        let note =
-            "W6 (engine loop): not measured yet, it needs the engine API of issue 5".to_owned();
-        if !self.report.notes.contains(&note) {
-            self.report.notes.push(note);
+        let n = self.args.w6_executions;
+        for (batch, how) in [
+            (1i64, "claim 1 + complete 1"),
+            (10, "claim 10 per statement, completions per transaction"),
+        ] {
+            for workers in [1usize, 4] {
+                let w = if workers == 1 {
+                    "1 worker".to_owned()
+                } else {
+                    format!("{workers} workers")
+                };
+                self.reset_runs()?;
+                let mut conn = self.conn()?;
+                for i in 0..n {
+                    engine::start_execution(
+                        &mut conn,
+                        &NewExecution::new(workflow_id(i % WORKFLOWS))
+                            .user_id(format!("user-{}", i % USERS))
+                            .data(execution_data(i)),
+                    )?;
+                }
+                self.sql("VACUUM ANALYZE executions, execution_steps")?;
+                let t0 = Instant::now();
+                std::thread::scope(|s| -> Res<()> {
+                    let handles: Vec<_> = (0..workers)
+                        .map(|c| {
+                            let url = self.url.clone();
+                            s.spawn(move || -> Res<()> {
+                                let mut conn = connect(&url)?;
+                                let worker = format!("w6-{c}");
+                                let mut rng = Rng(now_nanos() ^ c as u64);
+                                loop {
+                                    let k = complete_batch(&mut conn, &worker, batch, &mut rng)?;
+                                    if k == 0 {
+                                        if !any_unfinished(&mut conn)? {
+                                            return Ok(());
+                                        }
+                                        std::thread::sleep(Duration::from_micros(100));
+                                    }
+                                }
+                            })
+                        })
+                        .collect();
+                    for h in handles {
+                        h.join().map_err(|_| "worker panicked")??;
+                    }
+                    Ok(())
+                })?;
+                let secs = t0.elapsed().as_secs_f64();
+                let (done, steps) = (
+                    self.count("executions WHERE status = 'completed'")?,
+                    self.count("execution_steps WHERE status = 'completed'")?,
+                );
+                if done as u64 != n || steps as u64 != n * NODES as u64 {
+                    return Err(format!(
+                        "W6 ended with {done}/{n} executions and {steps} steps completed"
+                    )
+                    .into());
+                }
+                let name =
+                    format!("W6 engine loop, {w}, {how} ({n} executions of the 10-node chain)");
+                self.report.ours(
+                    &name,
+                    "steps/s",
+                    Better::Higher,
+                    (n * NODES as u64) as f64 / secs,
+                );
+            }
         }
+        let events = self.count("execution_events")?;
+        eprintln!("  last W6 figure wrote {events} events");
         Ok(())
     }
 
@@ -954,6 +1127,68 @@ fn new_start(rng: &mut Rng) -> (NewExecution, Vec<NewExecutionStep>) {
         .map(|k| NewExecutionStep::new(e.id, format!("node-{k}")).input(step_input(k)))
         .collect();
     (e, steps)
+}
+
+const LEASE: Duration = Duration::from_secs(60);
+
+/// The limit's w2_pool.sql, but with running executions (the engine claims
+/// only steps of running executions): 10,000 executions x 10 independent
+/// pending steps = 100,000 claimable steps.
+const W2_POOL_RUNNING: &[&str] = &[
+    "TRUNCATE executions CASCADE",
+    "INSERT INTO executions (id, workflow_id, status, user_id, data)
+     SELECT md5('pool-' || i)::uuid,
+            ('00000000-0000-4000-8000-' || lpad((i % 100)::text, 12, '0'))::uuid,
+            'running', 'user-' || ((i / 6) % 100),
+            jsonb_build_object('trigger', 'api', 'requestId', 'req-' || i,
+              'input', jsonb_build_object('orderId', 'ord-' || i, 'amount', 1234.5, 'currency', 'EUR',
+                'customer', jsonb_build_object('id', 'cus-' || i, 'email', 'user' || i || '@example.com')),
+              'tags', jsonb_build_array('bench', 'workflow'), 'priority', 3)
+     FROM generate_series(0, 9999) i",
+    "INSERT INTO execution_steps (execution_id, node_id, status, input)
+     SELECT md5('pool-' || (j / 10))::uuid, 'node-' || (j % 10), 'pending',
+            jsonb_build_object('nodeId', 'node-' || (j % 10),
+              'params', jsonb_build_object('url', 'https://api.example.com/v1/step', 'method', 'POST', 'retries', 3))
+     FROM generate_series(0, 99999) j",
+    "VACUUM ANALYZE executions, execution_steps",
+    "CHECKPOINT",
+];
+
+/// Claims up to `n` steps in one statement and completes them: one by one
+/// (autocommit) when `n` is 1, else in one transaction (sorted by execution;
+/// retried on deadlock). Returns how many steps were completed.
+fn complete_batch(conn: &mut PgConnection, worker: &str, n: i64, rng: &mut Rng) -> Res<u64> {
+    let mut steps = engine::claim_steps(conn, worker, n, LEASE)?;
+    if steps.is_empty() {
+        return Ok(0);
+    }
+    let output = step_output(rng.below(1_000_000_000), 0);
+    if steps.len() == 1 {
+        engine::complete_step(conn, steps[0].id, worker, Some(&output))?;
+        return Ok(1);
+    }
+    steps.sort_by_key(|s| (s.execution_id, s.id));
+    let mut attempt = 0;
+    loop {
+        let r = conn.transaction::<_, workflow_db::Error, _>(|conn| {
+            for s in &steps {
+                engine::complete_step(conn, s.id, worker, Some(&output))?;
+            }
+            Ok(())
+        });
+        match r {
+            Ok(()) => return Ok(steps.len() as u64),
+            Err(e) if attempt < 5 && e.to_string().contains("deadlock") => attempt += 1,
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+fn any_unfinished(conn: &mut PgConnection) -> Res<bool> {
+    Ok(diesel::select(diesel::dsl::exists(executions::table.filter(
+        executions::status.eq_any([ExecutionStatus::Pending, ExecutionStatus::Running]),
+    )))
+    .get_result(conn)?)
 }
 
 // ---------------------------------------------------------------- W5 rows (= w5_source.sql)
@@ -1253,6 +1488,9 @@ fn run() -> Res<()> {
         }
         if b.args.wants("W4") {
             b.w4(rep)?;
+        }
+        if b.args.wants("CLAIM") {
+            b.claim_growth(rep)?;
         }
         if b.args.wants("R2D2") {
             b.r2d2(rep)?;

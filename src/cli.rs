@@ -1,30 +1,68 @@
-//! Shared plumbing of the `db-*` binaries (feature `cli`): loading `.env`,
-//! printing human lines or JSON lines (`--json`), and exit codes.
+//! Shared plumbing of the `db-*` binaries (feature `cli`): the common
+//! options, loading `.env`, printing human lines or JSON lines (`--json`),
+//! masking passwords in usage errors, exit codes, and the guarded flow of
+//! `db-reset` and `db-nuke`.
 //!
 //! Every binary prints its results on stdout, one line per event; with
-//! `--json` each line is one JSON object with an `"event"` field. Errors go
-//! to stderr (human) or stdout as an `"error"` event (JSON), and the process
-//! exits with the code of [`exit_code`].
+//! `--json` each line is one JSON object whose `"event"` field names it.
+//! Errors go to stderr (human) or stdout as an `"error"` event (JSON), and the
+//! process exits with [`crate::admin::exit_code`].
 
 use std::fmt::Display;
+use std::io::IsTerminal;
 use std::process::ExitCode;
 
+use clap::Parser;
 use serde_json::{Map, Value, json};
 
-use crate::Error;
+use crate::admin::{self, Confirmation, GuardOptions, Operation, Plan};
+use crate::config::redact_urls_in;
+use crate::{Config, DatabaseUrl, Error};
 
-/// Exit code: success.
-pub const EXIT_OK: u8 = 0;
-/// Exit code: an error (connection, SQL, bad input).
-pub const EXIT_ERROR: u8 = 1;
-/// Exit code: bad command-line usage (clap's code).
-pub const EXIT_USAGE: u8 = 2;
-/// Exit code: a guard rule refused a destructive command; nothing changed.
-pub const EXIT_REFUSED: u8 = 3;
-/// Exit code: the confirmation was declined or did not match; nothing changed.
-pub const EXIT_CANCELLED: u8 = 4;
-/// Exit code: `--check` found pending migrations, edited migrations or drift.
-pub const EXIT_CHECK_FAILED: u8 = 5;
+/// Options every binary takes.
+#[derive(clap::Args, Debug, Clone)]
+pub struct CommonArgs {
+    /// Database URL (overrides DATABASE_URL from the environment or .env).
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true, global = true)]
+    pub database_url: Option<String>,
+    /// Print one JSON object per line instead of text.
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+impl CommonArgs {
+    /// `--database-url` (clap also reads DATABASE_URL into it), else the configuration's.
+    pub fn url(&self) -> anyhow::Result<DatabaseUrl> {
+        Ok(match &self.database_url {
+            Some(url) => DatabaseUrl::parse(url)?,
+            None => Config::from_env()?.database_url,
+        })
+    }
+
+    /// The reporter `--json` asks for.
+    pub fn reporter(&self) -> Reporter {
+        Reporter::new(self.json)
+    }
+}
+
+/// Loads `.env` (without overriding the environment) and parses the command
+/// line. A usage error exits 2 (help and version 0) with any URL password in
+/// the echoed arguments masked.
+pub fn parse<A: Parser>() -> A {
+    let _ = dotenvy::dotenv();
+    match A::try_parse() {
+        Ok(args) => args,
+        Err(e) => {
+            let text = redact_urls_in(&e.render().to_string());
+            if e.use_stderr() {
+                eprint!("{text}");
+            } else {
+                print!("{text}");
+            }
+            std::process::exit(e.exit_code());
+        }
+    }
+}
 
 /// Prints events as human lines or JSON lines.
 #[derive(Debug, Clone, Copy)]
@@ -38,11 +76,6 @@ impl Reporter {
         Reporter { json }
     }
 
-    /// Whether output is JSON lines.
-    pub fn is_json(&self) -> bool {
-        self.json
-    }
-
     /// Prints one result line: `human` as text, or `{"event": event, ..fields}`.
     pub fn event(&self, event: &str, human: impl Display, fields: Value) {
         if self.json {
@@ -52,7 +85,7 @@ impl Reporter {
         }
     }
 
-    /// Prints a warning: on stderr as text, or as a `"warning"` JSON line.
+    /// Prints a warning: on stderr as text, or as a JSON line with `"level": "warning"`.
     pub fn warn(&self, event: &str, human: impl Display, fields: Value) {
         if self.json {
             let mut fields = fields;
@@ -65,17 +98,28 @@ impl Reporter {
         }
     }
 
-    /// Prints a failure of `program` and returns its exit code.
-    pub fn fail(&self, program: &str, err: &anyhow::Error) -> ExitCode {
-        let code = exit_code(err);
+    /// Ends the program: success, or the error printed (passwords masked)
+    /// with its documented exit code.
+    pub fn finish(&self, program: &str, result: anyhow::Result<ExitCode>) -> ExitCode {
+        let err = match result {
+            Ok(code) => return code,
+            Err(err) => err,
+        };
+        let code = err
+            .downcast_ref::<Error>()
+            .map_or(admin::EXIT_ERROR, admin::exit_code);
+        let message = redact_urls_in(&format!("{err:#}"));
         if self.json {
-            let mut fields = json!({ "message": format!("{err:#}"), "exit_code": code });
+            let mut fields = json!({ "message": message, "exit_code": code });
             if let Some(Error::ProtectedEnvironment { rule, .. }) = err.downcast_ref::<Error>() {
                 fields["rule"] = json!(rule.name());
             }
             println!("{}", Self::object("error", fields));
+        } else if code == admin::EXIT_ERROR {
+            eprintln!("{program}: error: {message}");
         } else {
-            eprintln!("{program}: error: {err:#}");
+            // Guard refusals read "refused by rule ..." on their own.
+            eprintln!("{program}: {message}");
         }
         ExitCode::from(code)
     }
@@ -90,20 +134,64 @@ impl Reporter {
     }
 }
 
-/// The exit code for an error: [`EXIT_REFUSED`] for a guard refusal, else [`EXIT_ERROR`].
-pub fn exit_code(err: &anyhow::Error) -> u8 {
-    match err.downcast_ref::<Error>() {
-        Some(Error::ProtectedEnvironment { rule, .. })
-            if *rule == crate::admin::GuardRule::NotConfirmed =>
-        {
-            EXIT_CANCELLED
-        }
-        Some(Error::ProtectedEnvironment { .. }) => EXIT_REFUSED,
-        _ => EXIT_ERROR,
-    }
+/// The options of the guarded commands (`db-reset`, `db-nuke`).
+#[derive(clap::Args, Debug)]
+pub struct GuardArgs {
+    /// Print the target and what would be touched, run the guard, change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Confirm non-interactively by naming the target database (required without a terminal).
+    #[arg(long, value_name = "DATABASE")]
+    pub confirm: Option<String>,
+    /// Allow a server that is neither loopback nor a unix socket (guard rule 4).
+    #[arg(long)]
+    pub allow_remote: bool,
+    /// Allow a URL that looks like production (guard rule 3); never overrides rules 1 and 2.
+    #[arg(long)]
+    pub allow_production_looking_url: bool,
 }
 
-/// Loads `.env` (without overriding the environment), as every binary does first.
-pub fn load_dotenv() {
-    let _ = dotenvy::dotenv();
+/// Guard, print the plan, confirm, execute. Returns the executed plan (None for a dry run).
+pub fn run_guarded(
+    operation: Operation,
+    common: &CommonArgs,
+    args: &GuardArgs,
+) -> anyhow::Result<Option<Plan>> {
+    let out = common.reporter();
+    let url = common.url()?;
+    out.event(
+        "target",
+        format!("{}: target {}", operation.command(), url.target()),
+        json!({ "operation": operation, "target": url.target() }),
+    );
+    let options = GuardOptions {
+        allow_remote: args.allow_remote,
+        allow_production_looking_url: args.allow_production_looking_url,
+        ..GuardOptions::from_env()
+    };
+    let prepared = admin::prepare(operation, &url, &options)?;
+    let plan = prepared.plan();
+    out.event(
+        "plan",
+        plan.to_string().trim_end(),
+        serde_json::to_value(plan)?,
+    );
+    if args.dry_run {
+        out.event(
+            "dry_run",
+            "dry run: the guard allows this; nothing was changed",
+            json!({ "changed": false }),
+        );
+        return Ok(None);
+    }
+    let stdin = std::io::stdin();
+    let confirmed = match args.confirm.as_deref() {
+        Some(name) => prepared.confirm(Confirmation::Flag(Some(name)))?,
+        None if stdin.is_terminal() => prepared.confirm(Confirmation::Interactive {
+            input: &mut stdin.lock(),
+            output: &mut std::io::stderr(),
+        })?,
+        None => prepared.confirm(Confirmation::Flag(None))?,
+    };
+    Ok(Some(confirmed.execute()?))
 }

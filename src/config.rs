@@ -423,6 +423,50 @@ impl std::str::FromStr for DatabaseUrl {
     }
 }
 
+/// `text` with the password of every URL in it (user info or `password=`
+/// parameter) replaced by `***`: for messages that may echo user input, such
+/// as command-line usage errors.
+pub fn redact_urls_in(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(i) = rest.find("://") {
+        let (head, tail) = rest.split_at(i + 3);
+        out.push_str(head);
+        let end = tail
+            .find(|c: char| c.is_whitespace() || matches!(c, '/' | '?' | '#' | '\'' | '"' | '`'))
+            .unwrap_or(tail.len());
+        let authority = &tail[..end];
+        match (authority.find(':'), authority.rfind('@')) {
+            (Some(colon), Some(at)) if colon < at => {
+                out.push_str(&authority[..=colon]);
+                out.push_str("***");
+                out.push_str(&authority[at..]);
+            }
+            _ => out.push_str(authority),
+        }
+        rest = &tail[end..];
+    }
+    out.push_str(rest);
+    redact_password_params(&out)
+}
+
+fn redact_password_params(text: &str) -> String {
+    const KEY: &str = "password=";
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(i) = rest.to_ascii_lowercase().find(KEY) {
+        out.push_str(&rest[..i + KEY.len()]);
+        let tail = &rest[i + KEY.len()..];
+        let end = tail
+            .find(|c: char| c.is_whitespace() || matches!(c, '&' | '#' | '\'' | '"' | '`'))
+            .unwrap_or(tail.len());
+        out.push_str("***");
+        rest = &tail[end..];
+    }
+    out.push_str(rest);
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -153,6 +153,52 @@ impl StepStatus {
     }
 }
 
+/// The status of either an execution or a step, for errors that concern both.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(tag = "of", content = "status", rename_all = "snake_case")]
+pub enum AnyStatus {
+    /// An execution's status.
+    Execution(ExecutionStatus),
+    /// A step's status.
+    Step(StepStatus),
+}
+
+impl AnyStatus {
+    /// The label in PostgreSQL.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Execution(s) => s.as_str(),
+            Self::Step(s) => s.as_str(),
+        }
+    }
+}
+
+impl From<ExecutionStatus> for AnyStatus {
+    fn from(s: ExecutionStatus) -> Self {
+        Self::Execution(s)
+    }
+}
+
+impl From<StepStatus> for AnyStatus {
+    fn from(s: StepStatus) -> Self {
+        Self::Step(s)
+    }
+}
+
+impl ExecutionStatus {
+    /// The variant with this PostgreSQL label.
+    pub fn from_label(label: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|s| s.as_str() == label)
+    }
+}
+
+impl StepStatus {
+    /// The variant with this PostgreSQL label.
+    pub fn from_label(label: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|s| s.as_str() == label)
+    }
+}
+
 macro_rules! display_as_str {
     ($($t:ty),*) => {$(
         impl std::fmt::Display for $t {
@@ -162,7 +208,7 @@ macro_rules! display_as_str {
         }
     )*};
 }
-display_as_str!(ExecutionStatus, StepStatus);
+display_as_str!(ExecutionStatus, StepStatus, AnyStatus);
 
 #[cfg(test)]
 mod tests {

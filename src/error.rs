@@ -6,6 +6,11 @@
 
 use std::time::Duration;
 
+use diesel::result::{DatabaseErrorKind, Error as DieselError};
+use uuid::Uuid;
+
+use crate::enums::{AnyStatus, ExecutionStatus, StepStatus};
+
 /// `Result` with the crate's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
@@ -56,7 +61,86 @@ pub enum Error {
 
     /// A query failed.
     #[error(transparent)]
-    Query(#[from] diesel::result::Error),
+    Query(diesel::result::Error),
+
+    /// A workflow graph was refused; nothing was written.
+    #[error("invalid workflow graph: {reason}")]
+    InvalidGraph {
+        /// What is wrong, naming the node or edge.
+        reason: String,
+    },
+
+    /// The state machine forbids this transition (checked in Rust, and by
+    /// PostgreSQL's trigger whoever writes).
+    #[error("illegal transition {from} -> {to}")]
+    IllegalTransition {
+        /// The status the row has.
+        from: AnyStatus,
+        /// The status asked for.
+        to: AnyStatus,
+    },
+
+    /// The row changed since it was read: another writer's transition won the
+    /// race. Nothing was applied.
+    #[error("transition conflict on {id}: expected status {expected}, found {actual}")]
+    TransitionConflict {
+        /// The execution or step.
+        id: Uuid,
+        /// The status the caller's transition started from.
+        expected: AnyStatus,
+        /// The status the row has now.
+        actual: AnyStatus,
+    },
+
+    /// The worker no longer holds the step's lease (it expired and the step
+    /// was reclaimed, or it was never claimed by this worker).
+    #[error("step {step_id} is not leased to worker {worker:?}")]
+    LeaseLost {
+        /// The step.
+        step_id: Uuid,
+        /// The worker that tried to report on it.
+        worker: String,
+    },
+
+    /// An optimistic update named a version that is no longer current.
+    #[error("workflow {id} is at version {actual}, not {expected}; reload and retry")]
+    VersionConflict {
+        /// The workflow.
+        id: Uuid,
+        /// The version the caller read.
+        expected: i32,
+        /// The current version.
+        actual: i32,
+    },
+
+    /// A short id matches more than one row.
+    #[error("id prefix {prefix} is ambiguous: {}", candidates.iter().map(Uuid::to_string).collect::<Vec<_>>().join(", "))]
+    AmbiguousId {
+        /// The prefix looked up.
+        prefix: String,
+        /// The matching ids (at most a handful).
+        candidates: Vec<Uuid>,
+    },
+
+    /// A short id or cursor is malformed.
+    #[error("invalid {what} {input:?}: {reason}")]
+    InvalidId {
+        /// What was parsed (`"id prefix"`, `"cursor"`).
+        what: &'static str,
+        /// The input.
+        input: String,
+        /// Why it was rejected.
+        reason: &'static str,
+    },
+
+    /// No row has this id.
+    #[error("{entity} {id} not found")]
+    NotFound {
+        /// `"workflow"`, `"execution"` or `"step"`.
+        entity: &'static str,
+        /// The id or prefix looked up.
+        id: String,
+    },
 
     /// A migration failed to apply or revert; the migration's own transaction was rolled back.
     #[error("migration {version} failed: {message}")]
@@ -123,6 +207,34 @@ pub enum Error {
         /// What is wrong, naming the field.
         message: String,
     },
+}
+
+/// Constraint names the status triggers report (`RAISE .. USING CONSTRAINT`).
+const EXECUTION_TRANSITION: &str = "executions_status_transition";
+const STEP_TRANSITION: &str = "execution_steps_status_transition";
+
+impl From<DieselError> for Error {
+    /// Maps the state-machine triggers' refusal (a `check_violation` naming
+    /// the transition constraint, `DETAIL: from -> to`) to
+    /// [`Error::IllegalTransition`]; every other error is [`Error::Query`].
+    fn from(e: DieselError) -> Self {
+        if let DieselError::DatabaseError(DatabaseErrorKind::CheckViolation, info) = &e {
+            let parsed = info.details().and_then(|d| d.split_once(" -> "));
+            let transition = match (info.constraint_name(), parsed) {
+                (Some(EXECUTION_TRANSITION), Some((from, to))) => ExecutionStatus::from_label(from)
+                    .zip(ExecutionStatus::from_label(to))
+                    .map(|(f, t)| (f.into(), t.into())),
+                (Some(STEP_TRANSITION), Some((from, to))) => StepStatus::from_label(from)
+                    .zip(StepStatus::from_label(to))
+                    .map(|(f, t)| (f.into(), t.into())),
+                _ => None,
+            };
+            if let Some((from, to)) = transition {
+                return Error::IllegalTransition { from, to };
+            }
+        }
+        Error::Query(e)
+    }
 }
 
 impl Error {

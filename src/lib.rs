@@ -6,23 +6,29 @@ pub mod catalog;
 #[cfg(feature = "cli")]
 pub mod cli;
 pub mod config;
+pub mod engine;
 pub mod enums;
 pub mod error;
+pub mod graph;
 pub mod migrate;
 pub mod models;
 pub mod pool;
 #[allow(missing_docs)]
 pub mod schema;
+pub mod seed;
 #[cfg(feature = "test-utils")]
 pub mod testing;
 
 pub use config::{Config, DatabaseUrl, Environment};
-pub use enums::{ExecutionStatus, StepStatus};
+pub use engine::{Backoff, ExecutionFilter, ExecutionPage, Notification, Started};
+pub use enums::{AnyStatus, ExecutionStatus, StepStatus};
 pub use error::{Error, Result};
+pub use graph::{Edge, Node, WorkflowGraph};
 pub use migrate::{MIGRATIONS, Migrator, run_pending_migrations};
 pub use models::{
-    Execution, ExecutionChanges, ExecutionStep, ExecutionStepChanges, ExecutionWithSteps,
-    NewExecution, NewExecutionStep, NewWorkflow, Workflow, WorkflowChanges, WorkflowWithExecutions,
+    Execution, ExecutionChanges, ExecutionEvent, ExecutionStep, ExecutionStepChanges,
+    ExecutionWithSteps, NewExecution, NewExecutionStep, NewWorkflow, Workflow, WorkflowChanges,
+    WorkflowWithExecutions,
 };
 pub use pool::{PgPool, PooledConn, build_pool};
 
@@ -46,7 +52,7 @@ pub mod prelude {
     pub use crate::models::{
         Execution, ExecutionStep, NewExecution, NewExecutionStep, NewWorkflow, Workflow,
     };
-    pub use crate::schema::{execution_steps, executions, workflows};
+    pub use crate::schema::{execution_events, execution_steps, executions, workflows};
     pub use diesel::dsl::{exists, not, sql};
     pub use diesel::prelude::*;
     pub use diesel::{PgConnection, QueryResult};

@@ -20,6 +20,26 @@ pub mod sql_types {
 }
 
 diesel::table! {
+    /// Append-only history: one row per status transition of an execution or a step, written by triggers in the same transaction.
+    execution_events (id) {
+        /// Primary key; increases with insertion order.
+        id -> Int8,
+        /// The execution concerned; deleting it deletes its history.
+        execution_id -> Uuid,
+        /// The step concerned, NULL for a transition of the execution itself.
+        step_id -> Nullable<Uuid>,
+        /// Status before the transition.
+        from_status -> Nullable<Text>,
+        /// Status after the transition.
+        to_status -> Text,
+        /// Details of the transition: node id, worker, retry count, error.
+        payload -> Nullable<Jsonb>,
+        /// When the transition happened (transaction time).
+        created_at -> Timestamptz,
+    }
+}
+
+diesel::table! {
     use diesel::sql_types::*;
     use super::sql_types::StepStatus;
 
@@ -51,6 +71,18 @@ diesel::table! {
         created_at -> Timestamptz,
         /// When the row last changed; maintained by a trigger.
         updated_at -> Timestamptz,
+        /// Upstream steps (per the workflow edges) not yet completed or skipped; the step is runnable at 0. Decremented by a trigger.
+        upstream_pending -> Int4,
+        /// Node ids of the steps that depend on this one (per the workflow edges), fixed at start.
+        downstream -> Array<Nullable<Text>>,
+        /// How many retries a failure (or an expired lease) may schedule before the step fails for good.
+        max_retries -> Int4,
+        /// Earliest time the step may be claimed (now at start; now + backoff after a failure).
+        run_after -> Timestamptz,
+        /// Worker holding (or last holding) the lease on the running step.
+        locked_by -> Nullable<Text>,
+        /// When the running step's lease expires (then it is reclaimable); NULL whenever the step is not running (cleared by the transition trigger).
+        locked_until -> Nullable<Timestamptz>,
     }
 }
 
@@ -80,6 +112,12 @@ diesel::table! {
         created_at -> Timestamptz,
         /// When the row last changed; maintained by a trigger.
         updated_at -> Timestamptz,
+        /// The workflows.version this execution was started from.
+        workflow_version -> Int4,
+        /// Optional caller key, unique per workflow: a repeated start with the same key returns this execution.
+        idempotency_key -> Nullable<Text>,
+        /// The execution that started this one as a sub-workflow; deleting the parent deletes its children.
+        parent_execution_id -> Nullable<Uuid>,
     }
 }
 
@@ -100,10 +138,19 @@ diesel::table! {
         created_at -> Timestamptz,
         /// When the definition last changed; maintained by a trigger.
         updated_at -> Timestamptz,
+        /// Version of the definition, starting at 1; bumped by a trigger whenever name, description, nodes or edges change (optimistic concurrency).
+        version -> Int4,
     }
 }
 
+diesel::joinable!(execution_events -> execution_steps (step_id));
+diesel::joinable!(execution_events -> executions (execution_id));
 diesel::joinable!(execution_steps -> executions (execution_id));
 diesel::joinable!(executions -> workflows (workflow_id));
 
-diesel::allow_tables_to_appear_in_same_query!(execution_steps, executions, workflows,);
+diesel::allow_tables_to_appear_in_same_query!(
+    execution_events,
+    execution_steps,
+    executions,
+    workflows,
+);

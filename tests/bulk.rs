@@ -10,9 +10,13 @@ use workflow_db::{
 };
 
 fn workflow(conn: &mut PgConnection) -> Workflow {
-    NewWorkflow::new("bulk", json!([{"id": "a"}]), json!([]))
-        .create(conn)
-        .unwrap()
+    NewWorkflow::new(
+        "bulk",
+        json!([{"id": "a", "type": "task", "config": {}}]),
+        json!([]),
+    )
+    .create(conn)
+    .unwrap()
 }
 
 #[test]
@@ -194,4 +198,42 @@ fn one_statement_start_inserts_the_execution_and_its_steps() {
     ];
     assert!(bulk::insert_execution_with_steps(&mut conn, &e2, &dup).is_err());
     assert!(Execution::find(&mut conn, e2.id).is_err());
+}
+
+#[test]
+fn one_statement_insert_keeps_the_dependency_counters() {
+    let db = TestDatabase::new();
+    let mut conn = db.connect();
+    let wf = workflow(&mut conn);
+    let e = NewExecution::new(wf.id);
+    let steps = vec![
+        workflow_db::NewExecutionStep {
+            downstream: vec!["b".into(), "c,d".into()],
+            max_retries: 5,
+            ..workflow_db::NewExecutionStep::new(e.id, "a")
+        },
+        workflow_db::NewExecutionStep {
+            upstream_pending: 1,
+            ..workflow_db::NewExecutionStep::new(e.id, "b")
+        },
+    ];
+    bulk::insert_execution_with_steps(&mut conn, &e, &steps).unwrap();
+    let stored = ExecutionStep::list_for_execution(&mut conn, e.id).unwrap();
+    let a = stored.iter().find(|s| s.node_id == "a").unwrap();
+    let b = stored.iter().find(|s| s.node_id == "b").unwrap();
+    use workflow_db::schema::execution_steps as s;
+    let downstream = |id| {
+        s::table
+            .find(id)
+            .select(s::downstream)
+            .first::<Vec<Option<String>>>(&mut db.connect())
+            .unwrap()
+    };
+    assert_eq!(
+        downstream(a.id),
+        vec![Some("b".to_owned()), Some("c,d".to_owned())]
+    );
+    assert!(downstream(b.id).is_empty());
+    assert_eq!((a.upstream_pending, a.max_retries), (0, 5));
+    assert_eq!(b.upstream_pending, 1);
 }

@@ -262,12 +262,45 @@ fn database_rejects_bad_rows() {
         .create(&mut conn)
         .unwrap_err();
     assert!(err.to_string().contains("check constraint"), "{err}");
-    let err = NewWorkflow::new("x", json!({"not": "an array"}), edges)
-        .create(&mut conn)
+    // NewWorkflow::create refuses this graph in Rust (InvalidGraph); the
+    // database's own check catches writers that bypass the crate.
+    let err = diesel::insert_into(workflow_db::schema::workflows::table)
+        .values(&NewWorkflow::new("x", json!({"not": "an array"}), edges))
+        .execute(&mut conn)
         .unwrap_err();
     assert!(err.to_string().contains("check constraint"), "{err}");
     let err = NewExecution::new(uuid::Uuid::now_v7())
         .create(&mut conn)
         .unwrap_err();
     assert!(err.to_string().contains("foreign key"), "{err}");
+}
+
+#[derive(QueryableByName)]
+struct AppName {
+    #[diesel(sql_type = Text)]
+    name: String,
+}
+
+#[test]
+fn pool_connections_report_the_application_name_and_respect_the_size() {
+    let db = TestDatabase::new();
+    let mut config = db.config();
+    config.pool_size = 3;
+    let pool = workflow_db::build_pool(&config).unwrap();
+    assert_eq!(pool.max_size(), 3);
+    let mut conn = pool.get().unwrap();
+    let name: AppName = diesel::sql_query("SELECT current_setting('application_name') AS name")
+        .get_result(&mut *conn)
+        .unwrap();
+    assert_eq!(name.name, workflow_db::pool::APPLICATION_NAME);
+}
+
+#[test]
+fn a_pool_to_a_dead_server_fails_fast_without_the_password() {
+    let url =
+        workflow_db::DatabaseUrl::parse("postgres://app:Sup3rSecret@127.0.0.1:1/none").unwrap();
+    let mut config = workflow_db::Config::new(url);
+    config.connect_timeout = std::time::Duration::from_secs(1);
+    let err = workflow_db::build_pool(&config).unwrap_err();
+    assert!(!format!("{err} {err:?}").contains("Sup3rSecret"), "{err:?}");
 }

@@ -5,17 +5,17 @@ use std::time::Duration;
 
 use clap::Parser;
 use serde_json::json;
-use workflow_db::cli::{EXIT_CHECK_FAILED, Reporter, load_dotenv};
+use workflow_db::Environment;
+use workflow_db::admin::EXIT_CHECK_FAILED;
+use workflow_db::cli::{self, CommonArgs, Reporter};
 use workflow_db::migrate::{self, MigrationEvent, Migrator};
-use workflow_db::{Config, DatabaseUrl, Environment};
 
 /// Apply the embedded migrations to DATABASE_URL, creating the database if needed.
 #[derive(Parser, Debug)]
 #[command(version, about)]
 struct Args {
-    /// Database URL (overrides DATABASE_URL from the environment or .env).
-    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
-    database_url: Option<String>,
+    #[command(flatten)]
+    common: CommonArgs,
     /// Change nothing; exit 5 on pending, out-of-order, edited or unknown migrations, or schema drift.
     #[arg(long, conflicts_with_all = ["status", "print_catalog"])]
     check: bool,
@@ -31,23 +31,16 @@ struct Args {
     /// Apply pending migrations older than the newest applied one (branches merged).
     #[arg(long)]
     allow_out_of_order: bool,
-    /// Print one JSON object per line instead of text.
-    #[arg(long)]
-    json: bool,
 }
 
 fn main() -> ExitCode {
-    load_dotenv();
-    let args = Args::parse();
-    let out = Reporter::new(args.json);
-    run(&args, out).unwrap_or_else(|e| out.fail("db-migrate", &e))
+    let args: Args = cli::parse();
+    let out = args.common.reporter();
+    out.finish("db-migrate", run(&args, out))
 }
 
 fn run(args: &Args, out: Reporter) -> anyhow::Result<ExitCode> {
-    let url = match &args.database_url {
-        Some(url) => DatabaseUrl::parse(url)?,
-        None => Config::from_env()?.database_url,
-    };
+    let url = args.common.url()?;
     let migrator = Migrator::new(url.clone())
         .environment(Environment::from_lookup(|v| std::env::var(v).ok()))
         .lock_timeout(Duration::from_secs(args.lock_timeout))

@@ -228,36 +228,55 @@ where
 /// Inserts an execution and its steps in ONE statement (a data-modifying
 /// CTE over `unnest` of the step columns): one round trip instead of four for
 /// `BEGIN; INSERT; INSERT; COMMIT`, and atomic all the same (one statement is
-/// one transaction). `steps` must belong to `execution` (their
-/// `execution_id` is ignored and set to `execution.id`). The SQL is static, so
-/// Diesel prepares it once per connection.
+/// one transaction). Every column of [`NewExecution`] and
+/// [`NewExecutionStep`] is written as given (dependency counters included);
+/// the steps' `execution_id` is ignored and set to `execution.id`. This is a
+/// model-level insert: no transition happens, so no event and no NOTIFY —
+/// [`crate::engine::start_execution`] is the engine's start. The SQL is
+/// static, so Diesel prepares it once per connection.
 #[tracing::instrument(skip_all, fields(execution.id = %execution.id, steps = steps.len()))]
 pub fn insert_execution_with_steps(
     conn: &mut PgConnection,
     execution: &NewExecution,
     steps: &[NewExecutionStep],
 ) -> QueryResult<()> {
-    use diesel::sql_types::{Array, Jsonb, Nullable, Text, Uuid as SqlUuid};
+    use diesel::sql_types::{Array, Integer, Jsonb, Nullable, Text, Uuid as SqlUuid};
     let ids: Vec<Uuid> = steps.iter().map(|s| s.id).collect();
     let nodes: Vec<&str> = steps.iter().map(|s| s.node_id.as_str()).collect();
     let statuses: Vec<&str> = steps.iter().map(|s| s.status.as_str()).collect();
     let inputs: Vec<Option<&Value>> = steps.iter().map(|s| s.input.as_ref()).collect();
+    let upstream: Vec<i32> = steps.iter().map(|s| s.upstream_pending).collect();
+    let downstream: Vec<Value> = steps
+        .iter()
+        .map(|s| Value::from(s.downstream.clone()))
+        .collect();
+    let retries: Vec<i32> = steps.iter().map(|s| s.max_retries).collect();
     diesel::sql_query(
-        "WITH e AS (INSERT INTO executions (id, workflow_id, status, user_id, data) \
-         VALUES ($1, $2, $3::execution_status, $4, $5)) \
-         INSERT INTO execution_steps (id, execution_id, node_id, status, input) \
-         SELECT s.id, $1, s.node_id, s.status::step_status, s.input \
-         FROM unnest($6::uuid[], $7::text[], $8::text[], $9::jsonb[]) AS s(id, node_id, status, input)",
+        "WITH e AS (INSERT INTO executions \
+           (id, workflow_id, status, user_id, data, workflow_version, idempotency_key, parent_execution_id) \
+         VALUES ($1, $2, $3::execution_status, $4, $5, $6, $7, $8)) \
+         INSERT INTO execution_steps \
+           (id, execution_id, node_id, status, input, upstream_pending, downstream, max_retries) \
+         SELECT s.id, $1, s.node_id, s.status::step_status, s.input, s.upstream, \
+                ARRAY(SELECT jsonb_array_elements_text(s.downstream)), s.retries \
+         FROM unnest($9::uuid[], $10::text[], $11::text[], $12::jsonb[], $13::int4[], $14::jsonb[], $15::int4[]) \
+           AS s(id, node_id, status, input, upstream, downstream, retries)",
     )
     .bind::<SqlUuid, _>(execution.id)
     .bind::<SqlUuid, _>(execution.workflow_id)
     .bind::<Text, _>(execution.status.as_str())
     .bind::<Nullable<Text>, _>(execution.user_id.as_deref())
     .bind::<Nullable<Jsonb>, _>(execution.data.as_ref())
+    .bind::<Integer, _>(execution.workflow_version)
+    .bind::<Nullable<Text>, _>(execution.idempotency_key.as_deref())
+    .bind::<Nullable<SqlUuid>, _>(execution.parent_execution_id)
     .bind::<Array<SqlUuid>, _>(&ids)
     .bind::<Array<Text>, _>(&nodes)
     .bind::<Array<Text>, _>(&statuses)
     .bind::<Array<Nullable<Jsonb>>, _>(&inputs)
+    .bind::<Array<Integer>, _>(&upstream)
+    .bind::<Array<Jsonb>, _>(&downstream)
+    .bind::<Array<Integer>, _>(&retries)
     .execute(conn)
     .map(|_| ())
 }

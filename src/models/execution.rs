@@ -14,6 +14,7 @@ use crate::schema::executions;
     Clone,
     PartialEq,
     Queryable,
+    QueryableByName,
     Selectable,
     Identifiable,
     Associations,
@@ -42,6 +43,12 @@ pub struct Execution {
     pub created_at: DateTime<Utc>,
     /// Last change.
     pub updated_at: DateTime<Utc>,
+    /// The workflow version it was started from.
+    pub workflow_version: i32,
+    /// Caller key that makes a repeated start return this execution.
+    pub idempotency_key: Option<String>,
+    /// The execution that started this one as a sub-workflow.
+    pub parent_execution_id: Option<Uuid>,
 }
 
 /// An execution to insert; [`NewExecution::new`] assigns a fresh UUIDv7 and
@@ -59,6 +66,12 @@ pub struct NewExecution {
     pub user_id: Option<String>,
     /// JSON input and state.
     pub data: Option<Value>,
+    /// The workflow version it runs (default 1).
+    pub workflow_version: i32,
+    /// Caller key, unique per workflow.
+    pub idempotency_key: Option<String>,
+    /// The parent execution of a sub-workflow.
+    pub parent_execution_id: Option<Uuid>,
 }
 
 /// Changes to an execution; `None` leaves a column as it is.
@@ -96,6 +109,9 @@ impl NewExecution {
             status: ExecutionStatus::Pending,
             user_id: None,
             data: None,
+            workflow_version: 1,
+            idempotency_key: None,
+            parent_execution_id: None,
         }
     }
 
@@ -108,6 +124,18 @@ impl NewExecution {
     /// Sets the JSON input and state.
     pub fn data(mut self, data: Value) -> Self {
         self.data = Some(data);
+        self
+    }
+
+    /// Sets the idempotency key (unique per workflow; see [`crate::engine::start_execution`]).
+    pub fn idempotency_key(mut self, key: impl Into<String>) -> Self {
+        self.idempotency_key = Some(key.into());
+        self
+    }
+
+    /// Makes it a sub-workflow of the execution `parent`.
+    pub fn parent(mut self, parent: Uuid) -> Self {
+        self.parent_execution_id = Some(parent);
         self
     }
 

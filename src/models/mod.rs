@@ -3,10 +3,12 @@
 //! compose them inside their own `conn.transaction(..)`.
 
 pub mod bulk;
+mod event;
 mod execution;
 mod step;
 mod workflow;
 
+pub use event::ExecutionEvent;
 pub use execution::{Execution, ExecutionChanges, ExecutionWithSteps, NewExecution};
 pub use step::{ExecutionStep, ExecutionStepChanges, NewExecutionStep};
 pub use workflow::{NewWorkflow, Workflow, WorkflowChanges, WorkflowWithExecutions};

@@ -14,6 +14,7 @@ use crate::schema::execution_steps;
     Clone,
     PartialEq,
     Queryable,
+    QueryableByName,
     Selectable,
     Identifiable,
     Associations,
@@ -48,6 +49,16 @@ pub struct ExecutionStep {
     pub created_at: DateTime<Utc>,
     /// Last change.
     pub updated_at: DateTime<Utc>,
+    /// Upstream steps not yet completed or skipped; runnable at 0.
+    pub upstream_pending: i32,
+    /// Retries a failure may still schedule up to (see `retry_count`).
+    pub max_retries: i32,
+    /// Earliest time the step may be claimed.
+    pub run_after: DateTime<Utc>,
+    /// Worker holding (or last holding) the lease.
+    pub locked_by: Option<String>,
+    /// When the lease of the running step expires.
+    pub locked_until: Option<DateTime<Utc>>,
 }
 
 /// A step to insert; [`NewExecutionStep::new`] assigns a fresh UUIDv7 and status `pending`.
@@ -64,6 +75,12 @@ pub struct NewExecutionStep {
     pub status: StepStatus,
     /// JSON input.
     pub input: Option<Value>,
+    /// Number of upstream steps it waits for (default 0).
+    pub upstream_pending: i32,
+    /// Node ids of the steps waiting for this one.
+    pub downstream: Vec<String>,
+    /// Retries a failure may schedule (default 0).
+    pub max_retries: i32,
 }
 
 /// Changes to a step; `None` leaves a column as it is.
@@ -97,6 +114,9 @@ impl NewExecutionStep {
             node_id: node_id.into(),
             status: StepStatus::Pending,
             input: None,
+            upstream_pending: 0,
+            downstream: Vec::new(),
+            max_retries: 0,
         }
     }
 

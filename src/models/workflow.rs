@@ -5,6 +5,8 @@ use serde_json::Value;
 use uuid::Uuid;
 
 use super::{Execution, ExecutionStep, ExecutionWithSteps, page_size};
+use crate::error::{Error, Result};
+use crate::graph::WorkflowGraph;
 use crate::schema::{executions, workflows};
 
 /// A workflow definition (table `workflows`).
@@ -25,6 +27,8 @@ pub struct Workflow {
     pub created_at: DateTime<Utc>,
     /// Last change.
     pub updated_at: DateTime<Utc>,
+    /// Version of the definition (1 at creation, + 1 on every change).
+    pub version: i32,
 }
 
 /// A workflow to insert; [`NewWorkflow::new`] assigns a fresh UUIDv7.
@@ -80,19 +84,33 @@ impl NewWorkflow {
         }
     }
 
+    /// A workflow named `name` with a typed graph and a fresh UUIDv7.
+    pub fn from_graph(name: impl Into<String>, graph: &WorkflowGraph) -> Self {
+        Self::new(name, graph.nodes_json(), graph.edges_json())
+    }
+
     /// Sets the description.
     pub fn description(mut self, description: impl Into<String>) -> Self {
         self.description = Some(description.into());
         self
     }
 
-    /// Inserts the workflow and returns the stored row.
+    /// Validates the graph ([`WorkflowGraph::validate`]), inserts the
+    /// workflow at version 1 and returns the stored row. An invalid graph is
+    /// refused with [`Error::InvalidGraph`] and nothing is written.
     #[tracing::instrument(skip_all, fields(workflow.id = %self.id))]
-    pub fn create(&self, conn: &mut PgConnection) -> QueryResult<Workflow> {
-        diesel::insert_into(workflows::table)
+    pub fn create(&self, conn: &mut PgConnection) -> Result<Workflow> {
+        WorkflowGraph::from_json(&self.nodes, &self.edges)?.validate()?;
+        Ok(diesel::insert_into(workflows::table)
             .values(self)
             .returning(Workflow::as_returning())
-            .get_result(conn)
+            .get_result(conn)?)
+    }
+}
+
+impl WorkflowChanges {
+    fn is_empty(&self) -> bool {
+        *self == WorkflowChanges::default()
     }
 }
 
@@ -126,20 +144,77 @@ impl Workflow {
         query.load(conn)
     }
 
-    /// Applies `changes` and returns the updated row (unchanged if `changes` is empty).
+    /// The typed graph of this definition.
+    pub fn graph(&self) -> Result<WorkflowGraph> {
+        WorkflowGraph::from_json(&self.nodes, &self.edges)
+    }
+
+    /// Applies `changes` (last writer wins) and returns the updated row
+    /// (unchanged if `changes` is empty). A changed graph is validated first
+    /// (merged with the stored half when only nodes or only edges change).
+    /// The version goes up by one when the definition changes.
     #[tracing::instrument(skip(conn, changes))]
     pub fn update(
         conn: &mut PgConnection,
         id: Uuid,
         changes: &WorkflowChanges,
-    ) -> QueryResult<Workflow> {
-        if *changes == WorkflowChanges::default() {
-            return Self::find(conn, id);
-        }
-        diesel::update(workflows::table.find(id))
-            .set(changes)
-            .returning(Workflow::as_returning())
-            .get_result(conn)
+    ) -> Result<Workflow> {
+        Self::update_where(conn, id, None, changes)
+    }
+
+    /// Optimistic update: applies `changes` only if the workflow is still at
+    /// `expected_version` (the version the caller read), else fails with
+    /// [`Error::VersionConflict`] and writes nothing. The graph is validated
+    /// as in [`Workflow::update`].
+    #[tracing::instrument(skip(conn, changes))]
+    pub fn update_versioned(
+        conn: &mut PgConnection,
+        id: Uuid,
+        expected_version: i32,
+        changes: &WorkflowChanges,
+    ) -> Result<Workflow> {
+        Self::update_where(conn, id, Some(expected_version), changes)
+    }
+
+    fn update_where(
+        conn: &mut PgConnection,
+        id: Uuid,
+        expected_version: Option<i32>,
+        changes: &WorkflowChanges,
+    ) -> Result<Workflow> {
+        conn.transaction(|conn| {
+            // The row lock makes the version check and the graph validation
+            // (merged with the stored half) hold for the row we write.
+            let current = workflows::table
+                .find(id)
+                .select(Workflow::as_select())
+                .for_no_key_update()
+                .first(conn)
+                .optional()?
+                .ok_or_else(|| Error::NotFound {
+                    entity: "workflow",
+                    id: id.to_string(),
+                })?;
+            if let Some(expected) = expected_version.filter(|&v| v != current.version) {
+                return Err(Error::VersionConflict {
+                    id,
+                    expected,
+                    actual: current.version,
+                });
+            }
+            if changes.nodes.is_some() || changes.edges.is_some() {
+                let nodes = changes.nodes.as_ref().unwrap_or(&current.nodes);
+                let edges = changes.edges.as_ref().unwrap_or(&current.edges);
+                WorkflowGraph::from_json(nodes, edges)?.validate()?;
+            }
+            if changes.is_empty() {
+                return Ok(current);
+            }
+            Ok(diesel::update(workflows::table.find(id))
+                .set(changes)
+                .returning(Workflow::as_returning())
+                .get_result(conn)?)
+        })
     }
 
     /// Deletes the workflow, its executions and their steps (ON DELETE CASCADE).

@@ -1,0 +1,1 @@
+DROP INDEX CONCURRENTLY IF EXISTS executions_parent_execution_id_idx;

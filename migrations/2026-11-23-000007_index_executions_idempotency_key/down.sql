@@ -1,0 +1,1 @@
+DROP INDEX CONCURRENTLY IF EXISTS executions_workflow_id_idempotency_key_key;

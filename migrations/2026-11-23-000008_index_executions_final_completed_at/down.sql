@@ -1,0 +1,1 @@
+DROP INDEX CONCURRENTLY IF EXISTS executions_final_completed_at_idx;

@@ -1,0 +1,242 @@
+use std::time::Duration;
+
+use diesel::pg::data_types::PgInterval;
+use diesel::prelude::*;
+use diesel::sql_types::{Array, BigInt, Double, Interval, Text, Uuid as SqlUuid};
+use serde_json::Value;
+use uuid::Uuid;
+
+use crate::enums::StepStatus;
+use crate::error::{Error, Result};
+use crate::models::{ExecutionStep, MAX_PAGE_SIZE};
+use crate::schema::execution_steps;
+
+/// How long a failed step waits before its retry: `base * 2^retry_count`,
+/// capped at `max`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Backoff {
+    /// Delay of the first retry.
+    pub base: Duration,
+    /// Longest delay.
+    pub max: Duration,
+}
+
+impl Default for Backoff {
+    /// One second, doubling, at most five minutes.
+    fn default() -> Self {
+        Backoff {
+            base: Duration::from_secs(1),
+            max: Duration::from_secs(300),
+        }
+    }
+}
+
+fn interval(d: Duration) -> PgInterval {
+    PgInterval::from_microseconds(i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
+}
+
+fn micros(d: Duration) -> f64 {
+    d.as_micros() as f64
+}
+
+/// The runnable steps, in the order of `execution_steps_claim_idx` (the
+/// literals match the index predicate, so even a generic plan uses it); only
+/// the steps are locked, skipping rows other workers hold. `= ANY(ARRAY(..))`
+/// runs the subquery once as an init plan and updates by primary key (an
+/// `IN (..)` semi-join may seq-scan the table under a generic plan). The
+/// LIMIT is written as a literal: with a parameter there PostgreSQL costs
+/// the generic plan for an unknown row count and keeps re-planning; as a
+/// literal every call of one batch size reuses one prepared plan (at most
+/// [`MAX_PAGE_SIZE`] distinct statements per connection).
+const CLAIM: &str = "\
+UPDATE execution_steps SET status = 'running', locked_by = $1, locked_until = now() + $2
+WHERE id = ANY(ARRAY(
+    SELECT s.id FROM execution_steps s
+    WHERE s.status = 'pending' AND s.upstream_pending = 0 AND s.run_after <= now()
+      AND EXISTS (SELECT 1 FROM executions e WHERE e.id = s.execution_id AND e.status = 'running')
+    ORDER BY s.run_after, s.id
+    LIMIT {limit}
+    FOR UPDATE SKIP LOCKED))
+RETURNING *";
+
+/// Claims up to `limit` (clamped to `1..=`[`MAX_PAGE_SIZE`]) runnable steps
+/// for `worker`, in one statement, with a lease of `lease`. A step is runnable when it is pending, its execution is
+/// running, its `run_after` has come and every upstream step is completed or
+/// skipped. Concurrent workers never receive the same step (`FOR UPDATE SKIP
+/// LOCKED`). Each claim is a `pending -> running` transition (event + NOTIFY).
+#[tracing::instrument(skip(conn))]
+pub fn claim_steps(
+    conn: &mut PgConnection,
+    worker: &str,
+    limit: i64,
+    lease: Duration,
+) -> QueryResult<Vec<ExecutionStep>> {
+    let limit = limit.clamp(1, MAX_PAGE_SIZE);
+    diesel::sql_query(CLAIM.replace("{limit}", &limit.to_string()))
+        .bind::<Text, _>(worker)
+        .bind::<Interval, _>(interval(lease))
+        .load(conn)
+}
+
+/// Extends the leases `worker` holds on `step_ids` to `now() + lease` and
+/// returns the ids it still holds; a missing id means the lease was lost
+/// (expired and reclaimed, or the step finished).
+#[tracing::instrument(skip(conn, step_ids), fields(count = step_ids.len()))]
+pub fn heartbeat(
+    conn: &mut PgConnection,
+    worker: &str,
+    step_ids: &[Uuid],
+    lease: Duration,
+) -> QueryResult<Vec<Uuid>> {
+    diesel::sql_query(
+        "UPDATE execution_steps SET locked_until = now() + $3 \
+         WHERE id = ANY($1) AND locked_by = $2 AND locked_until IS NOT NULL RETURNING id",
+    )
+    .bind::<Array<SqlUuid>, _>(step_ids)
+    .bind::<Text, _>(worker)
+    .bind::<Interval, _>(interval(lease))
+    .load::<StepId>(conn)
+    .map(|rows| rows.into_iter().map(|r| r.id).collect())
+}
+
+#[derive(QueryableByName)]
+struct StepId {
+    #[diesel(sql_type = SqlUuid)]
+    id: Uuid,
+}
+
+/// "Running and leased to `$2`", as a filter that only the primary key can
+/// serve: `locked_until` is set by the claim and cleared by the transition
+/// trigger whenever the step leaves `running`. (A `status = 'running'`
+/// filter tempts the planner into `execution_steps_status_idx`, whose
+/// `running` range fills with dead entries as steps finish.)
+macro_rules! held_by {
+    () => {
+        "id = $1 AND locked_by = $2 AND locked_until IS NOT NULL"
+    };
+}
+
+/// The end of an attempt that may be retried: back to `pending` (retry
+/// count + 1, not before `$run_after`) while retries remain, else `failed`.
+/// SET expressions all read the old row.
+macro_rules! retry_or_fail {
+    ($run_after:literal) => {
+        concat!(
+            "status = CASE WHEN retry_count < max_retries THEN 'pending' ELSE 'failed' END::step_status, ",
+            "retry_count = CASE WHEN retry_count < max_retries THEN retry_count + 1 ELSE retry_count END, ",
+            "run_after = CASE WHEN retry_count < max_retries THEN ",
+            $run_after,
+            " ELSE run_after END"
+        )
+    };
+}
+
+/// Returns running steps whose lease expired before now to `pending` (retry
+/// count + 1, claimable at once) or, with no retries left, marks them
+/// `failed`; at most `limit` per call, skipping rows being written. Call it
+/// periodically (any worker, or a reaper). Returns the changed steps.
+#[tracing::instrument(skip(conn))]
+pub fn reclaim_expired(conn: &mut PgConnection, limit: i64) -> QueryResult<Vec<ExecutionStep>> {
+    diesel::sql_query(concat!(
+        "UPDATE execution_steps SET ",
+        retry_or_fail!("now()"),
+        ", error = format('lease of worker %s expired at %s', locked_by, locked_until) \
+         WHERE id = ANY(ARRAY(SELECT id FROM execution_steps \
+                      WHERE status = 'running' AND locked_until < now() \
+                      ORDER BY locked_until LIMIT $1 FOR UPDATE SKIP LOCKED)) \
+           AND status = 'running' AND locked_until < now() \
+         RETURNING *"
+    ))
+    .bind::<BigInt, _>(limit.max(1))
+    .load(conn)
+}
+
+/// Completes a step `worker` holds, storing its output, in one statement.
+/// The database unblocks the downstream steps and completes the execution
+/// when this was its last step, in the same transaction.
+///
+/// Fails with [`Error::LeaseLost`] when the worker no longer holds the step
+/// and [`Error::IllegalTransition`] when it is already final.
+#[tracing::instrument(skip(conn, output))]
+pub fn complete_step(
+    conn: &mut PgConnection,
+    step_id: Uuid,
+    worker: &str,
+    output: Option<&Value>,
+) -> Result<ExecutionStep> {
+    // The filter of `held_by!`.
+    let updated = diesel::update(
+        execution_steps::table
+            .filter(execution_steps::id.eq(step_id))
+            .filter(execution_steps::locked_by.eq(worker))
+            .filter(execution_steps::locked_until.is_not_null()),
+    )
+    .set((
+        execution_steps::status.eq(StepStatus::Completed),
+        execution_steps::output.eq(output),
+    ))
+    .returning(ExecutionStep::as_returning())
+    .get_result(conn)
+    .optional()?;
+    updated.map_or_else(
+        || Err(why_not(conn, step_id, worker, StepStatus::Completed)),
+        Ok,
+    )
+}
+
+/// Fails the current attempt of a step `worker` holds, storing `error`, in
+/// one statement: while retries remain the step goes back to `pending`
+/// (retry count + 1) and becomes claimable after `backoff`; otherwise it is
+/// `failed`, and the database fails the execution (skipping its pending
+/// steps) in the same transaction.
+#[tracing::instrument(skip(conn, error))]
+pub fn fail_step(
+    conn: &mut PgConnection,
+    step_id: Uuid,
+    worker: &str,
+    error: &str,
+    backoff: &Backoff,
+) -> Result<ExecutionStep> {
+    let updated = diesel::sql_query(concat!(
+        "UPDATE execution_steps SET ",
+        retry_or_fail!("now() + least($4 * power(2, retry_count), $5) * interval '1 microsecond'"),
+        ", error = $3 WHERE ",
+        held_by!(),
+        " RETURNING *"
+    ))
+    .bind::<SqlUuid, _>(step_id)
+    .bind::<Text, _>(worker)
+    .bind::<Text, _>(error)
+    .bind::<Double, _>(micros(backoff.base))
+    .bind::<Double, _>(micros(backoff.max))
+    .get_result::<ExecutionStep>(conn)
+    .optional()?;
+    updated.map_or_else(
+        || Err(why_not(conn, step_id, worker, StepStatus::Failed)),
+        Ok,
+    )
+}
+
+/// Why a lease-guarded update matched no row.
+fn why_not(conn: &mut PgConnection, step_id: Uuid, worker: &str, to: StepStatus) -> Error {
+    let status = execution_steps::table
+        .find(step_id)
+        .select(execution_steps::status)
+        .first::<StepStatus>(conn)
+        .optional();
+    match status {
+        Err(e) => e.into(),
+        Ok(None) => Error::NotFound {
+            entity: "step",
+            id: step_id.to_string(),
+        },
+        Ok(Some(StepStatus::Running | StepStatus::Pending)) => Error::LeaseLost {
+            step_id,
+            worker: worker.to_owned(),
+        },
+        Ok(Some(from)) => Error::IllegalTransition {
+            from: from.into(),
+            to: to.into(),
+        },
+    }
+}

@@ -1,0 +1,55 @@
+//! The operations a workflow engine runs on: start executions, claim and
+//! finish steps, drive the execution state machine, query, prune and listen.
+//!
+//! PostgreSQL enforces the state machine itself (triggers on `executions`
+//! and `execution_steps`): an illegal status change fails whoever writes it,
+//! every transition appends a row to `execution_events` and sends a
+//! `NOTIFY workflow_db_events` in the same transaction, a step that completes
+//! unblocks its downstream steps, and an execution completes (or fails) when
+//! its steps are final. The functions here are thin, single-statement where
+//! it matters (claim, complete, fail), and compose inside a caller's
+//! `conn.transaction(..)`.
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use serde_json::json;
+//! use workflow_db::engine::{self, Backoff};
+//! use workflow_db::{Edge, NewExecution, NewWorkflow, Node, WorkflowGraph};
+//!
+//! fn run(conn: &mut diesel::PgConnection) -> workflow_db::Result<()> {
+//!     let graph = WorkflowGraph {
+//!         nodes: vec![Node::new("fetch", "http"), Node::new("store", "sql")],
+//!         edges: vec![Edge::new("fetch", "store")],
+//!     };
+//!     let wf = NewWorkflow::from_graph("ingest", &graph).create(conn)?;
+//!     let new = NewExecution::new(wf.id).user_id("u1").idempotency_key("batch-7");
+//!     let started = engine::start_execution(conn, &new)?;
+//!     println!("execution {} (new: {})", started.execution.id, started.created);
+//!
+//!     // A worker: claim, work, report. Only "fetch" is claimable until it completes.
+//!     for step in engine::claim_steps(conn, "worker-1", 10, Duration::from_secs(30))? {
+//!         match step.node_id.as_str() {
+//!             "fetch" => engine::complete_step(conn, step.id, "worker-1", Some(&json!({"rows": 3})))?,
+//!             _ => engine::fail_step(conn, step.id, "worker-1", "not implemented", &Backoff::default())?,
+//!         };
+//!     }
+//!     Ok(())
+//! }
+//! ```
+
+mod claim;
+mod lifecycle;
+mod notify;
+mod query;
+mod start;
+
+pub use claim::{Backoff, claim_steps, complete_step, fail_step, heartbeat, reclaim_expired};
+pub use lifecycle::{cancel, pause, resume, transition_execution, transition_step};
+pub use notify::{
+    CHANNEL, Notification, listen, poll_notifications, unlisten, wait_for_notifications,
+};
+pub use query::{
+    ExecutionFilter, ExecutionPage, ancestors, count_by_status, descendants,
+    find_execution_by_short_id, find_workflow_by_short_id, list_executions, prune_executions,
+};
+pub use start::{DEFAULT_MAX_RETRIES, Started, start_execution};

@@ -1,0 +1,269 @@
+//! The typed workflow graph stored in `workflows.nodes` / `workflows.edges`,
+//! and its validation.
+//!
+//! ```
+//! use serde_json::json;
+//! use workflow_db::graph::{Edge, Node, WorkflowGraph};
+//!
+//! let graph = WorkflowGraph {
+//!     nodes: vec![Node::new("fetch", "http"), Node::new("store", "sql")],
+//!     edges: vec![Edge::new("fetch", "store")],
+//! };
+//! graph.validate()?;
+//! assert_eq!(graph.nodes_json()[0]["type"], json!("http"));
+//! # Ok::<(), workflow_db::Error>(())
+//! ```
+
+use std::collections::{HashMap, HashSet};
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::error::{Error, Result};
+
+/// One node of a workflow: what to run and how.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Node {
+    /// Unique id of the node within its workflow.
+    pub id: String,
+    /// The kind of node (`"http"`, `"llm"`, ...), interpreted by the engine.
+    #[serde(rename = "type")]
+    pub r#type: String,
+    /// Node configuration, interpreted by the engine. The key `max_retries`
+    /// (a non-negative integer), when present, sets the step's retry budget.
+    #[serde(default)]
+    pub config: Value,
+}
+
+/// A dependency: `target` runs after `source` completed (or was skipped).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Edge {
+    /// Upstream node id.
+    pub source: String,
+    /// Downstream node id.
+    pub target: String,
+}
+
+/// A workflow definition's graph: nodes and the edges between them.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct WorkflowGraph {
+    /// The nodes.
+    pub nodes: Vec<Node>,
+    /// The edges between node ids.
+    pub edges: Vec<Edge>,
+}
+
+/// Per-node dependency information computed from a validated graph.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct NodePlan<'a> {
+    pub node: &'a Node,
+    pub upstream: i32,
+    pub downstream: Vec<String>,
+}
+
+impl Node {
+    /// A node with an empty (`{}`) configuration.
+    pub fn new(id: impl Into<String>, r#type: impl Into<String>) -> Self {
+        Node {
+            id: id.into(),
+            r#type: r#type.into(),
+            config: Value::Object(Default::default()),
+        }
+    }
+
+    /// Sets the configuration.
+    pub fn config(mut self, config: Value) -> Self {
+        self.config = config;
+        self
+    }
+
+    /// The retry budget from `config.max_retries`, if set.
+    pub fn max_retries(&self) -> Option<i32> {
+        self.config
+            .get("max_retries")
+            .and_then(Value::as_u64)
+            .and_then(|n| i32::try_from(n).ok())
+    }
+}
+
+impl Edge {
+    /// An edge `source -> target`.
+    pub fn new(source: impl Into<String>, target: impl Into<String>) -> Self {
+        Edge {
+            source: source.into(),
+            target: target.into(),
+        }
+    }
+}
+
+fn invalid(reason: String) -> Error {
+    Error::InvalidGraph { reason }
+}
+
+impl WorkflowGraph {
+    /// Parses the JSON columns of a workflow row (`nodes`, `edges`).
+    pub fn from_json(nodes: &Value, edges: &Value) -> Result<Self> {
+        let nodes = Vec::<Node>::deserialize(nodes).map_err(|e| {
+            invalid(format!(
+                "nodes are not an array of {{id, type, config}}: {e}"
+            ))
+        })?;
+        let edges = Vec::<Edge>::deserialize(edges)
+            .map_err(|e| invalid(format!("edges are not an array of {{source, target}}: {e}")))?;
+        Ok(WorkflowGraph { nodes, edges })
+    }
+
+    /// The nodes as the JSON array stored in `workflows.nodes`.
+    pub fn nodes_json(&self) -> Value {
+        serde_json::to_value(&self.nodes).unwrap_or(Value::Null)
+    }
+
+    /// The edges as the JSON array stored in `workflows.edges`.
+    pub fn edges_json(&self) -> Value {
+        serde_json::to_value(&self.edges).unwrap_or(Value::Null)
+    }
+
+    /// Checks that node ids are non-empty and unique, that every edge names
+    /// two existing, distinct nodes, that no edge is repeated, and that the
+    /// graph has no cycle. The error says what is wrong.
+    pub fn validate(&self) -> Result<()> {
+        self.plan().map(drop)
+    }
+
+    /// Validates the graph and computes, per node in order, the number of
+    /// upstream nodes and the ids of the downstream nodes.
+    pub(crate) fn plan(&self) -> Result<Vec<NodePlan<'_>>> {
+        let mut index = HashMap::with_capacity(self.nodes.len());
+        for (i, node) in self.nodes.iter().enumerate() {
+            if node.id.is_empty() {
+                return Err(invalid(format!("node #{i} has an empty id")));
+            }
+            if index.insert(node.id.as_str(), i).is_some() {
+                return Err(invalid(format!("duplicate node id {:?}", node.id)));
+            }
+        }
+        let mut plans: Vec<NodePlan<'_>> = self
+            .nodes
+            .iter()
+            .map(|node| NodePlan {
+                node,
+                upstream: 0,
+                downstream: Vec::new(),
+            })
+            .collect();
+        let mut seen = HashSet::with_capacity(self.edges.len());
+        for edge in &self.edges {
+            let lookup = |id: &str, end: &str| {
+                index.get(id).copied().ok_or_else(|| {
+                    invalid(format!(
+                        "edge {:?} -> {:?} names unknown {end} node {id:?}",
+                        edge.source, edge.target
+                    ))
+                })
+            };
+            let source = lookup(&edge.source, "source")?;
+            let target = lookup(&edge.target, "target")?;
+            if source == target {
+                return Err(invalid(format!("edge {:?} -> itself", edge.source)));
+            }
+            if !seen.insert((source, target)) {
+                return Err(invalid(format!(
+                    "duplicate edge {:?} -> {:?}",
+                    edge.source, edge.target
+                )));
+            }
+            plans[target].upstream += 1;
+            plans[source].downstream.push(edge.target.clone());
+        }
+        check_acyclic(&plans, &index)?;
+        Ok(plans)
+    }
+}
+
+/// Kahn's algorithm: every node must be reachable by peeling off nodes
+/// without upstream edges.
+fn check_acyclic(plans: &[NodePlan<'_>], index: &HashMap<&str, usize>) -> Result<()> {
+    let mut remaining: Vec<i32> = plans.iter().map(|p| p.upstream).collect();
+    let mut ready: Vec<usize> = (0..plans.len()).filter(|&i| remaining[i] == 0).collect();
+    let mut visited = 0;
+    while let Some(i) = ready.pop() {
+        visited += 1;
+        for target in &plans[i].downstream {
+            if let Some(&t) = index.get(target.as_str()) {
+                remaining[t] -= 1;
+                if remaining[t] == 0 {
+                    ready.push(t);
+                }
+            }
+        }
+    }
+    if visited == plans.len() {
+        return Ok(());
+    }
+    let on_cycle: Vec<&str> = plans
+        .iter()
+        .zip(&remaining)
+        .filter(|(_, r)| **r > 0)
+        .map(|(p, _)| p.node.id.as_str())
+        .collect();
+    Err(invalid(format!(
+        "the edges form a cycle through {}",
+        on_cycle.join(", ")
+    )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn graph(nodes: &[&str], edges: &[(&str, &str)]) -> WorkflowGraph {
+        WorkflowGraph {
+            nodes: nodes.iter().map(|id| Node::new(*id, "t")).collect(),
+            edges: edges.iter().map(|(s, t)| Edge::new(*s, *t)).collect(),
+        }
+    }
+
+    fn reason(g: &WorkflowGraph) -> String {
+        match g.validate() {
+            Err(Error::InvalidGraph { reason }) => reason,
+            other => panic!("expected InvalidGraph, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn plans_count_upstream_and_list_downstream() {
+        let g = graph(&["a", "b", "c"], &[("a", "c"), ("b", "c")]);
+        let plan = g.plan().unwrap();
+        assert_eq!(plan[2].upstream, 2);
+        assert_eq!(plan[0].downstream, ["c"]);
+        assert_eq!(plan[0].upstream, 0);
+    }
+
+    #[test]
+    fn invalid_graphs_say_what_is_wrong() {
+        assert!(reason(&graph(&["a", "a"], &[])).contains("duplicate node id \"a\""));
+        assert!(reason(&graph(&["a"], &[("a", "x")])).contains("unknown target node \"x\""));
+        assert!(reason(&graph(&["a"], &[("y", "a")])).contains("unknown source node \"y\""));
+        assert!(reason(&graph(&["a"], &[("a", "a")])).contains("itself"));
+        assert!(reason(&graph(&["", "b"], &[])).contains("empty id"));
+        assert!(reason(&graph(&["a", "b"], &[("a", "b"), ("a", "b")])).contains("duplicate edge"));
+        let cycle = reason(&graph(
+            &["a", "b", "c"],
+            &[("a", "b"), ("b", "c"), ("c", "b")],
+        ));
+        assert!(cycle.contains("cycle through b, c"), "{cycle}");
+    }
+
+    #[test]
+    fn json_round_trip_uses_type_and_source_target() {
+        let g = graph(&["a", "b"], &[("a", "b")]);
+        assert_eq!(g.nodes_json()[0]["type"], "t");
+        assert_eq!(g.edges_json()[0]["source"], "a");
+        assert_eq!(
+            WorkflowGraph::from_json(&g.nodes_json(), &g.edges_json()).unwrap(),
+            g
+        );
+        let bad = WorkflowGraph::from_json(&serde_json::json!([{"id": 1}]), &Value::Null);
+        assert!(matches!(bad, Err(Error::InvalidGraph { .. })));
+    }
+}

@@ -1,0 +1,278 @@
+//! Claiming work: SKIP LOCKED under real concurrency, leases, dependencies, retries.
+
+mod common;
+
+use std::collections::HashSet;
+use std::sync::{Arc, Barrier};
+use std::time::Duration;
+
+use diesel::prelude::*;
+use workflow_db::engine::{self, Backoff};
+use workflow_db::schema::execution_steps;
+use workflow_db::testing::TestDatabase;
+use workflow_db::{Error, Execution, ExecutionStatus, ExecutionStep, StepStatus};
+
+use common::{LEASE, start, workflow};
+
+const WORKERS: usize = 4;
+const EXECUTIONS: usize = 10;
+const NODES: usize = 1000;
+
+fn pending(conn: &mut PgConnection) -> i64 {
+    execution_steps::table
+        .filter(execution_steps::status.eq_any([StepStatus::Pending, StepStatus::Running]))
+        .count()
+        .get_result(conn)
+        .unwrap()
+}
+
+#[test]
+fn four_workers_claim_ten_thousand_steps_once_each_and_lose_none() {
+    let db = TestDatabase::new();
+    let mut conn = db.connect();
+    let ids: Vec<String> = (0..NODES).map(|i| format!("n{i}")).collect();
+    let ids: Vec<&str> = ids.iter().map(String::as_str).collect();
+    let wf = workflow(&mut conn, &ids, &[]);
+    let executions: Vec<Execution> = (0..EXECUTIONS).map(|_| start(&mut conn, &wf)).collect();
+    assert_eq!(pending(&mut conn), (EXECUTIONS * NODES) as i64);
+
+    let barrier = Arc::new(Barrier::new(WORKERS));
+    let handles: Vec<_> = (0..WORKERS)
+        .map(|w| {
+            let (barrier, mut conn) = (barrier.clone(), db.connect());
+            std::thread::spawn(move || {
+                let worker = format!("worker-{w}");
+                let mut claimed = Vec::new();
+                barrier.wait();
+                loop {
+                    let batch = engine::claim_steps(&mut conn, &worker, 50, LEASE).unwrap();
+                    if batch.is_empty() {
+                        // Rows briefly locked by other workers are skipped; stop
+                        // only when nothing is left to run.
+                        if pending(&mut conn) == 0 {
+                            return claimed;
+                        }
+                        std::thread::sleep(Duration::from_millis(5));
+                        continue;
+                    }
+                    conn.transaction::<_, workflow_db::Error, _>(|conn| {
+                        for step in &batch {
+                            assert_eq!(step.locked_by.as_deref(), Some(worker.as_str()));
+                            engine::complete_step(conn, step.id, &worker, None)?;
+                        }
+                        Ok(())
+                    })
+                    .unwrap();
+                    claimed.extend(batch.into_iter().map(|s| s.id));
+                }
+            })
+        })
+        .collect();
+    let per_worker: Vec<Vec<uuid::Uuid>> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    let total: usize = per_worker.iter().map(Vec::len).sum();
+    let unique: HashSet<uuid::Uuid> = per_worker.iter().flatten().copied().collect();
+    assert_eq!(total, EXECUTIONS * NODES, "every step claimed");
+    assert_eq!(unique.len(), total, "no step claimed twice");
+    assert!(
+        per_worker.iter().all(|c| !c.is_empty()),
+        "all workers got work"
+    );
+    let completed: i64 = execution_steps::table
+        .filter(execution_steps::status.eq(StepStatus::Completed))
+        .count()
+        .get_result(&mut conn)
+        .unwrap();
+    assert_eq!(completed, (EXECUTIONS * NODES) as i64);
+    for ex in executions {
+        assert_eq!(
+            Execution::find(&mut conn, ex.id).unwrap().status,
+            ExecutionStatus::Completed,
+            "the last step completed each execution"
+        );
+    }
+}
+
+#[test]
+fn a_claimed_step_is_locked_against_other_claimers() {
+    let db = TestDatabase::new();
+    let mut conn = db.connect();
+    let wf = workflow(&mut conn, &["a", "b"], &[]);
+    start(&mut conn, &wf);
+    let mut other = db.connect();
+    conn.transaction(|conn| {
+        let mine = engine::claim_steps(conn, "w1", 1, LEASE)?;
+        // Uncommitted: the other worker skips the locked row and gets the other one.
+        let theirs = engine::claim_steps(&mut other, "w2", 10, LEASE)?;
+        assert_eq!((mine.len(), theirs.len()), (1, 1));
+        assert_ne!(mine[0].id, theirs[0].id);
+        QueryResult::Ok(())
+    })
+    .unwrap();
+    assert!(
+        engine::claim_steps(&mut other, "w2", 10, LEASE)
+            .unwrap()
+            .is_empty()
+    );
+}
+
+#[test]
+fn a_step_is_not_claimable_until_its_upstream_steps_are_done() {
+    let db = TestDatabase::new();
+    let mut conn = db.connect();
+    // a -> b -> d, a -> c -> d
+    let wf = workflow(
+        &mut conn,
+        &["a", "b", "c", "d"],
+        &[("a", "b"), ("a", "c"), ("b", "d"), ("c", "d")],
+    );
+    let ex = start(&mut conn, &wf);
+    let claim = |conn: &mut PgConnection| -> Vec<String> {
+        let mut ids: Vec<String> = engine::claim_steps(conn, "w", 10, LEASE)
+            .unwrap()
+            .into_iter()
+            .map(|s| s.node_id)
+            .collect();
+        ids.sort();
+        ids
+    };
+    let step = |conn: &mut PgConnection, node: &str| -> ExecutionStep {
+        ExecutionStep::list_for_execution(conn, ex.id)
+            .unwrap()
+            .into_iter()
+            .find(|s| s.node_id == node)
+            .unwrap()
+    };
+    assert_eq!(claim(&mut conn), ["a"]);
+    assert!(claim(&mut conn).is_empty(), "b and c wait for a");
+    assert_eq!(step(&mut conn, "d").upstream_pending, 2);
+    let a = step(&mut conn, "a");
+    engine::complete_step(&mut conn, a.id, "w", None).unwrap();
+    assert_eq!(claim(&mut conn), ["b", "c"]);
+    let b = step(&mut conn, "b");
+    engine::complete_step(&mut conn, b.id, "w", None).unwrap();
+    assert!(claim(&mut conn).is_empty(), "d still waits for c");
+    let c = step(&mut conn, "c");
+    engine::complete_step(&mut conn, c.id, "w", None).unwrap();
+    assert_eq!(claim(&mut conn), ["d"]);
+
+    // A skipped upstream step counts as done.
+    let wf = workflow(&mut conn, &["x", "y"], &[("x", "y")]);
+    let ex = start(&mut conn, &wf);
+    let x = ExecutionStep::list_for_execution(&mut conn, ex.id)
+        .unwrap()
+        .remove(0);
+    engine::transition_step(&mut conn, x.id, StepStatus::Pending, StepStatus::Skipped).unwrap();
+    assert_eq!(claim(&mut conn), ["y"]);
+}
+
+#[test]
+fn an_expired_lease_makes_the_step_reclaimable_with_one_more_retry() {
+    let db = TestDatabase::new();
+    let mut conn = db.connect();
+    let wf = workflow(&mut conn, &["a"], &[]);
+    let ex = start(&mut conn, &wf);
+    let step = engine::claim_steps(&mut conn, "w1", 1, LEASE)
+        .unwrap()
+        .remove(0);
+    assert_eq!(
+        engine::heartbeat(&mut conn, "w1", &[step.id], LEASE).unwrap(),
+        [step.id]
+    );
+    assert!(
+        engine::reclaim_expired(&mut conn, 10).unwrap().is_empty(),
+        "lease still valid"
+    );
+
+    // The worker went silent: its lease is in the past.
+    diesel::sql_query("UPDATE execution_steps SET locked_until = now() - interval '1 second'")
+        .execute(&mut conn)
+        .unwrap();
+    let reclaimed = engine::reclaim_expired(&mut conn, 10).unwrap();
+    assert_eq!(reclaimed.len(), 1);
+    assert_eq!(
+        (reclaimed[0].status, reclaimed[0].retry_count),
+        (StepStatus::Pending, 1)
+    );
+    assert!(
+        reclaimed[0]
+            .error
+            .as_deref()
+            .unwrap()
+            .contains("lease of worker w1 expired")
+    );
+
+    let again = engine::claim_steps(&mut conn, "w2", 1, LEASE)
+        .unwrap()
+        .remove(0);
+    assert_eq!(
+        (again.id, again.locked_by.as_deref()),
+        (step.id, Some("w2"))
+    );
+    // The old worker has lost it.
+    assert!(
+        engine::heartbeat(&mut conn, "w1", &[step.id], LEASE)
+            .unwrap()
+            .is_empty()
+    );
+    let err = engine::complete_step(&mut conn, step.id, "w1", None).unwrap_err();
+    assert!(matches!(err, Error::LeaseLost { .. }), "{err}");
+    engine::complete_step(&mut conn, step.id, "w2", None).unwrap();
+    assert_eq!(
+        Execution::find(&mut conn, ex.id).unwrap().status,
+        ExecutionStatus::Completed
+    );
+
+    // With no retries left an expired lease fails the step (and the execution).
+    let ex = start(&mut conn, &wf);
+    diesel::update(execution_steps::table.filter(execution_steps::execution_id.eq(ex.id)))
+        .set(execution_steps::max_retries.eq(0))
+        .execute(&mut conn)
+        .unwrap();
+    engine::claim_steps(&mut conn, "w1", 1, Duration::ZERO).unwrap();
+    std::thread::sleep(Duration::from_millis(5));
+    let failed = engine::reclaim_expired(&mut conn, 10).unwrap();
+    assert_eq!(failed[0].status, StepStatus::Failed);
+    assert_eq!(
+        Execution::find(&mut conn, ex.id).unwrap().status,
+        ExecutionStatus::Failed
+    );
+}
+
+#[test]
+fn a_failed_attempt_is_retried_after_its_backoff() {
+    let db = TestDatabase::new();
+    let mut conn = db.connect();
+    let wf = workflow(&mut conn, &["a"], &[]);
+    start(&mut conn, &wf);
+    let step = engine::claim_steps(&mut conn, "w", 1, LEASE)
+        .unwrap()
+        .remove(0);
+    let backoff = Backoff {
+        base: Duration::from_secs(3600),
+        max: Duration::from_secs(7200),
+    };
+    let retry = engine::fail_step(&mut conn, step.id, "w", "flaky", &backoff).unwrap();
+    assert_eq!((retry.status, retry.retry_count), (StepStatus::Pending, 1));
+    assert_eq!(retry.error.as_deref(), Some("flaky"));
+    let wait = retry.run_after - chrono::Utc::now();
+    assert!(wait > chrono::TimeDelta::minutes(59), "{wait}");
+    assert!(
+        engine::claim_steps(&mut conn, "w", 1, LEASE)
+            .unwrap()
+            .is_empty(),
+        "not before its retry time"
+    );
+    diesel::update(execution_steps::table)
+        .set(execution_steps::run_after.eq(diesel::dsl::now))
+        .execute(&mut conn)
+        .unwrap();
+    let again = engine::claim_steps(&mut conn, "w", 1, LEASE)
+        .unwrap()
+        .remove(0);
+    let retry = engine::fail_step(&mut conn, again.id, "w", "flaky", &backoff).unwrap();
+    let wait = retry.run_after - chrono::Utc::now();
+    assert!(
+        wait > chrono::TimeDelta::minutes(119),
+        "doubled, capped: {wait}"
+    );
+}
