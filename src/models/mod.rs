@@ -81,6 +81,7 @@ macro_rules! changeset_update {
     };
 }
 
+pub mod bulk;
 mod event;
 mod execution;
 mod step;
