@@ -21,11 +21,14 @@ pub struct Started {
     pub created: bool,
 }
 
-/// Starts an execution of the workflow's current version in one transaction:
+/// Starts an execution of the workflow's current version, atomically:
 /// inserts the execution and one step per node (each knowing how many
-/// upstream steps it waits for and which steps wait for it), then moves the
-/// execution `pending -> running`, which makes its root steps claimable. A
-/// workflow without nodes completes at once.
+/// upstream steps it waits for and which steps wait for it) and moves it
+/// `pending -> running`, which makes its root steps claimable, with the
+/// transition's event and NOTIFY. Without an idempotency key this is one
+/// statement after the workflow read (two round trips); with a key, or for a
+/// workflow without nodes (which completes at once), one transaction in which
+/// the triggers do the transition.
 ///
 /// With an idempotency key, a repeated start (also two racing ones: the
 /// unique index makes the second wait for the first) returns the existing
@@ -37,13 +40,16 @@ pub struct Started {
 /// else [`DEFAULT_MAX_RETRIES`].
 #[tracing::instrument(skip_all, fields(workflow.id = %new.workflow_id, execution.id = %new.id))]
 pub fn start_execution(conn: &mut PgConnection, new: &NewExecution) -> Result<Started> {
+    if new.idempotency_key.is_none() {
+        let workflow = find_workflow(conn, new)?;
+        let graph = workflow.graph()?;
+        let plan = graph.plan()?;
+        if !plan.is_empty() {
+            return start_in_one_statement(conn, new, &workflow, plan);
+        }
+    }
     conn.transaction(|conn| {
-        let workflow = Workflow::find(conn, new.workflow_id)
-            .optional()?
-            .ok_or_else(|| Error::NotFound {
-                entity: "workflow",
-                id: new.workflow_id.to_string(),
-            })?;
+        let workflow = find_workflow(conn, new)?;
         let graph = workflow.graph()?;
         let plan = graph.plan()?;
         let new = NewExecution {
@@ -115,3 +121,69 @@ pub fn start_execution(conn: &mut PgConnection, new: &NewExecution) -> Result<St
         })
     })
 }
+
+fn find_workflow(conn: &mut PgConnection, new: &NewExecution) -> Result<Workflow> {
+    Workflow::find(conn, new.workflow_id)
+        .optional()?
+        .ok_or_else(|| Error::NotFound {
+            entity: "workflow",
+            id: new.workflow_id.to_string(),
+        })
+}
+
+/// The common start (no idempotency key, at least one node) as ONE statement,
+/// atomic on its own: the execution is inserted already `running` (started
+/// now), its steps from the plan, and the `pending -> running` event and
+/// NOTIFY the transition trigger would have written, so the history and the
+/// listeners see exactly what the two-step path produces. With the workflow
+/// read before, two round trips in all (the hand-written BEGIN/INSERT/INSERT/
+/// COMMIT takes four).
+fn start_in_one_statement(
+    conn: &mut PgConnection,
+    new: &NewExecution,
+    workflow: &Workflow,
+    plan: Vec<crate::graph::NodePlan<'_>>,
+) -> Result<Started> {
+    use diesel::sql_types::{Integer, Jsonb, Nullable, Text, Uuid as SqlUuid};
+    let steps: Vec<serde_json::Value> = plan
+        .into_iter()
+        .map(|p| {
+            serde_json::json!({
+                "id": uuid::Uuid::now_v7(),
+                "node_id": p.node.id,
+                "upstream_pending": p.upstream,
+                "downstream": p.downstream,
+                "max_retries": p.node.max_retries().unwrap_or(DEFAULT_MAX_RETRIES),
+            })
+        })
+        .collect();
+    let execution: Execution = diesel::sql_query(START_IN_ONE_STATEMENT)
+        .bind::<SqlUuid, _>(new.id)
+        .bind::<SqlUuid, _>(workflow.id)
+        .bind::<Nullable<Text>, _>(new.user_id.as_deref())
+        .bind::<Nullable<Jsonb>, _>(new.data.as_ref())
+        .bind::<Integer, _>(workflow.version)
+        .bind::<Nullable<SqlUuid>, _>(new.parent_execution_id)
+        .bind::<Jsonb, _>(serde_json::Value::Array(steps))
+        .get_result(conn)?;
+    Ok(Started {
+        execution,
+        created: true,
+    })
+}
+
+const START_IN_ONE_STATEMENT: &str = "\
+WITH e AS (
+    INSERT INTO executions (id, workflow_id, status, user_id, data, workflow_version, parent_execution_id, started_at)
+    VALUES ($1, $2, 'running', $3, $4, $5, $6, now())
+    RETURNING *),
+s AS (
+    INSERT INTO execution_steps (id, execution_id, node_id, upstream_pending, downstream, max_retries)
+    SELECT x.id, $1, x.node_id, x.upstream_pending, ARRAY(SELECT jsonb_array_elements_text(x.downstream)), x.max_retries
+    FROM jsonb_to_recordset($7) AS x(id uuid, node_id text, upstream_pending integer, downstream jsonb, max_retries integer)),
+ev AS (
+    INSERT INTO execution_events (execution_id, from_status, to_status)
+    SELECT id, 'pending', 'running' FROM e)
+SELECT e.*, pg_notify('workflow_db_events',
+                      json_build_object('execution_id', e.id, 'step_id', NULL, 'status', 'running')::text)::text AS notified
+FROM e";
