@@ -767,7 +767,7 @@ impl Bench {
             };
             let single = format!("W2 claim+complete, {w} (engine: claim_steps 1 + complete_step)");
             let batched = format!(
-                "W2 claim+complete, {w} (engine: claim_steps 10 per statement, 10 complete_step per transaction)"
+                "W2 claim+complete, {w} (engine: claim_steps 10 per statement, complete_steps 10 per statement)"
             );
             self.w2_pool_running()?;
             let v = self.throughput(
@@ -859,7 +859,10 @@ impl Bench {
         let n = self.args.w6_executions;
         for (batch, how) in [
             (1i64, "claim 1 + complete 1"),
-            (10, "claim 10 per statement, completions per transaction"),
+            (
+                10,
+                "claim 10 per statement, complete_steps 10 per statement",
+            ),
         ] {
             for workers in [1usize, 4] {
                 let w = if workers == 1 {
@@ -1168,14 +1171,11 @@ fn complete_batch(conn: &mut PgConnection, worker: &str, n: i64, rng: &mut Rng) 
         return Ok(1);
     }
     steps.sort_by_key(|s| (s.execution_id, s.id));
+    let batch: Vec<(uuid::Uuid, Option<serde_json::Value>)> =
+        steps.iter().map(|s| (s.id, Some(output.clone()))).collect();
     let mut attempt = 0;
     loop {
-        let r = conn.transaction::<_, workflow_db::Error, _>(|conn| {
-            for s in &steps {
-                engine::complete_step(conn, s.id, worker, Some(&output))?;
-            }
-            Ok(())
-        });
+        let r = engine::complete_steps(conn, worker, &batch).map(|_| ());
         match r {
             Ok(()) => return Ok(steps.len() as u64),
             Err(e) if attempt < 5 && e.to_string().contains("deadlock") => attempt += 1,

@@ -367,3 +367,43 @@ fn a_huge_retry_count_backs_off_no_longer_than_the_cap() {
     let retry = engine::fail_step(&mut conn, step.id, "w", "flaky", &unbounded).unwrap();
     assert_eq!(retry.status, StepStatus::Pending);
 }
+
+#[test]
+fn complete_steps_completes_a_batch_in_one_statement_or_nothing() {
+    let db = TestDatabase::new();
+    let mut conn = db.connect();
+    let wf = workflow(&mut conn, &["a", "b", "c"], &[]);
+    let ex = start(&mut conn, &wf);
+    let claimed = engine::claim_steps(&mut conn, "w1", 10, LEASE).unwrap();
+    assert_eq!(claimed.len(), 3);
+    // One step of the batch is not ours: nothing is completed.
+    let mut batch: Vec<_> = claimed
+        .iter()
+        .map(|s| (s.id, Some(serde_json::json!({"n": 1}))))
+        .collect();
+    let err = engine::complete_steps(&mut conn, "w2", &batch).unwrap_err();
+    assert!(matches!(err, Error::LeaseLost { .. }), "{err}");
+    assert!(
+        ExecutionStep::list_for_execution(&mut conn, ex.id)
+            .unwrap()
+            .iter()
+            .all(|s| s.status == StepStatus::Running)
+    );
+    batch[2].1 = None;
+    let done = engine::complete_steps(&mut conn, "w1", &batch).unwrap();
+    assert_eq!(done.len(), 3);
+    assert!(done.iter().all(|s| s.status == StepStatus::Completed));
+    let outputs: Vec<_> = ExecutionStep::list_for_execution(&mut conn, ex.id)
+        .unwrap()
+        .into_iter()
+        .map(|s| (s.id, s.output))
+        .collect();
+    for (id, output) in &batch {
+        assert!(outputs.contains(&(*id, output.clone())));
+    }
+    // The last completion settled the execution, as with complete_step.
+    assert_eq!(
+        Execution::find(&mut conn, ex.id).unwrap().status,
+        ExecutionStatus::Completed
+    );
+}

@@ -159,6 +159,50 @@ pub fn reclaim_expired(conn: &mut PgConnection, limit: i64) -> QueryResult<Vec<E
     .load(conn)
 }
 
+/// Completes several steps `worker` holds, storing each one's output, in ONE
+/// statement (the batched counterpart of [`complete_step`], for workers that
+/// claim in batches). All or nothing: when any step is not held by `worker`
+/// under an unexpired lease, nothing is completed and the first such step's
+/// error ([`Error::LeaseLost`], [`Error::IllegalTransition`], ...) is returned.
+/// The triggers run per row exactly as for [`complete_step`]. Steps of one
+/// execution completed by several workers in parallel batches can deadlock on
+/// their downstream rows; PostgreSQL aborts one batch, which can be retried.
+#[tracing::instrument(skip(conn, steps), fields(count = steps.len()))]
+pub fn complete_steps(
+    conn: &mut PgConnection,
+    worker: &str,
+    steps: &[(Uuid, Option<Value>)],
+) -> Result<Vec<ExecutionStep>> {
+    if steps.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut sorted: Vec<&(Uuid, Option<Value>)> = steps.iter().collect();
+    sorted.sort_by_key(|(id, _)| *id);
+    let ids: Vec<Uuid> = sorted.iter().map(|(id, _)| *id).collect();
+    let outputs: Vec<Option<&Value>> = sorted.iter().map(|(_, o)| o.as_ref()).collect();
+    conn.transaction(|conn| {
+        let done: Vec<ExecutionStep> = diesel::sql_query(
+            "UPDATE execution_steps s SET status = 'completed', output = x.output \
+             FROM unnest($1::uuid[], $2::jsonb[]) AS x(id, output) \
+             WHERE s.id = x.id AND s.locked_by = $3 AND s.locked_until > now() \
+             RETURNING s.*",
+        )
+        .bind::<Array<SqlUuid>, _>(&ids)
+        .bind::<Array<diesel::sql_types::Nullable<diesel::sql_types::Jsonb>>, _>(&outputs)
+        .bind::<Text, _>(worker)
+        .load(conn)?;
+        if done.len() == ids.len() {
+            return Ok(done);
+        }
+        let missing = ids
+            .iter()
+            .find(|id| !done.iter().any(|s| s.id == **id))
+            .copied()
+            .unwrap_or(ids[0]);
+        Err(why_not(conn, missing, worker, StepStatus::Completed))
+    })
+}
+
 /// Completes a step `worker` holds, storing its output, in one statement.
 /// The database unblocks the downstream steps and completes the execution
 /// when this was its last step, in the same transaction.

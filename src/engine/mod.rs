@@ -43,7 +43,9 @@ mod notify;
 mod query;
 mod start;
 
-pub use claim::{Backoff, claim_steps, complete_step, fail_step, heartbeat, reclaim_expired};
+pub use claim::{
+    Backoff, claim_steps, complete_step, complete_steps, fail_step, heartbeat, reclaim_expired,
+};
 pub use lifecycle::{cancel, pause, resume, transition_execution, transition_step};
 pub use notify::{
     CHANNEL, Notification, listen, poll_notifications, unlisten, wait_for_notifications,
