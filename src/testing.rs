@@ -101,6 +101,17 @@ impl TestDatabase {
     }
 
     fn create(migrated: bool) -> Result<TestDatabase> {
+        // The harness creates and force-drops databases: never where the
+        // environment says production.
+        let environment = Environment::from_lookup(|var| std::env::var(var).ok());
+        if environment.is_production() {
+            return Err(crate::Error::ProtectedEnvironment {
+                rule: crate::admin::GuardRule::EnvironmentIsProduction,
+                message: "the test harness creates and drops databases; it does not run where \
+                          APP_ENV, RUST_ENV or NODE_ENV says production"
+                    .into(),
+            });
+        }
         let admin = server_url()?.with_database("postgres");
         let mut conn = connect(&admin)?;
         sweep_stale(&mut conn)?;

@@ -304,3 +304,33 @@ fn a_pool_to_a_dead_server_fails_fast_without_the_password() {
     let err = workflow_db::build_pool(&config).unwrap_err();
     assert!(!format!("{err} {err:?}").contains("Sup3rSecret"), "{err:?}");
 }
+
+/// Runs itself again in a child process with `APP_ENV=production` (the
+/// environment cannot be changed safely inside a multi-threaded test).
+#[test]
+fn the_harness_refuses_to_run_in_production() {
+    if std::env::var_os("WORKFLOW_DB_PROBE_PRODUCTION").is_some() {
+        let err = TestDatabase::try_new().unwrap_err();
+        assert!(
+            matches!(err, workflow_db::Error::ProtectedEnvironment { .. }),
+            "{err}"
+        );
+        return;
+    }
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "the_harness_refuses_to_run_in_production",
+            "--nocapture",
+        ])
+        .env("WORKFLOW_DB_PROBE_PRODUCTION", "1")
+        .env("APP_ENV", "production")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("1 passed"));
+}
