@@ -2,7 +2,8 @@ use diesel::prelude::*;
 
 use crate::enums::{ExecutionStatus, StepStatus};
 use crate::error::{Error, Result};
-use crate::models::{Execution, NewExecution, NewExecutionStep, Workflow};
+use crate::graph::NodePlan;
+use crate::models::{Execution, NewExecution, NewExecutionStep, Workflow, bulk};
 use crate::schema::{execution_steps, executions};
 
 /// Rows per INSERT when creating steps (8 parameters each, well below
@@ -89,16 +90,7 @@ pub fn start_execution(conn: &mut PgConnection, new: &NewExecution) -> Result<St
             }
         };
 
-        let steps: Vec<NewExecutionStep> = plan
-            .into_iter()
-            .map(|p| NewExecutionStep {
-                upstream_pending: p.upstream,
-                downstream: p.downstream,
-                max_retries: p.node.max_retries().unwrap_or(DEFAULT_MAX_RETRIES),
-                status: StepStatus::Pending,
-                ..NewExecutionStep::new(execution.id, p.node.id.clone())
-            })
-            .collect();
+        let steps = plan_steps(execution.id, plan);
         for chunk in steps.chunks(STEP_INSERT_CHUNK) {
             diesel::insert_into(execution_steps::table)
                 .values(chunk)
@@ -131,59 +123,39 @@ fn find_workflow(conn: &mut PgConnection, new: &NewExecution) -> Result<Workflow
         })
 }
 
+/// One pending step per planned node, with its dependency counters and retry budget.
+fn plan_steps(execution_id: uuid::Uuid, plan: Vec<NodePlan<'_>>) -> Vec<NewExecutionStep> {
+    plan.into_iter()
+        .map(|p| NewExecutionStep {
+            upstream_pending: p.upstream,
+            downstream: p.downstream,
+            max_retries: p.node.max_retries().unwrap_or(DEFAULT_MAX_RETRIES),
+            status: StepStatus::Pending,
+            ..NewExecutionStep::new(execution_id, p.node.id.clone())
+        })
+        .collect()
+}
+
 /// The common start (no idempotency key, at least one node) as ONE statement,
-/// atomic on its own: the execution is inserted already `running` (started
-/// now), its steps from the plan, and the `pending -> running` event and
-/// NOTIFY the transition trigger would have written, so the history and the
-/// listeners see exactly what the two-step path produces. With the workflow
+/// atomic on its own ([`bulk::insert_execution_with_steps`] plus the start
+/// event and NOTIFY): the execution is inserted already `running`, so history
+/// and listeners see what the trigger-driven path produces. With the workflow
 /// read before, two round trips in all (the hand-written BEGIN/INSERT/INSERT/
 /// COMMIT takes four).
 fn start_in_one_statement(
     conn: &mut PgConnection,
     new: &NewExecution,
     workflow: &Workflow,
-    plan: Vec<crate::graph::NodePlan<'_>>,
+    plan: Vec<NodePlan<'_>>,
 ) -> Result<Started> {
-    use diesel::sql_types::{Integer, Jsonb, Nullable, Text, Uuid as SqlUuid};
-    let steps: Vec<serde_json::Value> = plan
-        .into_iter()
-        .map(|p| {
-            serde_json::json!({
-                "id": uuid::Uuid::now_v7(),
-                "node_id": p.node.id,
-                "upstream_pending": p.upstream,
-                "downstream": p.downstream,
-                "max_retries": p.node.max_retries().unwrap_or(DEFAULT_MAX_RETRIES),
-            })
-        })
-        .collect();
-    let execution: Execution = diesel::sql_query(START_IN_ONE_STATEMENT)
-        .bind::<SqlUuid, _>(new.id)
-        .bind::<SqlUuid, _>(workflow.id)
-        .bind::<Nullable<Text>, _>(new.user_id.as_deref())
-        .bind::<Nullable<Jsonb>, _>(new.data.as_ref())
-        .bind::<Integer, _>(workflow.version)
-        .bind::<Nullable<SqlUuid>, _>(new.parent_execution_id)
-        .bind::<Jsonb, _>(serde_json::Value::Array(steps))
-        .get_result(conn)?;
+    let new = NewExecution {
+        status: ExecutionStatus::Running,
+        workflow_version: workflow.version,
+        ..new.clone()
+    };
+    let steps = plan_steps(new.id, plan);
     Ok(Started {
-        execution,
+        execution: bulk::insert_started_execution(conn, &new, &steps)?,
         created: true,
     })
 }
-
-const START_IN_ONE_STATEMENT: &str = "\
-WITH e AS (
-    INSERT INTO executions (id, workflow_id, status, user_id, data, workflow_version, parent_execution_id, started_at)
-    VALUES ($1, $2, 'running', $3, $4, $5, $6, now())
-    RETURNING *),
-s AS (
-    INSERT INTO execution_steps (id, execution_id, node_id, upstream_pending, downstream, max_retries)
-    SELECT x.id, $1, x.node_id, x.upstream_pending, ARRAY(SELECT jsonb_array_elements_text(x.downstream)), x.max_retries
-    FROM jsonb_to_recordset($7) AS x(id uuid, node_id text, upstream_pending integer, downstream jsonb, max_retries integer)),
-ev AS (
-    INSERT INTO execution_events (execution_id, from_status, to_status)
-    SELECT id, 'pending', 'running' FROM e)
-SELECT e.*, pg_notify('workflow_db_events',
-                      json_build_object('execution_id', e.id, 'step_id', NULL, 'status', 'running')::text)::text AS notified
-FROM e";

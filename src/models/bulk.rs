@@ -34,12 +34,12 @@ use std::cell::RefCell;
 use std::io::{self, Write};
 
 use chrono::{DateTime, Utc};
-use diesel::pg::CopyFormat;
+use diesel::pg::{CopyFormat, Pg};
 use diesel::prelude::*;
 use serde_json::Value;
 use uuid::Uuid;
 
-use super::{NewExecution, NewExecutionStep};
+use super::{Execution, NewExecution, NewExecutionStep};
 use crate::enums::{ExecutionStatus, StepStatus};
 use crate::schema::{execution_steps, executions};
 
@@ -232,53 +232,90 @@ where
 /// [`NewExecutionStep`] is written as given (dependency counters included);
 /// the steps' `execution_id` is ignored and set to `execution.id`. This is a
 /// model-level insert: no transition happens, so no event and no NOTIFY —
-/// [`crate::engine::start_execution`] is the engine's start. The SQL is
-/// static, so Diesel prepares it once per connection.
+/// [`crate::engine::start_execution`] is the engine's start (it uses the same
+/// statement with the start event and NOTIFY added). The SQL is static, so
+/// PostgreSQL plans it once per connection.
 #[tracing::instrument(skip_all, fields(execution.id = %execution.id, steps = steps.len()))]
 pub fn insert_execution_with_steps(
     conn: &mut PgConnection,
     execution: &NewExecution,
     steps: &[NewExecutionStep],
 ) -> QueryResult<()> {
+    with_steps_bound(INSERT_EXECUTION_WITH_STEPS, execution, steps)
+        .execute(conn)
+        .map(|_| ())
+}
+
+/// [`insert_execution_with_steps`] for an execution inserted already past
+/// `pending` (the engine's start): the same statement also appends the
+/// `pending -> status` event and sends the NOTIFY the transition trigger
+/// would have, and returns the stored execution.
+pub(crate) fn insert_started_execution(
+    conn: &mut PgConnection,
+    execution: &NewExecution,
+    steps: &[NewExecutionStep],
+) -> QueryResult<Execution> {
+    with_steps_bound(INSERT_STARTED_EXECUTION, execution, steps).get_result(conn)
+}
+
+macro_rules! execution_with_steps_cte {
+    () => {
+        "WITH e AS (INSERT INTO executions \
+           (id, workflow_id, status, user_id, data, workflow_version, idempotency_key, parent_execution_id) \
+         VALUES ($1, $2, $3::execution_status, $4, $5, $6, $7, $8) RETURNING *), \
+         s AS (INSERT INTO execution_steps \
+           (id, execution_id, node_id, status, input, upstream_pending, downstream, max_retries) \
+         SELECT s.id, $1, s.node_id, s.status::step_status, s.input, s.upstream, \
+                ARRAY(SELECT jsonb_array_elements_text(s.downstream)), s.retries \
+         FROM unnest($9::uuid[], $10::text[], $11::text[], $12::jsonb[], $13::int4[], $14::jsonb[], $15::int4[]) \
+           AS s(id, node_id, status, input, upstream, downstream, retries)) "
+    };
+}
+
+const INSERT_EXECUTION_WITH_STEPS: &str = concat!(execution_with_steps_cte!(), "SELECT 1 FROM e");
+
+const INSERT_STARTED_EXECUTION: &str = concat!(
+    execution_with_steps_cte!(),
+    ", ev AS (INSERT INTO execution_events (execution_id, from_status, to_status) \
+        SELECT id, 'pending', status::text FROM e) \
+     SELECT e.*, pg_notify('workflow_db_events', \
+        json_build_object('execution_id', e.id, 'step_id', NULL, 'status', e.status)::text)::text AS notified \
+     FROM e"
+);
+
+fn with_steps_bound<'a>(
+    sql: &'static str,
+    execution: &'a NewExecution,
+    steps: &[NewExecutionStep],
+) -> diesel::query_builder::BoxedSqlQuery<'a, Pg, diesel::query_builder::SqlQuery> {
     use diesel::sql_types::{Array, Integer, Jsonb, Nullable, Text, Uuid as SqlUuid};
     let ids: Vec<Uuid> = steps.iter().map(|s| s.id).collect();
-    let nodes: Vec<&str> = steps.iter().map(|s| s.node_id.as_str()).collect();
-    let statuses: Vec<&str> = steps.iter().map(|s| s.status.as_str()).collect();
-    let inputs: Vec<Option<&Value>> = steps.iter().map(|s| s.input.as_ref()).collect();
+    let nodes: Vec<String> = steps.iter().map(|s| s.node_id.clone()).collect();
+    let statuses: Vec<&'static str> = steps.iter().map(|s| s.status.as_str()).collect();
+    let inputs: Vec<Option<Value>> = steps.iter().map(|s| s.input.clone()).collect();
     let upstream: Vec<i32> = steps.iter().map(|s| s.upstream_pending).collect();
     let downstream: Vec<Value> = steps
         .iter()
         .map(|s| Value::from(s.downstream.clone()))
         .collect();
     let retries: Vec<i32> = steps.iter().map(|s| s.max_retries).collect();
-    diesel::sql_query(
-        "WITH e AS (INSERT INTO executions \
-           (id, workflow_id, status, user_id, data, workflow_version, idempotency_key, parent_execution_id) \
-         VALUES ($1, $2, $3::execution_status, $4, $5, $6, $7, $8)) \
-         INSERT INTO execution_steps \
-           (id, execution_id, node_id, status, input, upstream_pending, downstream, max_retries) \
-         SELECT s.id, $1, s.node_id, s.status::step_status, s.input, s.upstream, \
-                ARRAY(SELECT jsonb_array_elements_text(s.downstream)), s.retries \
-         FROM unnest($9::uuid[], $10::text[], $11::text[], $12::jsonb[], $13::int4[], $14::jsonb[], $15::int4[]) \
-           AS s(id, node_id, status, input, upstream, downstream, retries)",
-    )
-    .bind::<SqlUuid, _>(execution.id)
-    .bind::<SqlUuid, _>(execution.workflow_id)
-    .bind::<Text, _>(execution.status.as_str())
-    .bind::<Nullable<Text>, _>(execution.user_id.as_deref())
-    .bind::<Nullable<Jsonb>, _>(execution.data.as_ref())
-    .bind::<Integer, _>(execution.workflow_version)
-    .bind::<Nullable<Text>, _>(execution.idempotency_key.as_deref())
-    .bind::<Nullable<SqlUuid>, _>(execution.parent_execution_id)
-    .bind::<Array<SqlUuid>, _>(&ids)
-    .bind::<Array<Text>, _>(&nodes)
-    .bind::<Array<Text>, _>(&statuses)
-    .bind::<Array<Nullable<Jsonb>>, _>(&inputs)
-    .bind::<Array<Integer>, _>(&upstream)
-    .bind::<Array<Jsonb>, _>(&downstream)
-    .bind::<Array<Integer>, _>(&retries)
-    .execute(conn)
-    .map(|_| ())
+    diesel::sql_query(sql)
+        .into_boxed()
+        .bind::<SqlUuid, _>(execution.id)
+        .bind::<SqlUuid, _>(execution.workflow_id)
+        .bind::<Text, _>(execution.status.as_str())
+        .bind::<Nullable<Text>, _>(execution.user_id.as_deref())
+        .bind::<Nullable<Jsonb>, _>(execution.data.as_ref())
+        .bind::<Integer, _>(execution.workflow_version)
+        .bind::<Nullable<Text>, _>(execution.idempotency_key.as_deref())
+        .bind::<Nullable<SqlUuid>, _>(execution.parent_execution_id)
+        .bind::<Array<SqlUuid>, _>(ids)
+        .bind::<Array<Text>, _>(nodes)
+        .bind::<Array<Text>, _>(statuses)
+        .bind::<Array<Nullable<Jsonb>>, _>(inputs)
+        .bind::<Array<Integer>, _>(upstream)
+        .bind::<Array<Jsonb>, _>(downstream)
+        .bind::<Array<Integer>, _>(retries)
 }
 
 fn consumed() -> diesel::result::Error {
