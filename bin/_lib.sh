@@ -69,7 +69,10 @@ PY
 }
 
 # Create a scratch database on the server of DATABASE_URL, store its URL in the
-# variable named by $2 (no subshell, so the EXIT trap knows to drop it).
+# variable named by $2 (no subshell, so the EXIT trap knows to drop it). Named
+# like every throwaway database of the repository (see src/testing.rs):
+# workflow_db_tmp_gate_<unix seconds>_<pid>_<n>; one a crashed run leaves is
+# swept by the next test run once it is an hour old and nobody is connected.
 SCRATCH_DBS=()
 drop_scratch_dbs() {
   local db
@@ -78,8 +81,9 @@ drop_scratch_dbs() {
   done
 }
 trap drop_scratch_dbs EXIT
-scratch_db() { # scratch_db NAME VAR
-  local name="workflow_db_scratch_$1_$$"
+scratch_db() { # scratch_db LABEL VAR (the label only names it in logs)
+  local name="workflow_db_tmp_gate_$(date +%s)_$$_${#SCRATCH_DBS[@]}"
+  log "scratch database for $1: $name"
   psql -X -q -v ON_ERROR_STOP=1 "$(maintenance_url "$DATABASE_URL")" \
     -c "DROP DATABASE IF EXISTS \"$name\" WITH (FORCE)" -c "CREATE DATABASE \"$name\"" >/dev/null
   SCRATCH_DBS+=("$name")

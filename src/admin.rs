@@ -54,59 +54,9 @@ use serde::Serialize;
 use crate::config::{DatabaseUrl, ENVIRONMENT_VARS, Environment, Host};
 use crate::error::{Error, Result};
 use crate::migrate::{self, quote_ident};
+use crate::pool;
 
-/// The guard rule that refused a destructive command.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-#[non_exhaustive]
-pub enum GuardRule {
-    /// `APP_ENV`, `RUST_ENV` or `NODE_ENV` says production.
-    EnvironmentIsProduction,
-    /// The database is stamped production.
-    DatabaseIsProduction,
-    /// The URL looks like a production server.
-    UrlLooksLikeProduction,
-    /// The server is not on loopback or a unix socket and `--allow-remote` was not given.
-    RemoteServer,
-    /// What the server reports after connecting disagrees with the URL.
-    ConnectedTargetMismatch,
-    /// The confirmation was missing, wrong, or declined.
-    NotConfirmed,
-}
-
-impl GuardRule {
-    /// The rule's stable name, as printed and documented.
-    pub const fn name(self) -> &'static str {
-        match self {
-            GuardRule::EnvironmentIsProduction => "environment-is-production",
-            GuardRule::DatabaseIsProduction => "database-is-production",
-            GuardRule::UrlLooksLikeProduction => "url-looks-like-production",
-            GuardRule::RemoteServer => "remote-server",
-            GuardRule::ConnectedTargetMismatch => "connected-target-mismatch",
-            GuardRule::NotConfirmed => "not-confirmed",
-        }
-    }
-}
-
-impl GuardRule {
-    /// The rule's number in the documentation (1 to 5; 6 for the confirmation).
-    pub const fn number(self) -> u8 {
-        match self {
-            GuardRule::EnvironmentIsProduction => 1,
-            GuardRule::DatabaseIsProduction => 2,
-            GuardRule::UrlLooksLikeProduction => 3,
-            GuardRule::RemoteServer => 4,
-            GuardRule::ConnectedTargetMismatch => 5,
-            GuardRule::NotConfirmed => 6,
-        }
-    }
-}
-
-impl fmt::Display for GuardRule {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
-}
+pub use crate::error::GuardRule;
 
 /// Exit code: success.
 pub const EXIT_OK: u8 = 0;
@@ -580,11 +530,7 @@ pub fn prepare(
 ) -> Result<Prepared> {
     check_environment(options, operation)?;
     let url_verdict = check_url(url, options, operation);
-    let connected = migrate::connect(
-        &url.with_default_param("application_name", ADMIN_APPLICATION_NAME)
-            .with_default_param("connect_timeout", "10"),
-    )
-    .and_then(|mut conn| {
+    let connected = pool::connect_as(url, ADMIN_APPLICATION_NAME).and_then(|mut conn| {
         conn.batch_execute("SET default_transaction_read_only = on")?;
         Ok(conn)
     });

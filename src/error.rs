@@ -4,9 +4,11 @@
 //! migration and admin operations return [`Result`]. No variant ever carries
 //! the database password: URLs are stored redacted.
 
+use std::fmt;
 use std::time::Duration;
 
 use diesel::result::{DatabaseErrorKind, Error as DieselError};
+use serde::Serialize;
 use uuid::Uuid;
 
 use crate::enums::{AnyStatus, ExecutionStatus, StepStatus};
@@ -45,8 +47,10 @@ pub enum Error {
         reason: String,
     },
 
-    /// Connecting to PostgreSQL failed.
-    #[error("cannot connect to {target}: {source}")]
+    /// Connecting to PostgreSQL failed. The driver's error is the
+    /// [`source`](std::error::Error::source), not repeated in this message, so
+    /// an error chain (`{:#}` in anyhow, `tracing`'s error chains) shows it once.
+    #[error("cannot connect to {target}")]
     Connection {
         /// Redacted description of the target (host, port, database).
         target: String,
@@ -55,8 +59,9 @@ pub enum Error {
         source: diesel::ConnectionError,
     },
 
-    /// The connection pool could not be built or could not hand out a connection.
-    #[error("connection pool: {0}")]
+    /// The connection pool could not be built or could not hand out a
+    /// connection; r2d2's error is the [`source`](std::error::Error::source).
+    #[error("the connection pool has no connection to give")]
     Pool(#[from] r2d2::Error),
 
     /// A query failed.
@@ -204,7 +209,7 @@ pub enum Error {
     #[error("refused by rule {}: {message}", rule.name())]
     ProtectedEnvironment {
         /// The rule that fired.
-        rule: crate::admin::GuardRule,
+        rule: GuardRule,
         /// What was found and what to do.
         message: String,
     },
@@ -254,5 +259,58 @@ impl Error {
             Error::Query(e) => Some(e),
             _ => None,
         }
+    }
+}
+
+/// The guard rule that refused a destructive command.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum GuardRule {
+    /// `APP_ENV`, `RUST_ENV` or `NODE_ENV` says production.
+    EnvironmentIsProduction,
+    /// The database is stamped production.
+    DatabaseIsProduction,
+    /// The URL looks like a production server.
+    UrlLooksLikeProduction,
+    /// The server is not on loopback or a unix socket and `--allow-remote` was not given.
+    RemoteServer,
+    /// What the server reports after connecting disagrees with the URL.
+    ConnectedTargetMismatch,
+    /// The confirmation was missing, wrong, or declined.
+    NotConfirmed,
+}
+
+impl GuardRule {
+    /// The rule's stable name, as printed and documented.
+    pub const fn name(self) -> &'static str {
+        match self {
+            GuardRule::EnvironmentIsProduction => "environment-is-production",
+            GuardRule::DatabaseIsProduction => "database-is-production",
+            GuardRule::UrlLooksLikeProduction => "url-looks-like-production",
+            GuardRule::RemoteServer => "remote-server",
+            GuardRule::ConnectedTargetMismatch => "connected-target-mismatch",
+            GuardRule::NotConfirmed => "not-confirmed",
+        }
+    }
+}
+
+impl GuardRule {
+    /// The rule's number in the documentation (1 to 5; 6 for the confirmation).
+    pub const fn number(self) -> u8 {
+        match self {
+            GuardRule::EnvironmentIsProduction => 1,
+            GuardRule::DatabaseIsProduction => 2,
+            GuardRule::UrlLooksLikeProduction => 3,
+            GuardRule::RemoteServer => 4,
+            GuardRule::ConnectedTargetMismatch => 5,
+            GuardRule::NotConfirmed => 6,
+        }
+    }
+}
+
+impl fmt::Display for GuardRule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
     }
 }

@@ -31,6 +31,7 @@ use sha2::{Digest, Sha256};
 
 use crate::config::{DatabaseUrl, Environment};
 use crate::error::{Error, Result};
+use crate::pool::{connect, connect_as};
 
 /// The migrations in `migrations/`, compiled into the crate.
 pub const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations");
@@ -384,11 +385,7 @@ impl Migrator {
 
     /// Opens the migrator's dedicated connection.
     pub fn connect(&self) -> Result<PgConnection> {
-        connect(
-            &self
-                .url
-                .with_default_param("application_name", MIGRATOR_APPLICATION_NAME),
-        )
+        connect_as(&self.url, MIGRATOR_APPLICATION_NAME)
     }
 
     /// Applies every pending migration (see the module docs), reporting
@@ -657,35 +654,13 @@ fn lock_holder(conn: &mut PgConnection) -> Result<Option<String>> {
     .and_then(|r| r.value))
 }
 
-/// Opens one connection to `url`; the error names the target, never the password.
-pub fn connect(url: &DatabaseUrl) -> Result<PgConnection> {
-    PgConnection::establish(url.expose()).map_err(|source| Error::Connection {
-        target: url.target(),
-        source: redact_connection_error(source, url),
-    })
-}
-
-fn redact_connection_error(
-    e: diesel::ConnectionError,
-    url: &DatabaseUrl,
-) -> diesel::ConnectionError {
-    // libpq does not echo passwords, but a malformed URL error may echo the input.
-    match e {
-        diesel::ConnectionError::InvalidConnectionUrl(msg) if url.has_password() => {
-            diesel::ConnectionError::InvalidConnectionUrl(
-                msg.replace(url.expose(), &url.redacted()),
-            )
-        }
-        other => other,
-    }
-}
-
 /// Creates the database named in `url` if it does not exist, connecting to the
 /// server's `postgres` database (or `template1`). Returns whether it was created.
 pub fn create_database_if_missing(url: &DatabaseUrl) -> Result<bool> {
     let name = url.database();
+    // The maintenance database; when both fail, the first error is the one to show.
     let mut admin = connect(&url.with_database("postgres"))
-        .or_else(|_| connect(&url.with_database("template1")))?;
+        .or_else(|first| connect(&url.with_database("template1")).map_err(|_| first))?;
     let exists =
         diesel::sql_query("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1) AS value")
             .bind::<Text, _>(&name)

@@ -1,12 +1,23 @@
-//! A fresh, migrated database per test (feature `test-utils`).
+//! A fresh, migrated database per test (feature `test-utils`), and the
+//! crate's one scheme for throwaway databases.
 //!
 //! The first [`TestDatabase::new`] on a server builds a template database
 //! migrated with this build's migrations (named after their checksum, so a
 //! changed migration gets a new template); every test database is a
 //! `CREATE DATABASE .. TEMPLATE .. STRATEGY FILE_COPY` clone of it (a few
 //! milliseconds) and is dropped when the value is dropped. Tests therefore run
-//! in parallel, each on its own database. Databases left by crashed runs are
-//! swept by name (they carry their creation time) once they are an hour old.
+//! in parallel, each on its own database.
+//!
+//! **Throwaway databases.** Everything in this repository that makes a
+//! database only to drop it again (the tests, the benchmark, the migration
+//! gate's scratch databases in `bin/check-schema`) names it
+//! `workflow_db_tmp_<purpose>_<unix seconds>_<pid>_<n>` ([`throwaway_name`];
+//! purposes `test`, `bench`, `gate`) and drops it when done. Whatever a
+//! crashed run left behind is swept by the next [`TestDatabase`] creation on
+//! the server: a throwaway database older than an hour that nobody is
+//! connected to (a plain `DROP DATABASE`, which PostgreSQL refuses while a
+//! session is connected, so a long benchmark is never swept from under
+//! itself).
 //!
 //! The server comes from `TEST_DATABASE_URL`, else `DATABASE_URL`, else
 //! `postgres://postgres@127.0.0.1:5432/postgres`. This module reads the
@@ -28,12 +39,12 @@ use diesel::prelude::*;
 use diesel::sql_types::{Integer, Text};
 
 use crate::config::{Config, DatabaseUrl, Environment};
-use crate::error::Result;
-use crate::migrate::{self, LOCK_NAMESPACE, Migrator, connect, quote_ident};
-use crate::pool::{PgPool, build_pool};
+use crate::error::{GuardRule, Result};
+use crate::migrate::{self, LOCK_NAMESPACE, Migrator, quote_ident};
+use crate::pool::{PgPool, build_pool, connect};
 
-/// Prefix of every test database's name.
-pub const TEST_DATABASE_PREFIX: &str = "workflow_db_test_";
+/// Prefix of every throwaway database's name (see [`throwaway_name`]).
+pub const THROWAWAY_PREFIX: &str = "workflow_db_tmp_";
 const TEMPLATE_PREFIX: &str = "workflow_db_template_";
 const TEMPLATE_LOCK: i32 = 2;
 const STALE_AFTER_SECS: u64 = 3600;
@@ -41,7 +52,38 @@ const LOCAL_DEFAULT: &str = "postgres://postgres@127.0.0.1:5432/postgres";
 
 static COUNTER: AtomicUsize = AtomicUsize::new(0);
 
-/// A database of its own for one test, dropped on `Drop`.
+/// The name of a new throwaway database:
+/// `workflow_db_tmp_<purpose>_<unix seconds>_<pid>_<n>`, unique on a server
+/// for this process. `purpose` says who made it (`test`, `bench`, ...): ASCII
+/// lower-case letters and digits only, so that the name parses back.
+///
+/// ```
+/// let name = workflow_db::testing::throwaway_name("bench");
+/// assert!(name.starts_with("workflow_db_tmp_bench_"));
+/// ```
+pub fn throwaway_name(purpose: &str) -> String {
+    debug_assert!(
+        !purpose.is_empty()
+            && purpose
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit()),
+        "purpose must be [a-z0-9]+"
+    );
+    format!(
+        "{THROWAWAY_PREFIX}{purpose}_{}_{}_{}",
+        unix_now(),
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// A database of its own for one test (or benchmark), dropped on `Drop`.
 #[derive(Debug)]
 pub struct TestDatabase {
     url: DatabaseUrl,
@@ -83,30 +125,37 @@ impl TestDatabase {
     pub fn new() -> TestDatabase {
         match Self::try_new() {
             Ok(db) => db,
-            Err(e) => panic!("cannot create a test database: {e}{}", hint(&e)),
+            Err(e) => panic!("cannot create a test database: {}{}", chain(&e), hint(&e)),
         }
     }
 
     /// A fresh migrated database, or the error that prevented it.
     pub fn try_new() -> Result<TestDatabase> {
-        Self::create(true)
+        Self::create("test", true)
     }
 
     /// A fresh, empty database (no migrations applied), for testing migrations themselves.
     pub fn empty() -> TestDatabase {
-        match Self::create(false) {
+        match Self::create("test", false) {
             Ok(db) => db,
-            Err(e) => panic!("cannot create a test database: {e}{}", hint(&e)),
+            Err(e) => panic!("cannot create a test database: {}{}", chain(&e), hint(&e)),
         }
     }
 
-    fn create(migrated: bool) -> Result<TestDatabase> {
+    /// A fresh migrated throwaway database for another `purpose` than a
+    /// test (`"bench"`, ...), named and swept like the tests' (see the module
+    /// docs).
+    pub fn throwaway(purpose: &str) -> Result<TestDatabase> {
+        Self::create(purpose, true)
+    }
+
+    fn create(purpose: &str, migrated: bool) -> Result<TestDatabase> {
         // The harness creates and force-drops databases: never where the
         // environment says production.
         let environment = Environment::from_lookup(|var| std::env::var(var).ok());
         if environment.is_production() {
             return Err(crate::Error::ProtectedEnvironment {
-                rule: crate::admin::GuardRule::EnvironmentIsProduction,
+                rule: GuardRule::EnvironmentIsProduction,
                 message: "the test harness creates and drops databases; it does not run where \
                           APP_ENV, RUST_ENV or NODE_ENV says production"
                     .into(),
@@ -115,14 +164,7 @@ impl TestDatabase {
         let admin = server_url()?.with_database("postgres");
         let mut conn = connect(&admin)?;
         sweep_stale(&mut conn)?;
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
-        let name = format!(
-            "{TEST_DATABASE_PREFIX}{now}_{}_{}",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::Relaxed)
-        );
+        let name = throwaway_name(purpose);
         if migrated {
             let template = ensure_template(&mut conn, &admin)?;
             clone_database(&mut conn, &template, &name)?;
@@ -134,6 +176,15 @@ impl TestDatabase {
             admin,
             name,
         })
+    }
+
+    /// Keeps the database instead of dropping it (to inspect it after a
+    /// benchmark, say) and returns its name. It is still a throwaway
+    /// database: once it is an hour old and nobody is connected, the next
+    /// [`TestDatabase`] on the server sweeps it.
+    pub fn keep(self) -> String {
+        let this = std::mem::ManuallyDrop::new(self);
+        this.name.clone()
     }
 
     /// The database's URL.
@@ -150,7 +201,11 @@ impl TestDatabase {
     pub fn connect(&self) -> PgConnection {
         match connect(&self.url) {
             Ok(conn) => conn,
-            Err(e) => panic!("cannot connect to test database {}: {e}", self.name),
+            Err(e) => panic!(
+                "cannot connect to test database {}: {}",
+                self.name,
+                chain(&e)
+            ),
         }
     }
 
@@ -165,7 +220,11 @@ impl TestDatabase {
     pub fn pool(&self) -> PgPool {
         match build_pool(&self.config()) {
             Ok(pool) => pool,
-            Err(e) => panic!("cannot build a pool for test database {}: {e}", self.name),
+            Err(e) => panic!(
+                "cannot build a pool for test database {}: {}",
+                self.name,
+                chain(&e)
+            ),
         }
     }
 }
@@ -257,27 +316,66 @@ fn database_exists(conn: &mut PgConnection, name: &str) -> Result<bool> {
     )
 }
 
-/// Drops test databases left by crashed runs: their name carries their
-/// creation time, and any older than an hour is stale.
+/// Drops throwaway databases left by crashed runs: older than
+/// [`STALE_AFTER_SECS`] (their name carries their creation time) and nobody
+/// connected (a plain `DROP DATABASE` fails while anyone is, and that failure
+/// is ignored: the owner is alive).
 fn sweep_stale(conn: &mut PgConnection) -> Result<()> {
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
+    let now = unix_now();
     let names: Vec<Name> =
         diesel::sql_query("SELECT datname FROM pg_database WHERE starts_with(datname, $1)")
-            .bind::<Text, _>(TEST_DATABASE_PREFIX)
+            .bind::<Text, _>(THROWAWAY_PREFIX)
             .load(conn)?;
     for Name { datname } in names {
-        let created = datname[TEST_DATABASE_PREFIX.len()..]
-            .split('_')
-            .next()
-            .and_then(|t| t.parse::<u64>().ok());
-        if created.is_some_and(|t| t + STALE_AFTER_SECS < now) {
+        if created_at(&datname).is_some_and(|t| t + STALE_AFTER_SECS < now) {
             let _ = conn.batch_execute(&format!(
-                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                "DROP DATABASE IF EXISTS {}",
                 quote_ident(&datname)
             ));
         }
     }
     Ok(())
+}
+
+/// The creation time in a [`throwaway_name`].
+fn created_at(name: &str) -> Option<u64> {
+    let mut fields = name.strip_prefix(THROWAWAY_PREFIX)?.split('_');
+    let _purpose = fields.next()?;
+    fields.next()?.parse().ok()
+}
+
+/// An error with its sources, `: `-separated (what anyhow's `{:#}` prints).
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn throwaway_names_parse_back_and_are_unique() {
+        let a = throwaway_name("bench");
+        let b = throwaway_name("bench");
+        assert_ne!(a, b);
+        assert!(
+            a.len() <= 63,
+            "PostgreSQL truncates names beyond 63 bytes: {a}"
+        );
+        let t = created_at(&a).unwrap();
+        assert!(t.abs_diff(unix_now()) < 60);
+        assert_eq!(
+            created_at("workflow_db_tmp_gate_1700000000_42_0"),
+            Some(1_700_000_000)
+        );
+        assert_eq!(created_at("workflow_db_bench"), None);
+        assert_eq!(created_at("workflow_db_tmp_gate_x_42_0"), None);
+    }
 }

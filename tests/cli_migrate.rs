@@ -74,7 +74,7 @@ fn creates_migrates_then_has_nothing_to_do() {
             .all(|l| l["event"] == "migration" && l["applied"] == true)
     );
 
-    let mut admin = workflow_db::migrate::connect(&server.url().with_database("postgres")).unwrap();
+    let mut admin = workflow_db::pool::connect(&server.url().with_database("postgres")).unwrap();
     admin
         .batch_execute(&format!(
             "DROP DATABASE \"{}_new\" WITH (FORCE)",
@@ -140,5 +140,23 @@ fn the_password_never_appears_in_output() {
         text(&failed).contains("cannot connect to 127.0.0.1:1"),
         "{}",
         text(&failed)
+    );
+}
+
+#[test]
+fn a_connection_error_names_its_cause_once() {
+    // libpq's "Connection refused" used to appear in the error's own message
+    // and again as its source, so the binaries' chains printed it twice.
+    let o = db_migrate("postgres://postgres@127.0.0.1:1/nowhere", &[]);
+    assert_eq!(o.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(
+        stderr.matches("Connection refused").count(),
+        1,
+        "the cause must appear exactly once: {stderr}"
+    );
+    assert!(
+        stderr.starts_with("db-migrate: error: cannot connect to 127.0.0.1:1, database postgres: "),
+        "{stderr}"
     );
 }

@@ -295,6 +295,102 @@ fn pool_connections_report_the_application_name_and_respect_the_size() {
     assert_eq!(name.name, workflow_db::pool::APPLICATION_NAME);
 }
 
+fn application_name(conn: &mut PgConnection) -> String {
+    diesel::sql_query("SELECT current_setting('application_name') AS name")
+        .get_result::<AppName>(conn)
+        .unwrap()
+        .name
+}
+
+#[test]
+fn every_connection_the_crate_opens_names_itself() {
+    let db = TestDatabase::new();
+    assert_eq!(
+        application_name(&mut workflow_db::pool::connect(db.url()).unwrap()),
+        "workflow-db"
+    );
+    assert_eq!(application_name(&mut db.connect()), "workflow-db");
+    let migrator = workflow_db::Migrator::new(db.url().clone());
+    assert_eq!(
+        application_name(&mut migrator.connect().unwrap()),
+        workflow_db::migrate::MIGRATOR_APPLICATION_NAME
+    );
+    assert_eq!(
+        application_name(&mut workflow_db::pool::connect_as(db.url(), "my-service").unwrap()),
+        "my-service"
+    );
+    // The admin guard's read-only connection, seen from another session while it is open.
+    let prepared = workflow_db::admin::prepare(
+        workflow_db::admin::Operation::Reset,
+        db.url(),
+        &workflow_db::admin::GuardOptions::default(),
+    )
+    .unwrap();
+    let names: Vec<AppName> = diesel::sql_query(
+        "SELECT application_name AS name FROM pg_stat_activity \
+         WHERE datname = current_database() AND pid <> pg_backend_pid()",
+    )
+    .load(&mut db.connect())
+    .unwrap();
+    assert!(
+        names
+            .iter()
+            .any(|n| n.name == workflow_db::admin::ADMIN_APPLICATION_NAME),
+        "{:?}",
+        names.iter().map(|n| &n.name).collect::<Vec<_>>()
+    );
+    drop(prepared);
+    // A name in the URL wins over the crate's default.
+    let named = db
+        .url()
+        .with_default_param("application_name", "from-the-url");
+    assert_eq!(
+        application_name(&mut workflow_db::pool::connect(&named).unwrap()),
+        "from-the-url"
+    );
+}
+
+/// Throwaway databases a crashed run left (older than an hour) are swept by
+/// the next test database, unless someone is still connected to them.
+#[test]
+fn stale_throwaway_databases_are_swept_unless_in_use() {
+    let db = TestDatabase::new();
+    let mut admin = workflow_db::pool::connect(&db.url().with_database("postgres")).unwrap();
+    let two_hours_ago = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        - 7200;
+    let pid = std::process::id();
+    let stale = format!("workflow_db_tmp_sweeptest_{two_hours_ago}_{pid}_1");
+    let in_use = format!("workflow_db_tmp_sweeptest_{two_hours_ago}_{pid}_2");
+    let recent = workflow_db::testing::throwaway_name("sweeptest");
+    for name in [&stale, &in_use, &recent] {
+        diesel::sql_query(format!("CREATE DATABASE \"{name}\""))
+            .execute(&mut admin)
+            .unwrap();
+    }
+    let holder = workflow_db::pool::connect(&db.url().with_database(&in_use)).unwrap();
+    let _next = TestDatabase::new(); // sweeps
+    let exists = |admin: &mut PgConnection, name: &str| {
+        diesel::sql_query("SELECT datname AS name FROM pg_database WHERE datname = $1")
+            .bind::<Text, _>(name)
+            .load::<AppName>(admin)
+            .unwrap()
+            .len()
+            == 1
+    };
+    assert!(!exists(&mut admin, &stale), "stale and unused: swept");
+    assert!(exists(&mut admin, &in_use), "stale but connected: kept");
+    assert!(exists(&mut admin, &recent), "recent: kept");
+    drop(holder);
+    for name in [&stale, &in_use, &recent] {
+        diesel::sql_query(format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
+            .execute(&mut admin)
+            .unwrap();
+    }
+}
+
 #[test]
 fn a_pool_to_a_dead_server_fails_fast_without_the_password() {
     let url =

@@ -354,7 +354,7 @@ fn bookkeeping_is_found_whatever_the_search_path() {
     ))
     .unwrap();
     let url = db.url().with_default_param("options", "-csearch_path=app");
-    let mut other = migrate::connect(&url).unwrap();
+    let mut other = workflow_db::pool::connect(&url).unwrap();
     assert_eq!(
         migrate::environment_stamp(&mut other).unwrap().as_deref(),
         Some("test")

@@ -42,7 +42,7 @@ fn main() -> ExitCode {
 fn run(args: &Args) -> anyhow::Result<ExitCode> {
     let out = args.common.reporter();
     let url = args.common.url()?;
-    let mut conn = migrate::connect(&url)?;
+    let mut conn = workflow_db::pool::connect(&url)?;
     match &args.command {
         Command::Show => {
             let stamp = migrate::environment_stamp(&mut conn)?;

@@ -48,7 +48,7 @@ fn run(args: &Args) -> anyhow::Result<ExitCode> {
         json!({ "tables": plan.tables, "rows_deleted": rows }),
     );
     if let Some(seeds) = seeds {
-        let report = seeds.apply(&mut workflow_db::migrate::connect(&args.common.url()?)?)?;
+        let report = seeds.apply(&mut workflow_db::pool::connect(&args.common.url()?)?)?;
         out.event(
             "seeded",
             format!("seeded:\n{}", report.to_string().trim_end()),

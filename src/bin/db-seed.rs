@@ -39,7 +39,7 @@ fn run(args: &Args) -> anyhow::Result<ExitCode> {
         format!("db-seed: target {}", url.target()),
         json!({ "target": url.target() }),
     );
-    let report = seeds.apply(&mut workflow_db::migrate::connect(&url)?)?;
+    let report = seeds.apply(&mut workflow_db::pool::connect(&url)?)?;
     for t in &report.tables {
         out.event(
             "table",
