@@ -46,8 +46,14 @@ ensure_database_url() {
   export DATABASE_URL
 }
 
-# Where cargo puts the binaries (honours CARGO_TARGET_DIR).
-BIN_DIR="${CARGO_TARGET_DIR:-$ROOT/target}/debug"
+# The db-* binaries: prebuilt in WORKFLOW_DB_BIN_DIR when that is set (the
+# test suite's, or ~/.cargo/bin after `cargo install --path . --features cli`),
+# else built by build_bins into cargo's target directory (CARGO_TARGET_DIR).
+BIN_DIR="${WORKFLOW_DB_BIN_DIR:-${CARGO_TARGET_DIR:-$ROOT/target}/debug}"
+build_bins() { # build_bins [cargo build args...], e.g. --bin db-reset
+  [[ -n ${WORKFLOW_DB_BIN_DIR:-} ]] && return 0
+  cargo build --features cli --locked "$@" >&2
+}
 
 # Run psql against the maintenance database of the server in $1 (a URL).
 maintenance_url() {

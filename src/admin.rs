@@ -257,7 +257,7 @@ pub fn check_url(url: &DatabaseUrl, options: &GuardOptions, operation: Operation
                 format!(
                     "the URL looks like production: {reason}. {} refuses it. Point DATABASE_URL at a local \
                      development database; if this server really is disposable, say so with \
-                     --allow-production-looking-url (see the README).",
+                     --allow-production-looking-url (see docs/admin.md).",
                     operation.command()
                 ),
             ));
@@ -471,10 +471,12 @@ pub struct Plan {
 
 impl fmt::Display for Plan {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The target itself is printed once, before the guard runs (a
+        // refusal names no target of its own); the plan adds what the
+        // connection found.
         writeln!(
             f,
-            "target: {} (user {}), environment stamp: {}",
-            self.target,
+            "connected as user {}, environment stamp: {}",
             self.user,
             self.stamp.as_deref().unwrap_or("none")
         )?;

@@ -1,7 +1,8 @@
 //! Shared plumbing of the `db-*` binaries (feature `cli`): the common
 //! options, loading `.env`, printing human lines or JSON lines (`--json`),
-//! masking passwords in usage errors, exit codes, and the guarded flow of
-//! `db-reset` and `db-nuke`.
+//! masking passwords in usage errors, exit codes, applying migrations with
+//! their progress printed (`db-migrate`, `db-reset --migrate`), and the
+//! guarded flow of `db-reset` and `db-nuke`.
 //!
 //! Every binary prints its results on stdout, one line per event; with
 //! `--json` each line is one JSON object whose `"event"` field names it.
@@ -17,6 +18,7 @@ use serde_json::{Map, Value, json};
 
 use crate::admin::{self, Confirmation, GuardOptions, Operation, Plan};
 use crate::config::redact_urls_in;
+use crate::migrate::{self, MigrationEvent, Migrator};
 use crate::{Config, DatabaseUrl, Error};
 
 /// Options every binary takes.
@@ -194,4 +196,57 @@ pub fn run_guarded(
         None => prepared.confirm(Confirmation::Flag(None))?,
     };
     Ok(Some(confirmed.execute()?))
+}
+
+/// Creates the database if it is missing and applies the pending migrations,
+/// printing each step; ends with a `done` event naming the target. Returns
+/// how many migrations were applied.
+pub fn run_migrations(out: Reporter, migrator: &Migrator) -> anyhow::Result<usize> {
+    let url = migrator.url();
+    if migrate::create_database_if_missing(url)? {
+        out.event(
+            "created_database",
+            format!("created database {}", url.database()),
+            json!({ "database": url.database() }),
+        );
+    }
+    let applied = migrator.run(|event| match event {
+        MigrationEvent::WaitingForLock { holder } => out.warn(
+            "waiting_for_lock",
+            format!("waiting for the migration lock held by {holder}"),
+            json!({ "holder": holder }),
+        ),
+        MigrationEvent::Applied(m) => out.event(
+            "applied",
+            format!("applied {} ({} ms)", m.name, m.duration.as_millis()),
+            json!({ "version": m.version, "name": m.name, "duration_ms": m.duration.as_millis() as u64 }),
+        ),
+        MigrationEvent::UnknownApplied { version } => out.warn(
+            "unknown_applied",
+            format!("applied migration {version} is unknown to this build"),
+            json!({ "version": version }),
+        ),
+        MigrationEvent::Stamped { from, to } => out.event(
+            "stamped",
+            format!("environment stamp: {} -> {to}", from.as_deref().unwrap_or("none")),
+            json!({ "from": from, "to": to }),
+        ),
+        MigrationEvent::StampKept { stamp, ours } => out.event(
+            "stamp_kept",
+            format!("environment stamp {stamp} kept (this process runs as {ours})"),
+            json!({ "stamp": stamp, "environment": ours }),
+        ),
+        _ => {}
+    })?;
+    let human = if applied.is_empty() {
+        format!("{}: nothing to migrate, up to date", url.target())
+    } else {
+        format!("{}: {} migration(s) applied", url.target(), applied.len())
+    };
+    out.event(
+        "done",
+        human,
+        json!({ "target": url.target(), "applied": applied.len() }),
+    );
+    Ok(applied.len())
 }

@@ -57,3 +57,19 @@ pub mod prelude {
     pub use diesel::prelude::*;
     pub use diesel::{PgConnection, QueryResult};
 }
+
+/// The Rust examples of the guides in `docs/`, compiled as doctests so they
+/// cannot rot.
+#[cfg(doctest)]
+mod guides {
+    #[doc = include_str!("../docs/admin.md")]
+    struct Admin;
+    #[doc = include_str!("../docs/engine.md")]
+    struct Engine;
+    #[doc = include_str!("../docs/operations.md")]
+    struct Operations;
+    #[doc = include_str!("../docs/development.md")]
+    struct Development;
+    #[doc = include_str!("../docs/benchmarks.md")]
+    struct Benchmarks;
+}

@@ -383,6 +383,11 @@ impl Migrator {
         self
     }
 
+    /// The database this migrator works on.
+    pub fn url(&self) -> &DatabaseUrl {
+        &self.url
+    }
+
     /// Opens the migrator's dedicated connection.
     pub fn connect(&self) -> Result<PgConnection> {
         connect_as(&self.url, MIGRATOR_APPLICATION_NAME)

@@ -67,11 +67,27 @@ fn creates_migrates_then_has_nothing_to_do() {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
-    assert_eq!(lines.len(), workflow_db::migrate::sources().len());
+    let total = workflow_db::migrate::sources().len();
+    assert_eq!(lines.len(), total + 1);
+    // The first line names the database looked at, like every other binary.
+    assert_eq!(lines[0]["event"], "status");
+    assert_eq!(lines[0]["applied"], total);
+    assert_eq!(lines[0]["pending"], 0);
+    let target = lines[0]["target"].as_str().unwrap();
     assert!(
-        lines
+        target.ends_with(&format!("database {}_new", server.name())),
+        "{target}"
+    );
+    assert!(
+        lines[1..]
             .iter()
             .all(|l| l["event"] == "migration" && l["applied"] == true)
+    );
+    let human = db_migrate(&url, &["--status"]);
+    let first = String::from_utf8_lossy(&human.stdout);
+    assert_eq!(
+        first.lines().next().unwrap(),
+        format!("{target}: {total} applied, 0 pending")
     );
 
     let mut admin = workflow_db::pool::connect(&server.url().with_database("postgres")).unwrap();

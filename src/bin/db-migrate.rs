@@ -8,7 +8,7 @@ use serde_json::json;
 use workflow_db::Environment;
 use workflow_db::admin::EXIT_CHECK_FAILED;
 use workflow_db::cli::{self, CommonArgs, Reporter};
-use workflow_db::migrate::{self, MigrationEvent, Migrator};
+use workflow_db::migrate::Migrator;
 
 /// Apply the embedded migrations to DATABASE_URL, creating the database if needed.
 #[derive(Parser, Debug)]
@@ -53,7 +53,18 @@ fn run(args: &Args, out: Reporter) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     if args.status {
-        for s in migrator.status()? {
+        let status = migrator.status()?;
+        let applied = status.iter().filter(|s| s.applied).count();
+        out.event(
+            "status",
+            format!(
+                "{}: {applied} applied, {} pending",
+                url.target(),
+                status.len() - applied
+            ),
+            json!({ "target": url.target(), "applied": applied, "pending": status.len() - applied }),
+        );
+        for s in status {
             let human = format!(
                 "{:<16} {:<8} {:<33} {:>8}  {}",
                 s.version,
@@ -117,50 +128,6 @@ fn run(args: &Args, out: Reporter) -> anyhow::Result<ExitCode> {
         });
     }
 
-    if migrate::create_database_if_missing(&url)? {
-        out.event(
-            "created_database",
-            format!("created database {}", url.database()),
-            json!({ "database": url.database() }),
-        );
-    }
-    let applied = migrator.run(|event| match event {
-        MigrationEvent::WaitingForLock { holder } => out.warn(
-            "waiting_for_lock",
-            format!("waiting for the migration lock held by {holder}"),
-            json!({ "holder": holder }),
-        ),
-        MigrationEvent::Applied(m) => out.event(
-            "applied",
-            format!("applied {} ({} ms)", m.name, m.duration.as_millis()),
-            json!({ "version": m.version, "name": m.name, "duration_ms": m.duration.as_millis() as u64 }),
-        ),
-        MigrationEvent::UnknownApplied { version } => out.warn(
-            "unknown_applied",
-            format!("applied migration {version} is unknown to this build"),
-            json!({ "version": version }),
-        ),
-        MigrationEvent::Stamped { from, to } => out.event(
-            "stamped",
-            format!("environment stamp: {} -> {to}", from.as_deref().unwrap_or("none")),
-            json!({ "from": from, "to": to }),
-        ),
-        MigrationEvent::StampKept { stamp, ours } => out.event(
-            "stamp_kept",
-            format!("environment stamp {stamp} kept (this process runs as {ours})"),
-            json!({ "stamp": stamp, "environment": ours }),
-        ),
-        _ => {}
-    })?;
-    let human = if applied.is_empty() {
-        format!("{}: nothing to migrate, up to date", url.target())
-    } else {
-        format!("{}: {} migration(s) applied", url.target(), applied.len())
-    };
-    out.event(
-        "done",
-        human,
-        json!({ "target": url.target(), "applied": applied.len() }),
-    );
+    cli::run_migrations(out, &migrator)?;
     Ok(ExitCode::SUCCESS)
 }

@@ -1,6 +1,6 @@
 //! `db-nuke`: drop everything in the `public` schema (tables, enums,
 //! functions, migration bookkeeping); `db-migrate` rebuilds it from zero.
-//! Guarded: see the README for the rules and exit codes.
+//! Guarded: see docs/admin.md for the rules and exit codes.
 
 use std::process::ExitCode;
 

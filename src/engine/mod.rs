@@ -8,7 +8,13 @@
 //! unblocks its downstream steps, and an execution completes (or fails) when
 //! its steps are final. The functions here are thin, single-statement where
 //! it matters (claim, complete, fail), and compose inside a caller's
-//! `conn.transaction(..)`.
+//! `conn.transaction(..)`. Status changes must run in READ COMMITTED
+//! transactions (PostgreSQL's default); the triggers refuse them under
+//! REPEATABLE READ and SERIALIZABLE.
+//!
+//! The guide to this module — what PostgreSQL enforces, every operation, and
+//! the notes on worker ids, leases and transactions — is `docs/engine.md` in
+//! the repository.
 //!
 //! ```no_run
 //! use std::time::Duration;

@@ -1,6 +1,23 @@
 //! One module per table: the row type, the insert type, the changeset and the
 //! queries. Every query takes `conn: &mut PgConnection` first, so callers can
 //! compose them inside their own `conn.transaction(..)`.
+//!
+//! - Row types `Workflow`, `Execution`, `ExecutionStep` (and the read-only
+//!   `ExecutionEvent` history); insert types `NewWorkflow`, `NewExecution`,
+//!   `NewExecutionStep`, whose `::new` assigns a time-ordered UUIDv7 id
+//!   (index-friendly); changesets `WorkflowChanges`, `ExecutionChanges`,
+//!   `ExecutionStepChanges`.
+//! - `find`, `list` (keyset pages in id order, at most [`MAX_PAGE_SIZE`] rows),
+//!   `update` and `delete` on each row type; `Workflow::with_recent_executions`
+//!   reads a workflow with its latest executions and their steps in three
+//!   queries.
+//! - `NewWorkflow::create` and `Workflow::update` validate the graph and so
+//!   return the crate's `Result`.
+//! - `bulk` streams executions and steps through binary `COPY FROM` (constant
+//!   memory) and inserts an execution with its steps in one statement.
+//!
+//! The schema these types map is described in `docs/engine.md` in the
+//! repository.
 
 /// Largest page a `list` function returns, whatever the caller asks for.
 pub const MAX_PAGE_SIZE: i64 = 1000;
