@@ -79,10 +79,12 @@ diesel::table! {
         max_retries -> Int4,
         /// Earliest time the step may be claimed (now at start; now + backoff after a failure).
         run_after -> Timestamptz,
-        /// Worker holding (or last holding) the lease on the running step.
+        /// Worker holding the lease on the running step; NULL whenever the step is not running (the history keeps who ran each attempt).
         locked_by -> Nullable<Text>,
-        /// When the running step's lease expires (then it is reclaimable); NULL whenever the step is not running (cleared by the transition trigger).
+        /// When the running step's lease expires (then it is reclaimable); NULL whenever the step is not running.
         locked_until -> Nullable<Timestamptz>,
+        /// True while the pending step's execution is not running (pending or paused): a parked step is never claimed. Maintained by the triggers under the execution's row lock.
+        parked -> Bool,
     }
 }
 

@@ -11,6 +11,13 @@ use crate::error::{Error, Result};
 use crate::models::{ExecutionStep, MAX_PAGE_SIZE};
 use crate::schema::execution_steps;
 
+diesel::define_sql_function! {
+    /// PostgreSQL's `statement_timestamp()`: the start of the current
+    /// statement (leases are measured from it, not from the transaction's
+    /// start as `now()` would be).
+    fn statement_timestamp() -> diesel::sql_types::Nullable<diesel::sql_types::Timestamptz>;
+}
+
 /// How long a failed step waits before its retry: `base * 2^retry_count`,
 /// capped at `max` (the exponent is clamped to 30, so any retry count works).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,21 +51,25 @@ fn micros(d: Duration) -> f64 {
 /// Longest delay [`fail_step`] schedules, whatever [`Backoff::max`] says (100 years).
 const MAX_BACKOFF: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 
-/// The runnable steps, in the order of `execution_steps_claim_idx` (the
-/// literals match the index predicate, so even a generic plan uses it); only
-/// the steps are locked, skipping rows other workers hold. `= ANY(ARRAY(..))`
-/// runs the subquery once as an init plan and updates by primary key (an
-/// `IN (..)` semi-join may seq-scan the table under a generic plan). The
-/// LIMIT is written as a literal: with a parameter there PostgreSQL costs
-/// the generic plan for an unknown row count and keeps re-planning; as a
-/// literal every call of one batch size reuses one prepared plan (at most
-/// [`MAX_PAGE_SIZE`] distinct statements per connection).
+/// The runnable steps, in the order of `execution_steps_ready_idx` (the
+/// literals match the index predicate, so even a generic plan uses it): a
+/// step of an execution that is not running is `parked` and not in the
+/// index, so a claim never scans past them. Only the steps are locked,
+/// skipping rows other workers hold; a claim locks no execution (see the
+/// lock order in `docs/engine.md`). `= ANY(ARRAY(..))` runs the subquery once
+/// as an init plan and updates by primary key (an `IN (..)` semi-join may
+/// seq-scan the table under a generic plan). The LIMIT is written as a
+/// literal: with a parameter there PostgreSQL costs the generic plan for an
+/// unknown row count and keeps re-planning; as a literal every call of one
+/// batch size reuses one prepared plan (at most [`MAX_PAGE_SIZE`] distinct
+/// statements per connection). Lease times use `statement_timestamp()`, so a
+/// claim inside a long transaction still hands out a full lease.
 const CLAIM: &str = "\
-UPDATE execution_steps SET status = 'running', locked_by = $1, locked_until = now() + $2
+UPDATE execution_steps SET status = 'running', locked_by = $1, locked_until = statement_timestamp() + $2
 WHERE id = ANY(ARRAY(
     SELECT s.id FROM execution_steps s
-    WHERE s.status = 'pending' AND s.upstream_pending = 0 AND s.run_after <= now()
-      AND EXISTS (SELECT 1 FROM executions e WHERE e.id = s.execution_id AND e.status = 'running')
+    WHERE s.status = 'pending' AND s.upstream_pending = 0 AND NOT s.parked
+      AND s.run_after <= statement_timestamp()
     ORDER BY s.run_after, s.id
     LIMIT {limit}
     FOR UPDATE SKIP LOCKED))
@@ -84,7 +95,7 @@ pub fn claim_steps(
 }
 
 /// Extends the unexpired leases `worker` holds on `step_ids` to
-/// `now() + lease` and returns the ids it still holds; a missing id means
+/// `statement_timestamp() + lease` and returns the ids it still holds; a missing id means
 /// the lease was lost (it expired, even if not yet reclaimed, or the step
 /// finished): stop working on that step.
 #[tracing::instrument(skip(conn, step_ids), fields(count = step_ids.len()))]
@@ -95,8 +106,8 @@ pub fn heartbeat(
     lease: Duration,
 ) -> QueryResult<Vec<Uuid>> {
     diesel::sql_query(
-        "UPDATE execution_steps SET locked_until = now() + $3 \
-         WHERE id = ANY($1) AND locked_by = $2 AND locked_until > now() RETURNING id",
+        "UPDATE execution_steps SET locked_until = statement_timestamp() + $3 \
+         WHERE id = ANY($1) AND locked_by = $2 AND locked_until > statement_timestamp() RETURNING id",
     )
     .bind::<Array<SqlUuid>, _>(step_ids)
     .bind::<Text, _>(worker)
@@ -120,7 +131,7 @@ struct StepId {
 /// `running` range fills with dead entries as steps finish.)
 macro_rules! held_by {
     () => {
-        "id = $1 AND locked_by = $2 AND locked_until > now()"
+        "id = $1 AND locked_by = $2 AND locked_until > statement_timestamp()"
     };
 }
 
@@ -147,12 +158,12 @@ macro_rules! retry_or_fail {
 pub fn reclaim_expired(conn: &mut PgConnection, limit: i64) -> QueryResult<Vec<ExecutionStep>> {
     diesel::sql_query(concat!(
         "UPDATE execution_steps SET ",
-        retry_or_fail!("now()"),
+        retry_or_fail!("statement_timestamp()"),
         ", error = format('lease of worker %s expired at %s', locked_by, locked_until) \
          WHERE id = ANY(ARRAY(SELECT id FROM execution_steps \
-                      WHERE status = 'running' AND locked_until < now() \
+                      WHERE status = 'running' AND locked_until < statement_timestamp() \
                       ORDER BY locked_until LIMIT $1 FOR UPDATE SKIP LOCKED)) \
-           AND status = 'running' AND locked_until < now() \
+           AND status = 'running' AND locked_until < statement_timestamp() \
          RETURNING *"
     ))
     .bind::<BigInt, _>(limit.max(1))
@@ -164,9 +175,11 @@ pub fn reclaim_expired(conn: &mut PgConnection, limit: i64) -> QueryResult<Vec<E
 /// claim in batches). All or nothing: when any step is not held by `worker`
 /// under an unexpired lease, nothing is completed and the first such step's
 /// error ([`Error::LeaseLost`], [`Error::IllegalTransition`], ...) is returned.
-/// The triggers run per row exactly as for [`complete_step`]. Steps of one
-/// execution completed by several workers in parallel batches can deadlock on
-/// their downstream rows; PostgreSQL aborts one batch, which can be retried.
+/// The database handles the batch as a set: one event per step, the
+/// downstream counters and each execution's settle once per statement, one
+/// NOTIFY per execution. Batches of several workers over steps of the same
+/// executions serialise on those executions (locked in id order), so they do
+/// not deadlock.
 #[tracing::instrument(skip(conn, steps), fields(count = steps.len()))]
 pub fn complete_steps(
     conn: &mut PgConnection,
@@ -184,7 +197,7 @@ pub fn complete_steps(
         let done: Vec<ExecutionStep> = diesel::sql_query(
             "UPDATE execution_steps s SET status = 'completed', output = x.output \
              FROM unnest($1::uuid[], $2::jsonb[]) AS x(id, output) \
-             WHERE s.id = x.id AND s.locked_by = $3 AND s.locked_until > now() \
+             WHERE s.id = x.id AND s.locked_by = $3 AND s.locked_until > statement_timestamp() \
              RETURNING s.*",
         )
         .bind::<Array<SqlUuid>, _>(&ids)
@@ -221,7 +234,7 @@ pub fn complete_step(
         execution_steps::table
             .filter(execution_steps::id.eq(step_id))
             .filter(execution_steps::locked_by.eq(worker))
-            .filter(execution_steps::locked_until.gt(diesel::dsl::now)),
+            .filter(execution_steps::locked_until.gt(statement_timestamp())),
     )
     .set((
         execution_steps::status.eq(StepStatus::Completed),
@@ -254,7 +267,7 @@ pub fn fail_step(
     let updated = diesel::sql_query(concat!(
         "UPDATE execution_steps SET ",
         retry_or_fail!(
-            "now() + least($4 * power(2, least(retry_count, 30)), $5) * interval '1 microsecond'"
+            "statement_timestamp() + least($4 * power(2, least(retry_count, 30)), $5) * interval '1 microsecond'"
         ),
         ", error = $3 WHERE ",
         held_by!(),

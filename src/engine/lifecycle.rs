@@ -97,16 +97,41 @@ pub fn transition_step(
     if (from, to) == (StepStatus::Pending, StepStatus::Running) {
         return Err(Error::RunRequiresClaim { step_id: id });
     }
-    compare_and_set!(
-        conn,
-        execution_steps,
-        ExecutionStep,
-        StepStatus,
-        "step",
-        id,
-        from,
-        to
-    )
+    if from != StepStatus::Pending {
+        return compare_and_set!(
+            conn,
+            execution_steps,
+            ExecutionStep,
+            StepStatus,
+            "step",
+            id,
+            from,
+            to
+        );
+    }
+    // The lock order for pending steps: the execution first. Skipping a
+    // pending step would otherwise hold the step while its trigger waits for
+    // the execution, as a cancel holds the execution and waits for the
+    // execution's pending steps.
+    conn.transaction(|conn| {
+        diesel::sql_query(
+            "SELECT 1 FROM executions \
+             WHERE id = (SELECT execution_id FROM execution_steps WHERE id = $1) \
+             FOR NO KEY UPDATE",
+        )
+        .bind::<diesel::sql_types::Uuid, _>(id)
+        .execute(conn)?;
+        compare_and_set!(
+            conn,
+            execution_steps,
+            ExecutionStep,
+            StepStatus,
+            "step",
+            id,
+            from,
+            to
+        )
+    })
 }
 
 /// Pauses a running execution: no step of it is claimed until [`resume`].

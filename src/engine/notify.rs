@@ -13,15 +13,21 @@ pub const CHANNEL: &str = "workflow_db_events";
 /// How often [`wait_for_notifications`] looks at the socket.
 const POLL_INTERVAL: Duration = Duration::from_millis(5);
 
-/// One committed transition, as sent by the triggers' `pg_notify`.
+/// Committed transitions, as sent by the triggers' `pg_notify`: one per
+/// execution status change, and one per statement, execution and new step
+/// status (a batch of 50 completions of one execution is one notification).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Notification {
     /// The execution concerned.
     pub execution_id: Uuid,
-    /// The step concerned; `None` when the execution itself changed status.
+    /// The step concerned when exactly one step changed; `None` when several
+    /// did (see `steps`) or when the execution itself changed status.
     pub step_id: Option<Uuid>,
-    /// The new status.
+    /// The new status (an [`AnyStatus::Step`] when `steps > 0`).
     pub status: AnyStatus,
+    /// How many steps of the execution reached `status` in one statement;
+    /// 0 when the execution itself changed status.
+    pub steps: u32,
 }
 
 #[derive(Deserialize)]
@@ -29,19 +35,23 @@ struct Payload {
     execution_id: Uuid,
     step_id: Option<Uuid>,
     status: String,
+    #[serde(default)]
+    steps: u32,
 }
 
 impl Notification {
     fn parse(payload: &str) -> Option<Notification> {
         let p: Payload = serde_json::from_str(payload).ok()?;
-        let status = match p.step_id {
-            Some(_) => StepStatus::from_label(&p.status)?.into(),
-            None => ExecutionStatus::from_label(&p.status)?.into(),
+        let status = if p.steps > 0 || p.step_id.is_some() {
+            StepStatus::from_label(&p.status)?.into()
+        } else {
+            ExecutionStatus::from_label(&p.status)?.into()
         };
         Some(Notification {
             execution_id: p.execution_id,
             step_id: p.step_id,
             status,
+            steps: p.steps.max(u32::from(p.step_id.is_some())),
         })
     }
 }

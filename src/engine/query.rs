@@ -250,14 +250,51 @@ pub fn descendants(conn: &mut PgConnection, id: Uuid) -> QueryResult<Vec<Executi
     .load(conn)
 }
 
+/// "Nothing in `x`'s subtree is still in use": no step of `x` or of any
+/// execution below it (at any depth) is pending or running (a step may still
+/// run under a cancelled execution), and every execution below it is final
+/// and completed before the cutoff `$1`. `$3` bounds the depth.
+macro_rules! prunable {
+    () => {
+        "x.status IN ('completed', 'failed', 'cancelled') AND x.completed_at < $1 \
+         AND NOT EXISTS (SELECT 1 FROM execution_steps s \
+                         WHERE s.execution_id = x.id AND s.status IN ('pending', 'running')) \
+         AND NOT EXISTS ( \
+             WITH RECURSIVE down (id, depth) AS ( \
+                 SELECT c.id, 1 FROM executions c WHERE c.parent_execution_id = x.id \
+                 UNION ALL \
+                 SELECT c.id, down.depth + 1 FROM executions c \
+                 JOIN down ON c.parent_execution_id = down.id WHERE down.depth < $3) \
+             SELECT 1 FROM down JOIN executions d ON d.id = down.id \
+             WHERE d.status NOT IN ('completed', 'failed', 'cancelled') \
+                OR d.completed_at IS NULL OR d.completed_at >= $1 \
+                OR EXISTS (SELECT 1 FROM execution_steps s \
+                           WHERE s.execution_id = d.id AND s.status IN ('pending', 'running')))"
+    };
+}
+
+#[derive(QueryableByName)]
+struct Id {
+    #[diesel(sql_type = diesel::sql_types::Uuid)]
+    id: Uuid,
+}
+
 /// Deletes final executions (completed, failed, cancelled) that completed
-/// before `older_than`, with their steps and history, `batch` rows per
-/// statement (each short, skipping rows locked by others) until none is
+/// before `older_than`, with their steps and history, `batch` executions per
+/// transaction (each short, skipping rows locked by others) until none is
 /// left; returns how many were deleted (not counting the sub-executions
 /// deleted with them). Deleting an execution deletes its whole subtree of
-/// sub-executions (cascade), so an execution is kept when any execution
-/// below it, at any depth, is not final or completed at or after the
-/// cutoff. Run it outside a transaction so each batch commits.
+/// sub-executions (cascade), so an execution is kept while anything in its
+/// subtree is in use: an execution below it, at any depth, that is not final
+/// or completed at or after the cutoff, or a step (of it or below it) still
+/// pending or running.
+///
+/// Each batch first locks its candidates (`FOR UPDATE`), then deletes them
+/// in a second statement that checks their subtrees again with a fresh
+/// snapshot: a sub-execution committed before the lock is seen and keeps its
+/// parent, and one started after it waits for the prune and then fails on
+/// its missing parent; nothing is deleted while in use. Run it outside a
+/// transaction so each batch commits.
 #[tracing::instrument(skip(conn))]
 pub fn prune_executions(
     conn: &mut PgConnection,
@@ -267,27 +304,34 @@ pub fn prune_executions(
     let batch = batch.max(1);
     let mut total = 0u64;
     loop {
-        let deleted = diesel::sql_query(
-            "DELETE FROM executions WHERE id = ANY(ARRAY( \
-                 SELECT x.id FROM executions x \
-                 WHERE x.status IN ('completed', 'failed', 'cancelled') AND x.completed_at < $1 \
-                   AND NOT EXISTS ( \
-                       WITH RECURSIVE down (id, depth) AS ( \
-                           SELECT c.id, 1 FROM executions c WHERE c.parent_execution_id = x.id \
-                           UNION ALL \
-                           SELECT c.id, down.depth + 1 FROM executions c \
-                           JOIN down ON c.parent_execution_id = down.id WHERE down.depth < $3) \
-                       SELECT 1 FROM down JOIN executions d ON d.id = down.id \
-                       WHERE d.status NOT IN ('completed', 'failed', 'cancelled') \
-                          OR d.completed_at IS NULL OR d.completed_at >= $1) \
-                 ORDER BY x.completed_at LIMIT $2 FOR UPDATE SKIP LOCKED))",
-        )
-        .bind::<Timestamptz, _>(older_than)
-        .bind::<BigInt, _>(batch)
-        .bind::<BigInt, _>(MAX_DEPTH)
-        .execute(conn)?;
-        total += deleted as u64;
-        if (deleted as i64) < batch {
+        let (locked, deleted) = conn.transaction(|conn| {
+            let ids: Vec<Uuid> = diesel::sql_query(concat!(
+                "SELECT x.id FROM executions x WHERE ",
+                prunable!(),
+                " ORDER BY x.completed_at LIMIT $2 FOR UPDATE OF x SKIP LOCKED"
+            ))
+            .bind::<Timestamptz, _>(older_than)
+            .bind::<BigInt, _>(batch)
+            .bind::<BigInt, _>(MAX_DEPTH)
+            .load::<Id>(conn)?
+            .into_iter()
+            .map(|r| r.id)
+            .collect();
+            if ids.is_empty() {
+                return QueryResult::Ok((0, 0));
+            }
+            let deleted = diesel::sql_query(concat!(
+                "DELETE FROM executions x WHERE x.id = ANY($2) AND ",
+                prunable!()
+            ))
+            .bind::<Timestamptz, _>(older_than)
+            .bind::<diesel::sql_types::Array<diesel::sql_types::Uuid>, _>(&ids)
+            .bind::<BigInt, _>(MAX_DEPTH)
+            .execute(conn)?;
+            Ok((ids.len() as i64, deleted as u64))
+        })?;
+        total += deleted;
+        if locked < batch {
             return Ok(total);
         }
     }

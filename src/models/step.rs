@@ -55,10 +55,13 @@ pub struct ExecutionStep {
     pub max_retries: i32,
     /// Earliest time the step may be claimed.
     pub run_after: DateTime<Utc>,
-    /// Worker holding (or last holding) the lease.
+    /// Worker holding the lease of the running step (`None` when not running).
     pub locked_by: Option<String>,
-    /// When the lease of the running step expires.
+    /// When the lease of the running step expires (`None` when not running).
     pub locked_until: Option<DateTime<Utc>>,
+    /// The step's execution is not running (pending or paused), so the step
+    /// is not claimed even when ready; maintained by the database.
+    pub parked: bool,
 }
 
 /// A step to insert; [`NewExecutionStep::new`] assigns a fresh UUIDv7 and status `pending`.

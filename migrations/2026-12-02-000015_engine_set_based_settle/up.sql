@@ -1,0 +1,349 @@
+-- Engine core, second pass: set-based settle and one lock order.
+--
+-- The row-level AFTER triggers of 000005/000013 are replaced by statement-level
+-- triggers with transition tables: a statement that changes N steps appends
+-- its events, unblocks the downstream steps and settles each execution once,
+-- in a few set operations (no per-row cascades: cancelling 10,000 steps is
+-- linear), and sends one NOTIFY per execution and new status.
+--
+-- One lock order everywhere, so that ordinary use cannot deadlock:
+--   1. the step rows a statement writes (the UPDATE itself);
+--   2. then their executions, FOR NO KEY UPDATE, in id order (never FOR SHARE,
+--      whose upgrade deadlocked two transactions retrying steps of one
+--      execution); a claim (pending -> running) locks no execution;
+--   3. then, under the execution's lock, other steps of that execution
+--      (downstream counters, skipping, parking).
+-- A transaction holding an execution therefore waits only for pending steps,
+-- and those are held only by claims, which never wait for an execution.
+--
+-- Every status change of a step that ends an attempt locks its execution, so
+-- the "last step" race is decided under one row lock whatever the execution's
+-- status: a resume that commits first is seen by the step's settle, and a
+-- resume that comes second waits for the step's transaction and then sees it.
+--
+-- New column `parked`: true while a pending step's execution is not running
+-- (pending or paused), maintained under the execution's lock; the claim index
+-- leaves parked steps out, so claims no longer scan past the ready steps of
+-- paused executions.
+--
+-- Leases: a step holds `locked_by` and `locked_until` exactly while it runs
+-- (CHECK execution_steps_lease_check, validated in 000016); both are cleared
+-- when an attempt ends, so a later hand-written run can never be completed by
+-- the previous holder. Lease times use statement_timestamp(), not the
+-- transaction's start.
+
+-------------------------------------------------------------------------------
+-- Columns and constraints.
+ALTER TABLE execution_steps ADD COLUMN parked boolean NOT NULL DEFAULT false;
+COMMENT ON COLUMN execution_steps.parked IS 'True while the pending step''s execution is not running (pending or paused): a parked step is never claimed. Maintained by the triggers under the execution''s row lock.';
+COMMENT ON COLUMN execution_steps.locked_by IS 'Worker holding the lease on the running step; NULL whenever the step is not running (the history keeps who ran each attempt).';
+COMMENT ON COLUMN execution_steps.locked_until IS 'When the running step''s lease expires (then it is reclaimable); NULL whenever the step is not running.';
+
+-------------------------------------------------------------------------------
+-- Step state machine (BEFORE UPDATE OF status, per row: checks and row fields only).
+CREATE OR REPLACE FUNCTION workflow_db_step_transition() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF NEW.status = OLD.status THEN
+        RETURN NEW;
+    END IF;
+    PERFORM workflow_db_require_read_committed();
+    IF NOT ((OLD.status = 'pending' AND NEW.status IN ('running', 'skipped'))
+         OR (OLD.status = 'running' AND NEW.status IN ('completed', 'failed', 'pending'))) THEN
+        RAISE EXCEPTION 'illegal step transition % -> %', OLD.status, NEW.status
+            USING ERRCODE = 'check_violation',
+                  CONSTRAINT = 'execution_steps_status_transition',
+                  TABLE = 'execution_steps',
+                  DETAIL = format('%s -> %s', OLD.status, NEW.status);
+    END IF;
+    IF NEW.status = 'running' THEN
+        IF NEW.upstream_pending > 0 OR NEW.parked THEN
+            RAISE EXCEPTION 'step % of execution % is not runnable: %', NEW.node_id, NEW.execution_id,
+                    CASE WHEN NEW.parked THEN 'its execution is not running'
+                         ELSE format('%s upstream step(s) not done', NEW.upstream_pending) END
+                USING ERRCODE = 'check_violation',
+                      CONSTRAINT = 'execution_steps_run_when_ready',
+                      TABLE = 'execution_steps',
+                      DETAIL = format('upstream_pending = %s, parked = %s', NEW.upstream_pending, NEW.parked);
+        END IF;
+        -- A step moved to running by hand (psql, another service) gets a
+        -- default lease held by the writing role, unless the writer sets them.
+        NEW.locked_until := coalesce(NEW.locked_until, statement_timestamp() + interval '5 minutes');
+        NEW.locked_by := coalesce(NEW.locked_by, session_user);
+        NEW.started_at := now();
+        NEW.completed_at := NULL;
+    ELSE
+        NEW.locked_until := NULL;
+        NEW.locked_by := NULL;
+        IF NEW.status <> 'pending' THEN
+            NEW.completed_at := now();
+        END IF;
+    END IF;
+    RETURN NEW;
+END;
+$$;
+COMMENT ON FUNCTION workflow_db_step_transition() IS 'BEFORE UPDATE OF status trigger on execution_steps: requires READ COMMITTED, refuses illegal transitions (constraint execution_steps_status_transition) and runs of steps that are not ready (constraint execution_steps_run_when_ready: upstream not done, or execution not running), gives a step moved to running by hand a default 5-minute lease held by the writing role, sets started_at/completed_at, clears the lease when the attempt ends.';
+
+-------------------------------------------------------------------------------
+-- Inserted steps: a running step without a lease gets a default one; a
+-- pending step may not join a final execution; one under a pending or paused
+-- execution is parked.
+CREATE FUNCTION workflow_db_step_default_lease() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    NEW.locked_until := coalesce(NEW.locked_until, statement_timestamp() + interval '5 minutes');
+    NEW.locked_by := coalesce(NEW.locked_by, session_user);
+    RETURN NEW;
+END;
+$$;
+COMMENT ON FUNCTION workflow_db_step_default_lease() IS 'BEFORE INSERT trigger on execution_steps (only for running rows without a lease): a default 5-minute lease held by the writing role, so the step can be finished or reclaimed.';
+CREATE TRIGGER execution_steps_default_lease BEFORE INSERT ON execution_steps
+    FOR EACH ROW WHEN (NEW.status = 'running' AND (NEW.locked_until IS NULL OR NEW.locked_by IS NULL))
+    EXECUTE FUNCTION workflow_db_step_default_lease();
+
+CREATE FUNCTION workflow_db_steps_inserted() RETURNS trigger
+LANGUAGE plpgsql AS $$
+DECLARE
+    final_ids uuid[];
+    park_ids uuid[];
+BEGIN
+    -- Lock the executions of the new pending steps (id order): a concurrent
+    -- cancel or pause either committed first (seen here) or waits for this
+    -- transaction and then sees these steps.
+    SELECT array_agg(e.id) FILTER (WHERE e.status IN ('completed', 'failed', 'cancelled')),
+           array_agg(e.id) FILTER (WHERE e.status IN ('pending', 'paused'))
+      INTO final_ids, park_ids
+      FROM (SELECT x.id, x.status FROM executions x
+             WHERE x.id IN (SELECT n.execution_id FROM new_rows n WHERE n.status = 'pending')
+             ORDER BY x.id FOR NO KEY UPDATE) e;
+    IF final_ids IS NOT NULL THEN
+        RAISE EXCEPTION 'a pending step cannot be added to execution %: it is final', final_ids[1]
+            USING ERRCODE = 'check_violation',
+                  CONSTRAINT = 'execution_steps_pending_under_final',
+                  TABLE = 'execution_steps',
+                  DETAIL = 'Nothing claims the steps of a final execution; insert the step completed or skipped, or not at all.';
+    END IF;
+    IF park_ids IS NOT NULL THEN
+        UPDATE execution_steps s SET parked = true
+          FROM new_rows n
+         WHERE s.id = n.id AND n.status = 'pending' AND NOT n.parked AND n.execution_id = ANY (park_ids);
+    END IF;
+    RETURN NULL;
+END;
+$$;
+COMMENT ON FUNCTION workflow_db_steps_inserted() IS 'AFTER INSERT statement trigger on execution_steps: locks the executions of new pending steps, refuses pending steps under a final execution (constraint execution_steps_pending_under_final), parks those under a pending or paused execution.';
+CREATE TRIGGER execution_steps_inserted AFTER INSERT ON execution_steps
+    REFERENCING NEW TABLE AS new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION workflow_db_steps_inserted();
+
+-------------------------------------------------------------------------------
+-- Step transitions, set-based (AFTER UPDATE, per statement).
+DROP TRIGGER execution_steps_status_transitioned ON execution_steps;
+-- Trigger functions are not an API: nothing but the dropped trigger called it.
+-- squawk-ignore ban-drop-function
+DROP FUNCTION workflow_db_step_transitioned();
+
+CREATE FUNCTION workflow_db_steps_transitioned() RETURNS trigger
+LANGUAGE plpgsql AS $$
+DECLARE
+    lock_ids uuid[];
+    live_ids uuid[];
+    any_retry boolean;
+    any_unblock boolean;
+    any_failed boolean;
+    any_done boolean;
+BEGIN
+    -- The history: one event per status change, in step id order.
+    INSERT INTO execution_events (execution_id, step_id, from_status, to_status, payload)
+    SELECT n.execution_id, n.id, o.status, n.status, jsonb_strip_nulls(jsonb_build_object(
+               'node_id', n.node_id,
+               'retry_count', n.retry_count,
+               'worker', coalesce(n.locked_by, o.locked_by),
+               'error', CASE WHEN n.status IN ('failed', 'pending') THEN n.error END))
+      FROM new_rows n JOIN old_rows o ON o.id = n.id
+     WHERE n.status <> o.status
+     ORDER BY n.id;
+    IF NOT FOUND THEN
+        RETURN NULL; -- no status changed (heartbeat, counters, parking)
+    END IF;
+
+    -- One NOTIFY per execution and new status (step_id when it is one step).
+    PERFORM pg_notify('workflow_db_events', json_build_object(
+                'execution_id', c.execution_id,
+                'step_id', CASE WHEN c.steps = 1 THEN c.step_id END,
+                'status', c.status,
+                'steps', c.steps)::text)
+       FROM (SELECT n.execution_id, n.status, count(*) AS steps, (array_agg(n.id))[1] AS step_id
+               FROM new_rows n JOIN old_rows o ON o.id = n.id
+              WHERE n.status <> o.status
+              GROUP BY n.execution_id, n.status
+              ORDER BY n.execution_id, n.status) c;
+
+    SELECT array_agg(DISTINCT n.execution_id) FILTER (WHERE n.status <> 'running'),
+           coalesce(bool_or(n.status = 'pending'), false),
+           coalesce(bool_or(n.status IN ('completed', 'skipped') AND cardinality(n.downstream) > 0), false),
+           coalesce(bool_or(n.status = 'failed'), false),
+           coalesce(bool_or(n.status IN ('completed', 'skipped')), false)
+      INTO lock_ids, any_retry, any_unblock, any_failed, any_done
+      FROM new_rows n JOIN old_rows o ON o.id = n.id
+     WHERE n.status <> o.status;
+    IF lock_ids IS NULL THEN
+        RETURN NULL; -- only claims: no execution is locked
+    END IF;
+
+    -- Lock order step 2: the executions, in id order; those not final are live.
+    SELECT coalesce(array_agg(e.id) FILTER (WHERE e.status IN ('pending', 'running', 'paused')), '{}')
+      INTO live_ids
+      FROM (SELECT x.id, x.status FROM executions x WHERE x.id = ANY (lock_ids)
+             ORDER BY x.id FOR NO KEY UPDATE) e;
+
+    -- Attempts sent back to pending (retry, reclaimed lease): skipped under a
+    -- final execution, parked under one that is not running.
+    IF any_retry THEN
+        UPDATE execution_steps s SET status = 'skipped'
+          FROM new_rows n JOIN old_rows o ON o.id = n.id
+         WHERE s.id = n.id AND o.status = 'running' AND n.status = 'pending'
+           AND NOT (n.execution_id = ANY (live_ids)) AND s.status = 'pending';
+        UPDATE execution_steps s SET parked = true
+          FROM new_rows n JOIN old_rows o ON o.id = n.id JOIN executions e ON e.id = n.execution_id
+         WHERE s.id = n.id AND o.status = 'running' AND n.status = 'pending'
+           AND e.status IN ('pending', 'paused') AND s.status = 'pending' AND NOT s.parked;
+    END IF;
+
+    -- Unblock: one decrement per finished upstream step, for live executions
+    -- (a final execution has no pending step left to unblock).
+    IF any_unblock THEN
+        UPDATE execution_steps d SET upstream_pending = d.upstream_pending - u.finished
+          FROM (SELECT n.execution_id, t.node_id, count(*)::int AS finished
+                  FROM new_rows n JOIN old_rows o ON o.id = n.id
+                       CROSS JOIN LATERAL unnest(n.downstream) AS t(node_id)
+                 WHERE n.status <> o.status AND n.status IN ('completed', 'skipped')
+                   AND n.execution_id = ANY (live_ids)
+                 GROUP BY n.execution_id, t.node_id) u
+         WHERE d.execution_id = u.execution_id AND d.node_id = u.node_id AND d.status = 'pending';
+    END IF;
+
+    -- Settle: a step that failed for good fails its running execution (whose
+    -- trigger then skips the rest) ...
+    IF any_failed THEN
+        UPDATE executions e SET status = 'failed', error = f.failure
+          FROM (SELECT DISTINCT ON (n.execution_id) n.execution_id,
+                       format('step %s failed: %s', n.node_id, coalesce(n.error, 'no error message')) AS failure
+                  FROM new_rows n JOIN old_rows o ON o.id = n.id
+                 WHERE n.status = 'failed' AND o.status <> 'failed'
+                 ORDER BY n.execution_id, n.id) f
+         WHERE e.id = f.execution_id AND e.status = 'running';
+    END IF;
+    -- ... and a running execution whose steps are all final completes.
+    IF any_done THEN
+        UPDATE executions e SET status = 'completed'
+         WHERE e.id = ANY (live_ids) AND e.status = 'running'
+           AND e.id IN (SELECT n.execution_id FROM new_rows n JOIN old_rows o ON o.id = n.id
+                         WHERE n.status <> o.status AND n.status IN ('completed', 'skipped'))
+           AND NOT EXISTS (SELECT 1 FROM execution_steps s
+                            WHERE s.execution_id = e.id AND s.status IN ('pending', 'running'));
+    END IF;
+    RETURN NULL;
+END;
+$$;
+COMMENT ON FUNCTION workflow_db_steps_transitioned() IS 'AFTER UPDATE statement trigger on execution_steps: appends one event per status change, one NOTIFY per execution and status, locks the executions of ended attempts in id order, skips or parks retries under final or non-running executions, unblocks downstream steps, and settles each execution once.';
+CREATE TRIGGER execution_steps_transitioned AFTER UPDATE ON execution_steps
+    REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION workflow_db_steps_transitioned();
+
+-------------------------------------------------------------------------------
+-- Execution transitions, set-based (AFTER UPDATE, per statement).
+DROP TRIGGER executions_status_transitioned ON executions;
+-- squawk-ignore ban-drop-function
+DROP FUNCTION workflow_db_execution_transitioned();
+-- Only the dropped triggers called it; settling is part of the statement triggers now.
+-- squawk-ignore ban-drop-function
+DROP FUNCTION workflow_db_settle_execution(uuid);
+
+CREATE FUNCTION workflow_db_executions_transitioned() RETURNS trigger
+LANGUAGE plpgsql AS $$
+DECLARE
+    final_ids uuid[];
+    paused_ids uuid[];
+    running_ids uuid[];
+BEGIN
+    INSERT INTO execution_events (execution_id, from_status, to_status, payload)
+    SELECT n.id, o.status, n.status,
+           CASE WHEN n.error IS NOT NULL THEN jsonb_build_object('error', n.error) END
+      FROM new_rows n JOIN old_rows o ON o.id = n.id
+     WHERE n.status <> o.status
+     ORDER BY n.id;
+    IF NOT FOUND THEN
+        RETURN NULL;
+    END IF;
+    PERFORM pg_notify('workflow_db_events', json_build_object(
+                'execution_id', n.id, 'step_id', NULL, 'status', n.status)::text)
+       FROM new_rows n JOIN old_rows o ON o.id = n.id
+      WHERE n.status <> o.status
+      ORDER BY n.id;
+
+    SELECT array_agg(n.id ORDER BY n.id) FILTER (WHERE n.status IN ('completed', 'failed', 'cancelled')),
+           array_agg(n.id ORDER BY n.id) FILTER (WHERE n.status = 'paused'),
+           array_agg(n.id ORDER BY n.id) FILTER (WHERE n.status = 'running')
+      INTO final_ids, paused_ids, running_ids
+      FROM new_rows n JOIN old_rows o ON o.id = n.id
+     WHERE n.status <> o.status;
+
+    -- A final execution runs nothing more.
+    IF final_ids IS NOT NULL THEN
+        UPDATE execution_steps SET status = 'skipped'
+         WHERE execution_id = ANY (final_ids) AND status = 'pending';
+    END IF;
+    -- A paused one parks its pending steps; a (re)started one unparks them ...
+    IF paused_ids IS NOT NULL THEN
+        UPDATE execution_steps SET parked = true
+         WHERE execution_id = ANY (paused_ids) AND status = 'pending' AND NOT parked;
+    END IF;
+    IF running_ids IS NOT NULL THEN
+        UPDATE execution_steps SET parked = false
+         WHERE execution_id = ANY (running_ids) AND status = 'pending' AND parked;
+        -- ... and settles: a step failed while it was paused, or nothing is left to run.
+        UPDATE executions e
+           SET status = CASE WHEN f.failure IS NULL THEN 'completed' ELSE 'failed' END::execution_status,
+               error = coalesce(f.failure, e.error)
+          FROM (SELECT x.id,
+                       (SELECT format('step %s failed: %s', s.node_id, coalesce(s.error, 'no error message'))
+                          FROM execution_steps s
+                         WHERE s.execution_id = x.id AND s.status = 'failed'
+                         ORDER BY s.id LIMIT 1) AS failure
+                  FROM unnest(running_ids) AS x(id)) f
+         WHERE e.id = f.id AND e.status = 'running'
+           AND (f.failure IS NOT NULL
+                OR NOT EXISTS (SELECT 1 FROM execution_steps s
+                                WHERE s.execution_id = e.id AND s.status IN ('pending', 'running')));
+    END IF;
+    RETURN NULL;
+END;
+$$;
+COMMENT ON FUNCTION workflow_db_executions_transitioned() IS 'AFTER UPDATE statement trigger on executions: appends one event and one NOTIFY per status change, skips the pending steps of final executions, parks (paused) or unparks (running) pending steps, and settles (re)started executions.';
+CREATE TRIGGER executions_transitioned AFTER UPDATE ON executions
+    REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION workflow_db_executions_transitioned();
+
+-------------------------------------------------------------------------------
+-- Existing rows brought in line with what the new triggers keep (the old ones
+-- let them drift), then the lease rule as a constraint (validated in 000016).
+UPDATE execution_steps SET locked_by = NULL, locked_until = NULL
+ WHERE status <> 'running' AND (locked_by IS NOT NULL OR locked_until IS NOT NULL);
+-- A running step without a lease could never be finished or reclaimed: an
+-- expired lease makes the next reclaim_expired recover it.
+UPDATE execution_steps SET locked_until = coalesce(locked_until, statement_timestamp()),
+                           locked_by = coalesce(locked_by, 'unknown')
+ WHERE status = 'running' AND (locked_until IS NULL OR locked_by IS NULL);
+UPDATE execution_steps s SET parked = true
+  FROM executions e
+ WHERE e.id = s.execution_id AND s.status = 'pending' AND e.status IN ('pending', 'paused');
+-- Pending steps stranded under final executions are skipped (with their events).
+UPDATE execution_steps s SET status = 'skipped'
+  FROM executions e
+ WHERE e.id = s.execution_id AND s.status = 'pending' AND e.status IN ('completed', 'failed', 'cancelled');
+
+ALTER TABLE execution_steps ADD CONSTRAINT execution_steps_lease_check
+    CHECK ((status = 'running') = (locked_until IS NOT NULL)
+       AND (status = 'running') = (locked_by IS NOT NULL)) NOT VALID;
+COMMENT ON CONSTRAINT execution_steps_lease_check ON execution_steps IS 'A step holds a lease (locked_by and locked_until) exactly while it runs.';

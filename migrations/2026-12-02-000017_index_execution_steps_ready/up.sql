@@ -1,0 +1,6 @@
+-- The claim order, over the steps a claim may take: pending, every upstream
+-- step done, and the execution running (not parked). Ready steps of paused or
+-- pending executions are not in it, so a claim never scans past them.
+-- Built CONCURRENTLY: writes to the table go on while it builds.
+CREATE INDEX CONCURRENTLY IF NOT EXISTS execution_steps_ready_idx ON execution_steps (run_after, id)
+    WHERE status = 'pending' AND upstream_pending = 0 AND NOT parked;

@@ -1,0 +1,4 @@
+-- The claim order; only runnable-looking rows are in it.
+-- Built CONCURRENTLY: writes to the table go on while it builds.
+CREATE INDEX CONCURRENTLY IF NOT EXISTS execution_steps_claim_idx ON execution_steps (run_after, id)
+    WHERE status = 'pending' AND upstream_pending = 0;
