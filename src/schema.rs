@@ -83,7 +83,7 @@ diesel::table! {
         locked_by -> Nullable<Text>,
         /// When the running step's lease expires (then it is reclaimable); NULL whenever the step is not running.
         locked_until -> Nullable<Timestamptz>,
-        /// True while the pending step's execution is not running (pending or paused): a parked step is never claimed. Maintained by the triggers under the execution's row lock.
+        /// For a pending step: true while its execution is not running (pending or paused), and then claims skip it. Maintained by the triggers under the execution's row lock; meaningless once the step has left pending.
         parked -> Bool,
     }
 }

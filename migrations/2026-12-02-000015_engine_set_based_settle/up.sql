@@ -24,7 +24,9 @@
 -- New column `parked`: true while a pending step's execution is not running
 -- (pending or paused), maintained under the execution's lock; the claim index
 -- leaves parked steps out, so claims no longer scan past the ready steps of
--- paused executions.
+-- paused or unstarted executions. It defaults to true (most steps are inserted
+-- before their execution starts); an insert that knows better sets it, and
+-- the insert trigger corrects a wrong value.
 --
 -- Leases: a step holds `locked_by` and `locked_until` exactly while it runs
 -- (CHECK execution_steps_lease_check, validated in 000016); both are cleared
@@ -34,8 +36,8 @@
 
 -------------------------------------------------------------------------------
 -- Columns and constraints.
-ALTER TABLE execution_steps ADD COLUMN parked boolean NOT NULL DEFAULT false;
-COMMENT ON COLUMN execution_steps.parked IS 'True while the pending step''s execution is not running (pending or paused): a parked step is never claimed. Maintained by the triggers under the execution''s row lock.';
+ALTER TABLE execution_steps ADD COLUMN parked boolean NOT NULL DEFAULT true;
+COMMENT ON COLUMN execution_steps.parked IS 'For a pending step: true while its execution is not running (pending or paused), and then claims skip it. Maintained by the triggers under the execution''s row lock; meaningless once the step has left pending.';
 COMMENT ON COLUMN execution_steps.locked_by IS 'Worker holding the lease on the running step; NULL whenever the step is not running (the history keeps who ran each attempt).';
 COMMENT ON COLUMN execution_steps.locked_until IS 'When the running step''s lease expires (then it is reclaimable); NULL whenever the step is not running.';
 
@@ -57,10 +59,17 @@ BEGIN
                   DETAIL = format('%s -> %s', OLD.status, NEW.status);
     END IF;
     IF NEW.status = 'running' THEN
-        IF NEW.upstream_pending > 0 OR NEW.parked THEN
+        -- Claims take only ready steps; a hand-written run must not start a
+        -- step whose upstream is not done or whose execution is paused. (A
+        -- step of an execution not started yet may be run by hand, as plain
+        -- SQL job tables do; claims never take it.)
+        IF NEW.upstream_pending > 0
+           OR (NEW.parked AND EXISTS (SELECT 1 FROM executions
+                                       WHERE id = NEW.execution_id AND status = 'paused')) THEN
             RAISE EXCEPTION 'step % of execution % is not runnable: %', NEW.node_id, NEW.execution_id,
-                    CASE WHEN NEW.parked THEN 'its execution is not running'
-                         ELSE format('%s upstream step(s) not done', NEW.upstream_pending) END
+                    CASE WHEN NEW.upstream_pending > 0
+                         THEN format('%s upstream step(s) not done', NEW.upstream_pending)
+                         ELSE 'its execution is paused' END
                 USING ERRCODE = 'check_violation',
                       CONSTRAINT = 'execution_steps_run_when_ready',
                       TABLE = 'execution_steps',
@@ -82,12 +91,12 @@ BEGIN
     RETURN NEW;
 END;
 $$;
-COMMENT ON FUNCTION workflow_db_step_transition() IS 'BEFORE UPDATE OF status trigger on execution_steps: requires READ COMMITTED, refuses illegal transitions (constraint execution_steps_status_transition) and runs of steps that are not ready (constraint execution_steps_run_when_ready: upstream not done, or execution not running), gives a step moved to running by hand a default 5-minute lease held by the writing role, sets started_at/completed_at, clears the lease when the attempt ends.';
+COMMENT ON FUNCTION workflow_db_step_transition() IS 'BEFORE UPDATE OF status trigger on execution_steps: requires READ COMMITTED, refuses illegal transitions (constraint execution_steps_status_transition) and runs of steps that are not ready (constraint execution_steps_run_when_ready: upstream not done, or execution paused), gives a step moved to running by hand a default 5-minute lease held by the writing role, sets started_at/completed_at, clears the lease when the attempt ends.';
 
 -------------------------------------------------------------------------------
 -- Inserted steps: a running step without a lease gets a default one; a
--- pending step may not join a final execution; one under a pending or paused
--- execution is parked.
+-- pending step may not join a final execution, and its `parked` is corrected
+-- when it disagrees with its execution's status.
 CREATE FUNCTION workflow_db_step_default_lease() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
@@ -105,14 +114,14 @@ CREATE FUNCTION workflow_db_steps_inserted() RETURNS trigger
 LANGUAGE plpgsql AS $$
 DECLARE
     final_ids uuid[];
-    park_ids uuid[];
+    running_ids uuid[];
 BEGIN
     -- Lock the executions of the new pending steps (id order): a concurrent
-    -- cancel or pause either committed first (seen here) or waits for this
-    -- transaction and then sees these steps.
+    -- cancel, pause or resume either committed first (seen here) or waits for
+    -- this transaction and then sees these steps.
     SELECT array_agg(e.id) FILTER (WHERE e.status IN ('completed', 'failed', 'cancelled')),
-           array_agg(e.id) FILTER (WHERE e.status IN ('pending', 'paused'))
-      INTO final_ids, park_ids
+           coalesce(array_agg(e.id) FILTER (WHERE e.status = 'running'), '{}')
+      INTO final_ids, running_ids
       FROM (SELECT x.id, x.status FROM executions x
              WHERE x.id IN (SELECT n.execution_id FROM new_rows n WHERE n.status = 'pending')
              ORDER BY x.id FOR NO KEY UPDATE) e;
@@ -123,15 +132,15 @@ BEGIN
                   TABLE = 'execution_steps',
                   DETAIL = 'Nothing claims the steps of a final execution; insert the step completed or skipped, or not at all.';
     END IF;
-    IF park_ids IS NOT NULL THEN
-        UPDATE execution_steps s SET parked = true
-          FROM new_rows n
-         WHERE s.id = n.id AND n.status = 'pending' AND NOT n.parked AND n.execution_id = ANY (park_ids);
-    END IF;
+    -- parked = "the execution is not running", where the insert said otherwise.
+    UPDATE execution_steps s SET parked = NOT s.parked
+      FROM new_rows n
+     WHERE s.id = n.id AND n.status = 'pending'
+       AND n.parked = (n.execution_id = ANY (running_ids));
     RETURN NULL;
 END;
 $$;
-COMMENT ON FUNCTION workflow_db_steps_inserted() IS 'AFTER INSERT statement trigger on execution_steps: locks the executions of new pending steps, refuses pending steps under a final execution (constraint execution_steps_pending_under_final), parks those under a pending or paused execution.';
+COMMENT ON FUNCTION workflow_db_steps_inserted() IS 'AFTER INSERT statement trigger on execution_steps: locks the executions of new pending steps, refuses pending steps under a final execution (constraint execution_steps_pending_under_final), corrects parked where it disagrees with the execution''s status.';
 CREATE TRIGGER execution_steps_inserted AFTER INSERT ON execution_steps
     REFERENCING NEW TABLE AS new_rows
     FOR EACH STATEMENT EXECUTE FUNCTION workflow_db_steps_inserted();
@@ -198,16 +207,16 @@ BEGIN
              ORDER BY x.id FOR NO KEY UPDATE) e;
 
     -- Attempts sent back to pending (retry, reclaimed lease): skipped under a
-    -- final execution, parked under one that is not running.
+    -- final execution, parked exactly when their execution is not running.
     IF any_retry THEN
         UPDATE execution_steps s SET status = 'skipped'
           FROM new_rows n JOIN old_rows o ON o.id = n.id
          WHERE s.id = n.id AND o.status = 'running' AND n.status = 'pending'
            AND NOT (n.execution_id = ANY (live_ids)) AND s.status = 'pending';
-        UPDATE execution_steps s SET parked = true
+        UPDATE execution_steps s SET parked = (e.status <> 'running')
           FROM new_rows n JOIN old_rows o ON o.id = n.id JOIN executions e ON e.id = n.execution_id
          WHERE s.id = n.id AND o.status = 'running' AND n.status = 'pending'
-           AND e.status IN ('pending', 'paused') AND s.status = 'pending' AND NOT s.parked;
+           AND s.status = 'pending' AND s.parked <> (e.status <> 'running');
     END IF;
 
     -- Unblock: one decrement per finished upstream step, for live executions
@@ -335,9 +344,10 @@ UPDATE execution_steps SET locked_by = NULL, locked_until = NULL
 UPDATE execution_steps SET locked_until = coalesce(locked_until, statement_timestamp()),
                            locked_by = coalesce(locked_by, 'unknown')
  WHERE status = 'running' AND (locked_until IS NULL OR locked_by IS NULL);
-UPDATE execution_steps s SET parked = true
+-- parked defaulted to true for every row: unpark the pending steps of running executions.
+UPDATE execution_steps s SET parked = false
   FROM executions e
- WHERE e.id = s.execution_id AND s.status = 'pending' AND e.status IN ('pending', 'paused');
+ WHERE e.id = s.execution_id AND s.status = 'pending' AND e.status = 'running';
 -- Pending steps stranded under final executions are skipped (with their events).
 UPDATE execution_steps s SET status = 'skipped'
   FROM executions e

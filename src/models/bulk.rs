@@ -264,9 +264,10 @@ macro_rules! execution_with_steps_cte {
            (id, workflow_id, status, user_id, data, workflow_version, idempotency_key, parent_execution_id) \
          VALUES ($1, $2, $3::execution_status, $4, $5, $6, $7, $8) RETURNING *), \
          s AS (INSERT INTO execution_steps \
-           (id, execution_id, node_id, status, input, upstream_pending, downstream, max_retries) \
+           (id, execution_id, node_id, status, input, upstream_pending, downstream, max_retries, parked) \
          SELECT s.id, $1, s.node_id, s.status::step_status, s.input, s.upstream, \
-                ARRAY(SELECT jsonb_array_elements_text(s.downstream)), s.retries \
+                ARRAY(SELECT jsonb_array_elements_text(s.downstream)), s.retries, \
+                $3::execution_status <> 'running' \
          FROM unnest($9::uuid[], $10::text[], $11::text[], $12::jsonb[], $13::int4[], $14::jsonb[], $15::int4[]) \
            AS s(id, node_id, status, input, upstream, downstream, retries)) "
     };
