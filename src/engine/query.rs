@@ -274,6 +274,15 @@ macro_rules! prunable {
 }
 
 #[derive(QueryableByName)]
+struct TreeRow {
+    /// The prune candidate at the top of the tree.
+    #[diesel(sql_type = diesel::sql_types::Uuid)]
+    root: Uuid,
+    #[diesel(sql_type = diesel::sql_types::Uuid)]
+    id: Uuid,
+}
+
+#[derive(QueryableByName)]
 struct Id {
     #[diesel(sql_type = diesel::sql_types::Uuid)]
     id: Uuid,
@@ -289,12 +298,14 @@ struct Id {
 /// or completed at or after the cutoff, or a step (of it or below it) still
 /// pending or running.
 ///
-/// Each batch first locks its candidates (`FOR UPDATE`), then deletes them
-/// in a second statement that checks their subtrees again with a fresh
-/// snapshot: a sub-execution committed before the lock is seen and keeps its
-/// parent, and one started after it waits for the prune and then fails on
-/// its missing parent; nothing is deleted while in use. Run it outside a
-/// transaction so each batch commits.
+/// Each batch locks its candidates and every execution below them (`FOR
+/// UPDATE`, skipping what others hold: a tree in which a sub-execution is
+/// being inserted is left for a later call), then deletes them in a last
+/// statement that checks their subtrees again with a fresh snapshot. A
+/// sub-execution committed before the locks is seen and keeps its tree; one
+/// inserted after them waits for the prune and then fails on its deleted
+/// parent: nothing is deleted while in use. Run it outside a transaction so
+/// each batch commits.
 #[tracing::instrument(skip(conn))]
 pub fn prune_executions(
     conn: &mut PgConnection,
@@ -303,23 +314,62 @@ pub fn prune_executions(
 ) -> QueryResult<u64> {
     let batch = batch.max(1);
     let mut total = 0u64;
+    // Candidates whose tree was busy, not tried again by this call.
+    let mut busy_roots: Vec<Uuid> = Vec::new();
     loop {
         let (locked, deleted) = conn.transaction(|conn| {
             let ids: Vec<Uuid> = diesel::sql_query(concat!(
-                "SELECT x.id FROM executions x WHERE ",
+                "SELECT x.id FROM executions x WHERE x.id <> ALL($4) AND ",
                 prunable!(),
                 " ORDER BY x.completed_at LIMIT $2 FOR UPDATE OF x SKIP LOCKED"
             ))
             .bind::<Timestamptz, _>(older_than)
             .bind::<BigInt, _>(batch)
             .bind::<BigInt, _>(MAX_DEPTH)
+            .bind::<diesel::sql_types::Array<diesel::sql_types::Uuid>, _>(&busy_roots)
             .load::<Id>(conn)?
             .into_iter()
             .map(|r| r.id)
             .collect();
+            let locked_candidates = ids.len() as i64;
             if ids.is_empty() {
                 return QueryResult::Ok((0, 0));
             }
+            // Lock every execution below the candidates as well. A
+            // sub-execution being inserted holds its parent (the foreign
+            // key's FOR KEY SHARE) until it commits: such a parent cannot be
+            // locked now, and its whole tree waits for a later prune (a
+            // cascade would otherwise wait for the insert and then delete
+            // the new execution). Once locked, a new insert below waits for
+            // this transaction and then fails on its deleted parent.
+            let tree: Vec<TreeRow> = diesel::sql_query(
+                "WITH RECURSIVE down (root, id, depth) AS ( \
+                     SELECT c.parent_execution_id, c.id, 1 FROM executions c \
+                     WHERE c.parent_execution_id = ANY($1) \
+                     UNION ALL \
+                     SELECT down.root, c.id, down.depth + 1 FROM executions c \
+                     JOIN down ON c.parent_execution_id = down.id WHERE down.depth < $2) \
+                 SELECT root, id FROM down",
+            )
+            .bind::<diesel::sql_types::Array<diesel::sql_types::Uuid>, _>(&ids)
+            .bind::<BigInt, _>(MAX_DEPTH)
+            .load(conn)?;
+            let below: Vec<Uuid> = tree.iter().map(|r| r.id).collect();
+            let locked: std::collections::HashSet<Uuid> = diesel::sql_query(
+                "SELECT id FROM executions WHERE id = ANY($1) ORDER BY id FOR UPDATE SKIP LOCKED",
+            )
+            .bind::<diesel::sql_types::Array<diesel::sql_types::Uuid>, _>(&below)
+            .load::<Id>(conn)?
+            .into_iter()
+            .map(|r| r.id)
+            .collect();
+            let busy: std::collections::HashSet<Uuid> = tree
+                .iter()
+                .filter(|r| !locked.contains(&r.id))
+                .map(|r| r.root)
+                .collect();
+            busy_roots.extend(busy.iter().copied());
+            let ids: Vec<Uuid> = ids.iter().filter(|id| !busy.contains(id)).copied().collect();
             let deleted = diesel::sql_query(concat!(
                 "DELETE FROM executions x WHERE x.id = ANY($2) AND ",
                 prunable!()
@@ -328,7 +378,7 @@ pub fn prune_executions(
             .bind::<diesel::sql_types::Array<diesel::sql_types::Uuid>, _>(&ids)
             .bind::<BigInt, _>(MAX_DEPTH)
             .execute(conn)?;
-            Ok((ids.len() as i64, deleted as u64))
+            Ok((locked_candidates, deleted as u64))
         })?;
         total += deleted;
         if locked < batch {
