@@ -49,7 +49,7 @@ BEGIN
     IF NEW.status = OLD.status THEN
         RETURN NEW;
     END IF;
-    PERFORM workflow_db_require_read_committed();
+    -- (READ COMMITTED is checked once per statement, in workflow_db_steps_transitioned().)
     IF NOT ((OLD.status = 'pending' AND NEW.status IN ('running', 'skipped'))
          OR (OLD.status = 'running' AND NEW.status IN ('completed', 'failed', 'pending'))) THEN
         RAISE EXCEPTION 'illegal step transition % -> %', OLD.status, NEW.status
@@ -91,7 +91,7 @@ BEGIN
     RETURN NEW;
 END;
 $$;
-COMMENT ON FUNCTION workflow_db_step_transition() IS 'BEFORE UPDATE OF status trigger on execution_steps: requires READ COMMITTED, refuses illegal transitions (constraint execution_steps_status_transition) and runs of steps that are not ready (constraint execution_steps_run_when_ready: upstream not done, or execution paused), gives a step moved to running by hand a default 5-minute lease held by the writing role, sets started_at/completed_at, clears the lease when the attempt ends.';
+COMMENT ON FUNCTION workflow_db_step_transition() IS 'BEFORE UPDATE OF status trigger on execution_steps: refuses illegal transitions (constraint execution_steps_status_transition) and runs of steps that are not ready (constraint execution_steps_run_when_ready: upstream not done, or execution paused), gives a step moved to running by hand a default 5-minute lease held by the writing role, sets started_at/completed_at, clears the lease when the attempt ends.';
 
 -------------------------------------------------------------------------------
 -- Inserted steps: a running step without a lease gets a default one; a
@@ -113,17 +113,26 @@ CREATE TRIGGER execution_steps_default_lease BEFORE INSERT ON execution_steps
 CREATE FUNCTION workflow_db_steps_inserted() RETURNS trigger
 LANGUAGE plpgsql AS $$
 DECLARE
+    execution_ids uuid[];
     final_ids uuid[];
     running_ids uuid[];
+    flip_ids uuid[];
 BEGIN
+    -- (The transition table is only aggregated, and tables are reached
+    -- through `= ANY (array)`: PL/pgSQL caches each statement's plan from
+    -- its first call, so no plan may depend on the transition table's size.)
+    SELECT array_agg(DISTINCT n.execution_id) INTO execution_ids
+      FROM new_rows n WHERE n.status = 'pending';
+    IF execution_ids IS NULL THEN
+        RETURN NULL;
+    END IF;
     -- Lock the executions of the new pending steps (id order): a concurrent
     -- cancel, pause or resume either committed first (seen here) or waits for
     -- this transaction and then sees these steps.
     SELECT array_agg(e.id) FILTER (WHERE e.status IN ('completed', 'failed', 'cancelled')),
            coalesce(array_agg(e.id) FILTER (WHERE e.status = 'running'), '{}')
       INTO final_ids, running_ids
-      FROM (SELECT x.id, x.status FROM executions x
-             WHERE x.id IN (SELECT n.execution_id FROM new_rows n WHERE n.status = 'pending')
+      FROM (SELECT x.id, x.status FROM executions x WHERE x.id = ANY (execution_ids)
              ORDER BY x.id FOR NO KEY UPDATE) e;
     IF final_ids IS NOT NULL THEN
         RAISE EXCEPTION 'a pending step cannot be added to execution %: it is final', final_ids[1]
@@ -133,10 +142,12 @@ BEGIN
                   DETAIL = 'Nothing claims the steps of a final execution; insert the step completed or skipped, or not at all.';
     END IF;
     -- parked = "the execution is not running", where the insert said otherwise.
-    UPDATE execution_steps s SET parked = NOT s.parked
+    SELECT array_agg(n.id) INTO flip_ids
       FROM new_rows n
-     WHERE s.id = n.id AND n.status = 'pending'
-       AND n.parked = (n.execution_id = ANY (running_ids));
+     WHERE n.status = 'pending' AND n.parked = (n.execution_id = ANY (running_ids));
+    IF flip_ids IS NOT NULL THEN
+        UPDATE execution_steps SET parked = NOT parked WHERE id = ANY (flip_ids);
+    END IF;
     RETURN NULL;
 END;
 $$;
@@ -155,47 +166,81 @@ DROP FUNCTION workflow_db_step_transitioned();
 CREATE FUNCTION workflow_db_steps_transitioned() RETURNS trigger
 LANGUAGE plpgsql AS $$
 DECLARE
+    changed_count bigint;
     lock_ids uuid[];
     live_ids uuid[];
-    any_retry boolean;
-    any_unblock boolean;
-    any_failed boolean;
-    any_done boolean;
+    retry_ids uuid[];
+    done_ids uuid[];
+    done_executions uuid[];
+    failed_executions uuid[];
+    failures text[];
 BEGIN
-    -- The history: one event per status change, in step id order.
-    INSERT INTO execution_events (execution_id, step_id, from_status, to_status, payload)
-    SELECT n.execution_id, n.id, o.status, n.status, jsonb_strip_nulls(jsonb_build_object(
-               'node_id', n.node_id,
-               'retry_count', n.retry_count,
-               'worker', coalesce(n.locked_by, o.locked_by),
-               'error', CASE WHEN n.status IN ('failed', 'pending') THEN n.error END))
-      FROM new_rows n JOIN old_rows o ON o.id = n.id
-     WHERE n.status <> o.status
-     ORDER BY n.id;
-    IF NOT FOUND THEN
+    -- The rows whose status changed, with their old status: the old and new
+    -- transition tables hold the same ids, so both sorted by id line up
+    -- row by row (unnest of arrays in step). There is no join of the two:
+    -- PL/pgSQL caches each statement's plan from its first call, and a join
+    -- planned for one row becomes quadratic for 10,000. For the same reason
+    -- every table below is reached through `= ANY (array)` (index scans at
+    -- any size). One statement appends the events, sends the NOTIFYs and
+    -- collects what the rest needs.
+    WITH changed AS MATERIALIZED (
+        SELECT c.*
+          FROM (SELECT array_agg(id ORDER BY id) AS id,
+                       array_agg(execution_id ORDER BY id) AS execution_id,
+                       array_agg(node_id ORDER BY id) AS node_id,
+                       array_agg(status ORDER BY id) AS status,
+                       array_agg(retry_count ORDER BY id) AS retry_count,
+                       array_agg(error ORDER BY id) AS error,
+                       array_agg(locked_by ORDER BY id) AS locked_by,
+                       array_agg(cardinality(downstream) > 0 ORDER BY id) AS has_downstream
+                  FROM new_rows) n,
+               (SELECT array_agg(status ORDER BY id) AS status,
+                       array_agg(locked_by ORDER BY id) AS locked_by
+                  FROM old_rows) o,
+               unnest(n.id, n.execution_id, n.node_id, n.status, o.status, n.retry_count,
+                      n.error, n.locked_by, o.locked_by, n.has_downstream)
+                 AS c(id, execution_id, node_id, status, from_status, retry_count,
+                      error, new_worker, old_worker, has_downstream)
+         WHERE c.status <> c.from_status),
+    events AS (
+        INSERT INTO execution_events (execution_id, step_id, from_status, to_status, payload)
+        SELECT execution_id, id, from_status, status, jsonb_strip_nulls(jsonb_build_object(
+                   'node_id', node_id,
+                   'retry_count', retry_count,
+                   'worker', coalesce(new_worker, old_worker),
+                   'error', CASE WHEN status IN ('failed', 'pending') THEN error END))
+          FROM changed
+         ORDER BY id),
+    -- One NOTIFY per execution and new status (step_id when it is one step).
+    notified AS (
+        SELECT count(pg_notify('workflow_db_events', json_build_object(
+                   'execution_id', g.execution_id,
+                   'step_id', CASE WHEN g.steps = 1 THEN g.step_id END,
+                   'status', g.status,
+                   'steps', g.steps)::text)) AS sent
+          FROM (SELECT execution_id, status, count(*) AS steps, (array_agg(id))[1] AS step_id
+                  FROM changed
+                 GROUP BY execution_id, status
+                 ORDER BY execution_id, status) g),
+    failed AS (
+        SELECT DISTINCT ON (execution_id) execution_id,
+               format('step %s failed: %s', node_id, coalesce(error, 'no error message')) AS failure
+          FROM changed WHERE status = 'failed'
+         ORDER BY execution_id, id)
+    SELECT (SELECT count(*) FROM changed),
+           (SELECT array_agg(DISTINCT execution_id) FROM changed WHERE status <> 'running'),
+           (SELECT array_agg(id) FROM changed WHERE status = 'pending'),
+           (SELECT array_agg(id) FROM changed WHERE status IN ('completed', 'skipped') AND has_downstream),
+           (SELECT array_agg(DISTINCT execution_id) FROM changed WHERE status IN ('completed', 'skipped')),
+           (SELECT array_agg(execution_id ORDER BY execution_id) FROM failed),
+           (SELECT array_agg(failure ORDER BY execution_id) FROM failed)
+      INTO changed_count, lock_ids, retry_ids, done_ids, done_executions, failed_executions, failures
+      FROM notified;
+    IF changed_count = 0 THEN
         RETURN NULL; -- no status changed (heartbeat, counters, parking)
     END IF;
-
-    -- One NOTIFY per execution and new status (step_id when it is one step).
-    PERFORM pg_notify('workflow_db_events', json_build_object(
-                'execution_id', c.execution_id,
-                'step_id', CASE WHEN c.steps = 1 THEN c.step_id END,
-                'status', c.status,
-                'steps', c.steps)::text)
-       FROM (SELECT n.execution_id, n.status, count(*) AS steps, (array_agg(n.id))[1] AS step_id
-               FROM new_rows n JOIN old_rows o ON o.id = n.id
-              WHERE n.status <> o.status
-              GROUP BY n.execution_id, n.status
-              ORDER BY n.execution_id, n.status) c;
-
-    SELECT array_agg(DISTINCT n.execution_id) FILTER (WHERE n.status <> 'running'),
-           coalesce(bool_or(n.status = 'pending'), false),
-           coalesce(bool_or(n.status IN ('completed', 'skipped') AND cardinality(n.downstream) > 0), false),
-           coalesce(bool_or(n.status = 'failed'), false),
-           coalesce(bool_or(n.status IN ('completed', 'skipped')), false)
-      INTO lock_ids, any_retry, any_unblock, any_failed, any_done
-      FROM new_rows n JOIN old_rows o ON o.id = n.id
-     WHERE n.status <> o.status;
+    -- Settling relies on each statement seeing what committed before it.
+    PERFORM workflow_db_require_read_committed();
     IF lock_ids IS NULL THEN
         RETURN NULL; -- only claims: no execution is locked
     END IF;
@@ -208,54 +253,44 @@ BEGIN
 
     -- Attempts sent back to pending (retry, reclaimed lease): skipped under a
     -- final execution, parked exactly when their execution is not running.
-    IF any_retry THEN
-        UPDATE execution_steps s SET status = 'skipped'
-          FROM new_rows n JOIN old_rows o ON o.id = n.id
-         WHERE s.id = n.id AND o.status = 'running' AND n.status = 'pending'
-           AND NOT (n.execution_id = ANY (live_ids)) AND s.status = 'pending';
+    IF retry_ids IS NOT NULL THEN
+        UPDATE execution_steps SET status = 'skipped'
+         WHERE id = ANY (retry_ids) AND status = 'pending' AND NOT (execution_id = ANY (live_ids));
         UPDATE execution_steps s SET parked = (e.status <> 'running')
-          FROM new_rows n JOIN old_rows o ON o.id = n.id JOIN executions e ON e.id = n.execution_id
-         WHERE s.id = n.id AND o.status = 'running' AND n.status = 'pending'
+          FROM executions e
+         WHERE s.id = ANY (retry_ids) AND e.id = s.execution_id
            AND s.status = 'pending' AND s.parked <> (e.status <> 'running');
     END IF;
 
     -- Unblock: one decrement per finished upstream step, for live executions
     -- (a final execution has no pending step left to unblock).
-    IF any_unblock THEN
+    IF done_ids IS NOT NULL THEN
         UPDATE execution_steps d SET upstream_pending = d.upstream_pending - u.finished
-          FROM (SELECT n.execution_id, t.node_id, count(*)::int AS finished
-                  FROM new_rows n JOIN old_rows o ON o.id = n.id
-                       CROSS JOIN LATERAL unnest(n.downstream) AS t(node_id)
-                 WHERE n.status <> o.status AND n.status IN ('completed', 'skipped')
-                   AND n.execution_id = ANY (live_ids)
-                 GROUP BY n.execution_id, t.node_id) u
+          FROM (SELECT s.execution_id, t.node_id, count(*)::int AS finished
+                  FROM execution_steps s CROSS JOIN LATERAL unnest(s.downstream) AS t(node_id)
+                 WHERE s.id = ANY (done_ids) AND s.execution_id = ANY (live_ids)
+                 GROUP BY s.execution_id, t.node_id) u
          WHERE d.execution_id = u.execution_id AND d.node_id = u.node_id AND d.status = 'pending';
     END IF;
 
     -- Settle: a step that failed for good fails its running execution (whose
     -- trigger then skips the rest) ...
-    IF any_failed THEN
+    IF failed_executions IS NOT NULL THEN
         UPDATE executions e SET status = 'failed', error = f.failure
-          FROM (SELECT DISTINCT ON (n.execution_id) n.execution_id,
-                       format('step %s failed: %s', n.node_id, coalesce(n.error, 'no error message')) AS failure
-                  FROM new_rows n JOIN old_rows o ON o.id = n.id
-                 WHERE n.status = 'failed' AND o.status <> 'failed'
-                 ORDER BY n.execution_id, n.id) f
-         WHERE e.id = f.execution_id AND e.status = 'running';
+          FROM unnest(failed_executions, failures) AS f(id, failure)
+         WHERE e.id = f.id AND e.status = 'running';
     END IF;
     -- ... and a running execution whose steps are all final completes.
-    IF any_done THEN
+    IF done_executions IS NOT NULL THEN
         UPDATE executions e SET status = 'completed'
-         WHERE e.id = ANY (live_ids) AND e.status = 'running'
-           AND e.id IN (SELECT n.execution_id FROM new_rows n JOIN old_rows o ON o.id = n.id
-                         WHERE n.status <> o.status AND n.status IN ('completed', 'skipped'))
+         WHERE e.id = ANY (done_executions) AND e.id = ANY (live_ids) AND e.status = 'running'
            AND NOT EXISTS (SELECT 1 FROM execution_steps s
                             WHERE s.execution_id = e.id AND s.status IN ('pending', 'running'));
     END IF;
     RETURN NULL;
 END;
 $$;
-COMMENT ON FUNCTION workflow_db_steps_transitioned() IS 'AFTER UPDATE statement trigger on execution_steps: appends one event per status change, one NOTIFY per execution and status, locks the executions of ended attempts in id order, skips or parks retries under final or non-running executions, unblocks downstream steps, and settles each execution once.';
+COMMENT ON FUNCTION workflow_db_steps_transitioned() IS 'AFTER UPDATE statement trigger on execution_steps: requires READ COMMITTED for status changes, appends one event per status change, one NOTIFY per execution and status, locks the executions of ended attempts in id order, skips or parks retries under final or non-running executions, unblocks downstream steps, and settles each execution once.';
 CREATE TRIGGER execution_steps_transitioned AFTER UPDATE ON execution_steps
     REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
     FOR EACH STATEMENT EXECUTE FUNCTION workflow_db_steps_transitioned();
@@ -272,31 +307,40 @@ DROP FUNCTION workflow_db_settle_execution(uuid);
 CREATE FUNCTION workflow_db_executions_transitioned() RETURNS trigger
 LANGUAGE plpgsql AS $$
 DECLARE
+    changed_count bigint;
     final_ids uuid[];
     paused_ids uuid[];
     running_ids uuid[];
 BEGIN
-    INSERT INTO execution_events (execution_id, from_status, to_status, payload)
-    SELECT n.id, o.status, n.status,
-           CASE WHEN n.error IS NOT NULL THEN jsonb_build_object('error', n.error) END
-      FROM new_rows n JOIN old_rows o ON o.id = n.id
-     WHERE n.status <> o.status
-     ORDER BY n.id;
-    IF NOT FOUND THEN
+    -- Old and new rows zipped by id, as in workflow_db_steps_transitioned().
+    WITH changed AS MATERIALIZED (
+        SELECT c.*
+          FROM (SELECT array_agg(id ORDER BY id) AS id,
+                       array_agg(status ORDER BY id) AS status,
+                       array_agg(error ORDER BY id) AS error
+                  FROM new_rows) n,
+               (SELECT array_agg(status ORDER BY id) AS status FROM old_rows) o,
+               unnest(n.id, n.status, o.status, n.error) AS c(id, status, from_status, error)
+         WHERE c.status <> c.from_status),
+    events AS (
+        INSERT INTO execution_events (execution_id, from_status, to_status, payload)
+        SELECT id, from_status, status,
+               CASE WHEN error IS NOT NULL THEN jsonb_build_object('error', error) END
+          FROM changed
+         ORDER BY id),
+    notified AS (
+        SELECT count(pg_notify('workflow_db_events', json_build_object(
+                   'execution_id', x.id, 'step_id', NULL, 'status', x.status)::text)) AS sent
+          FROM (SELECT id, status FROM changed ORDER BY id) x)
+    SELECT (SELECT count(*) FROM changed),
+           (SELECT array_agg(id ORDER BY id) FROM changed WHERE status IN ('completed', 'failed', 'cancelled')),
+           (SELECT array_agg(id ORDER BY id) FROM changed WHERE status = 'paused'),
+           (SELECT array_agg(id ORDER BY id) FROM changed WHERE status = 'running')
+      INTO changed_count, final_ids, paused_ids, running_ids
+      FROM notified;
+    IF changed_count = 0 THEN
         RETURN NULL;
     END IF;
-    PERFORM pg_notify('workflow_db_events', json_build_object(
-                'execution_id', n.id, 'step_id', NULL, 'status', n.status)::text)
-       FROM new_rows n JOIN old_rows o ON o.id = n.id
-      WHERE n.status <> o.status
-      ORDER BY n.id;
-
-    SELECT array_agg(n.id ORDER BY n.id) FILTER (WHERE n.status IN ('completed', 'failed', 'cancelled')),
-           array_agg(n.id ORDER BY n.id) FILTER (WHERE n.status = 'paused'),
-           array_agg(n.id ORDER BY n.id) FILTER (WHERE n.status = 'running')
-      INTO final_ids, paused_ids, running_ids
-      FROM new_rows n JOIN old_rows o ON o.id = n.id
-     WHERE n.status <> o.status;
 
     -- A final execution runs nothing more.
     IF final_ids IS NOT NULL THEN
