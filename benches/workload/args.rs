@@ -16,22 +16,46 @@ pub struct Args {
     pub keep: bool,
     pub w6_executions: u64,
     pub limit_dir: PathBuf,
+    /// Claim/complete batch sizes of the batched figures (W2, W6, FANIN,
+    /// DRAIN), each run in turn; `--batch`, default `[10]`.
+    pub batches: Vec<i64>,
+    /// `--peer`: run the graphile-worker peer, and fail when it cannot run.
+    pub peer: bool,
+    /// `--no-peer`: leave the peer out of `--limit`.
+    pub no_peer: bool,
+    /// Jobs queued per peer run (`--peer-jobs`, default 50000).
+    pub peer_jobs: u64,
+    /// PERF_PEERS_DIR (default ../shared/perf-peers beside the crate).
+    pub peers_dir: PathBuf,
 }
+
+/// Largest `--batch` ([`workflow_db::models::MAX_PAGE_SIZE`]: `claim_steps` clamps to it).
+pub const MAX_BATCH: i64 = workflow_db::models::MAX_PAGE_SIZE;
 
 pub const USAGE: &str = "\
 usage: cargo bench --bench workload -- [options]
-  --only W1,W3      run only these workloads (W1..W6, CLAIM, R2D2)
+  --only W1,W3      run only these figure groups (W1..W6, CLAIM, R2D2, CANCEL,
+                    FANIN, DRAIN; default all)
   --runs N          repetitions of every figure (default 3)
   --executions N    W5/W3/W4 data scale in executions (default 100000; steps = 10x)
   --duration SECS   length of each throughput measurement (default 8)
   --warmup SECS     warm-up before each throughput measurement (default 1)
   --queries N       sequential calls per latency figure (default 1000)
   --w6-executions N executions of the 10-node chain per W6 figure (default 200)
-  --limit           also run the pgbench limit on the same database, print ratios
+  --batch N[,N..]   claim/complete batch size of the batched figures (W2, W6,
+                    FANIN, DRAIN; default 10, at most 1000); several run in turn
+  --limit           also run the pgbench limit on the same database, print ratios;
+                    with W2 also the graphile-worker peer when it can run
+  --peer            run the graphile-worker peer (PERF_PEERS_DIR/graphile-worker/
+                    bench.sh: node + npm, about 2 min) and print W2 vs its jobs/s;
+                    an error when it cannot run
+  --no-peer         leave the peer out of --limit
+  --peer-jobs N     jobs queued per peer run (default 50000)
   --keep            keep the throwaway database afterwards and print its name
 env: TEST_DATABASE_URL, else DATABASE_URL (the server; the benchmark runs on a
      fresh throwaway database workflow_db_tmp_bench_<time>_<pid>_<n> there),
-     PERF_LIMIT_DIR (default ../shared/perf-limit), PGBENCH, PSQL";
+     PERF_LIMIT_DIR (default ../shared/perf-limit), PERF_PEERS_DIR (default
+     ../shared/perf-peers), PGBENCH, PSQL, PEER_WORKDIR (the peer's npm folder)";
 
 pub fn parse() -> Res<Args> {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
@@ -48,6 +72,13 @@ pub fn parse() -> Res<Args> {
         limit_dir: std::env::var_os("PERF_LIMIT_DIR")
             .map(PathBuf::from)
             .unwrap_or_else(|| root.join("../shared/perf-limit")),
+        batches: vec![10],
+        peer: false,
+        no_peer: false,
+        peer_jobs: 50_000,
+        peers_dir: std::env::var_os("PERF_PEERS_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| root.join("../shared/perf-peers")),
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -79,6 +110,22 @@ pub fn parse() -> Res<Args> {
             "--warmup" => a.warmup = value("--warmup")?.parse()?,
             "--queries" => a.queries = value("--queries")?.parse()?,
             "--limit" => a.limit = true,
+            "--peer" => a.peer = true,
+            "--no-peer" => a.no_peer = true,
+            "--peer-jobs" => a.peer_jobs = value("--peer-jobs")?.parse()?,
+            "--batch" => {
+                let mut batches = Vec::new();
+                for b in value("--batch")?.split(',').map(str::trim) {
+                    let n: i64 = b.parse().map_err(|e| format!("--batch {b:?}: {e}"))?;
+                    if !(1..=MAX_BATCH).contains(&n) {
+                        return Err(format!("--batch {n}: must be 1..={MAX_BATCH}").into());
+                    }
+                    if !batches.contains(&n) {
+                        batches.push(n);
+                    }
+                }
+                a.batches = batches;
+            }
             "--keep" => a.keep = true,
             "--w6-executions" => a.w6_executions = value("--w6-executions")?.parse()?,
             "-h" | "--help" => {
@@ -92,9 +139,17 @@ pub fn parse() -> Res<Args> {
         || a.executions == 0
         || a.queries == 0
         || a.w6_executions == 0
+        || a.peer_jobs == 0
+        || a.batches.is_empty()
         || a.duration <= 0.0
     {
-        return Err("--runs, --executions, --queries and --duration must be positive".into());
+        return Err(
+            "--runs, --executions, --queries, --w6-executions, --peer-jobs, --batch and --duration must be positive"
+                .into(),
+        );
+    }
+    if a.peer && a.no_peer {
+        return Err("--peer and --no-peer contradict each other".into());
     }
     Ok(a)
 }

@@ -3,6 +3,7 @@
 //! W6 engine loop (executions of the 10-node chain driven to the end by
 //! workers) and the claim-latency growth with 10k and 1M pending steps.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use diesel::prelude::*;
@@ -18,7 +19,40 @@ use crate::data::{
 use crate::db::{Bench, connect};
 use crate::report::{Better, scale_label};
 
-const LEASE: Duration = Duration::from_secs(60);
+pub const LEASE: Duration = Duration::from_secs(60);
+
+/// `complete_steps` batches retried after a deadlock since the last
+/// [`take_deadlock_retries`] (the engine orders its locks so that there
+/// should be none).
+static DEADLOCK_RETRIES: AtomicU64 = AtomicU64::new(0);
+
+/// The deadlock retries since the last call; a note in the report when
+/// there were any during `figure`.
+pub fn take_deadlock_retries(b: &mut Bench, figure: &str) {
+    let n = DEADLOCK_RETRIES.swap(0, Ordering::Relaxed);
+    if n > 0 {
+        eprintln!("  {n} complete_steps batch(es) retried after a deadlock");
+        b.report.notes.push(format!(
+            "{figure}: {n} complete_steps batch(es) retried after a deadlock"
+        ));
+    }
+}
+
+/// The name of the unbatched W2 figure at `workers` workers.
+pub fn w2_single_name(workers: usize) -> String {
+    format!(
+        "W2 claim+complete, {} (engine: claim_steps 1 + complete_step)",
+        workers_label(workers)
+    )
+}
+
+/// The name of the batched W2 figure at `workers` workers and batch size `batch`.
+pub fn w2_batched_name(workers: usize, batch: i64) -> String {
+    format!(
+        "W2 claim+complete, {} (engine: claim_steps {batch} per statement, complete_steps {batch} per statement)",
+        workers_label(workers)
+    )
+}
 
 /// The limit's w2_pool.sql, but with running executions (the engine claims
 /// only steps of running executions): 10,000 executions x 10 independent
@@ -45,8 +79,9 @@ const W2_POOL_RUNNING: &[&str] = &[
 
 /// Claims up to `n` steps in one statement and completes them: one by one
 /// (autocommit) when `n` is 1, else in one transaction (sorted by execution;
-/// retried on deadlock). Returns how many steps were completed.
-fn complete_batch(conn: &mut PgConnection, worker: &str, n: i64, rng: &mut Rng) -> Res<u64> {
+/// retried on deadlock, counted in [`DEADLOCK_RETRIES`]). Returns how many
+/// steps were completed.
+pub fn complete_batch(conn: &mut PgConnection, worker: &str, n: i64, rng: &mut Rng) -> Res<u64> {
     let mut steps = engine::claim_steps(conn, worker, n, LEASE)?;
     if steps.is_empty() {
         return Ok(0);
@@ -64,7 +99,10 @@ fn complete_batch(conn: &mut PgConnection, worker: &str, n: i64, rng: &mut Rng) 
         let r = engine::complete_steps(conn, worker, &batch).map(|_| ());
         match r {
             Ok(()) => return Ok(steps.len() as u64),
-            Err(e) if attempt < 5 && e.to_string().contains("deadlock") => attempt += 1,
+            Err(e) if attempt < 5 && e.to_string().contains("deadlock") => {
+                DEADLOCK_RETRIES.fetch_add(1, Ordering::Relaxed);
+                attempt += 1
+            }
             Err(e) => return Err(e.into()),
         }
     }
@@ -77,7 +115,7 @@ fn any_unfinished(conn: &mut PgConnection) -> Res<bool> {
     .get_result(conn)?)
 }
 
-fn workers_label(workers: usize) -> String {
+pub fn workers_label(workers: usize) -> String {
     if workers == 1 {
         "1 worker".to_owned()
     } else {
@@ -97,10 +135,7 @@ impl Bench {
         eprintln!("W2 claim+complete (rep {rep})");
         for workers in [1usize, 4] {
             let w = workers_label(workers);
-            let single = format!("W2 claim+complete, {w} (engine: claim_steps 1 + complete_step)");
-            let batched = format!(
-                "W2 claim+complete, {w} (engine: claim_steps 10 per statement, complete_steps 10 per statement)"
-            );
+            let single = w2_single_name(workers);
             self.w2_pool_running()?;
             let v = self.throughput(
                 workers,
@@ -108,14 +143,19 @@ impl Bench {
                 |conn, worker, rng| complete_batch(conn, worker, 1, rng),
             )?;
             self.report.ours(&single, "steps/s", Better::Higher, v);
-            self.w2_pool_running()?;
-            let v = self.throughput(
-                workers,
-                |_, c| Ok(format!("w2b-{c}")),
-                |conn, worker, rng| complete_batch(conn, worker, 10, rng),
-            )?;
-            self.report.ours(&batched, "steps/s", Better::Higher, v);
-            self.report.pair(&batched, &single);
+            let batches = self.args.batches.clone();
+            for &batch in &batches {
+                let batched = w2_batched_name(workers, batch);
+                self.w2_pool_running()?;
+                let v = self.throughput(
+                    workers,
+                    |_, c| Ok(format!("w2b-{c}")),
+                    |conn, worker, rng| complete_batch(conn, worker, batch, rng),
+                )?;
+                self.report.ours(&batched, "steps/s", Better::Higher, v);
+                take_deadlock_retries(self, &batched);
+                self.report.pair(&batched, &single);
+            }
             if self.args.limit {
                 for (script, label) in [
                     (
@@ -132,7 +172,9 @@ impl Bench {
                     let name = format!("W2 claim+complete, {w} ({script}: {label})");
                     self.report.lim(&name, "steps/s", Better::Higher, v);
                     self.report.pair(&single, &name);
-                    self.report.pair(&batched, &name);
+                    for &batch in &batches {
+                        self.report.pair(&w2_batched_name(workers, batch), &name);
+                    }
                 }
             }
         }
@@ -188,13 +230,15 @@ impl Bench {
     pub fn w6(&mut self, rep: usize) -> Res<()> {
         eprintln!("W6 engine loop (rep {rep})");
         let n = self.args.w6_executions;
-        for (batch, how) in [
-            (1i64, "claim 1 + complete 1"),
-            (
-                10,
-                "claim 10 per statement, complete_steps 10 per statement",
-            ),
-        ] {
+        let modes: Vec<(i64, String)> = std::iter::once((1, "claim 1 + complete 1".to_owned()))
+            .chain(self.args.batches.iter().map(|&b| {
+                (
+                    b,
+                    format!("claim {b} per statement, complete_steps {b} per statement"),
+                )
+            }))
+            .collect();
+        for (batch, how) in modes {
             for workers in [1usize, 4] {
                 let w = workers_label(workers);
                 self.reset_runs()?;
@@ -253,6 +297,7 @@ impl Bench {
                     Better::Higher,
                     (n * NODES as u64) as f64 / secs,
                 );
+                take_deadlock_retries(self, &name);
             }
         }
         let events = self.count("execution_events")?;

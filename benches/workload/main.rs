@@ -4,15 +4,17 @@
 //!
 //! ```text
 //! cargo bench --bench workload -- [--only W1,W3] [--runs 3] [--executions 100000]
-//!     [--duration 8] [--warmup 1] [--queries 1000] [--limit] [--keep]
+//!     [--duration 8] [--warmup 1] [--queries 1000] [--batch 10] [--limit]
+//!     [--peer | --no-peer] [--peer-jobs 50000] [--keep]
 //! ```
 //!
 //! Modules: [`args`] (options), [`db`] (the bench database and the
 //! throughput/latency drivers), [`data`] (ids, payloads, the W5 rows),
-//! [`report`] (figures, ratios, the printed table and `target/workload.json`),
-//! [`limit`] (pgbench/psql), and one module per figure group: [`start`] (W1),
-//! [`claim`] (W2, W6, claim-latency growth), [`load`] (W5), [`read`] (W3, W4),
-//! [`pool`] (r2d2 checkout).
+//! [`report`] (figures, ratios, growth, targets, the printed tables and
+//! `target/workload.json`), [`limit`] (pgbench/psql), [`peer`] (the
+//! graphile-worker peer), and one module per figure group: [`start`] (W1),
+//! [`claim`] (W2, W6, claim-latency growth), [`settle`] (CANCEL, FANIN,
+//! DRAIN), [`load`] (W5), [`read`] (W3, W4), [`pool`] (r2d2 checkout).
 
 mod args;
 mod claim;
@@ -20,9 +22,11 @@ mod data;
 mod db;
 mod limit;
 mod load;
+mod peer;
 mod pool;
 mod read;
 mod report;
+mod settle;
 mod start;
 
 use chrono::Utc;
@@ -51,20 +55,50 @@ fn run() -> Res<()> {
     if args.limit {
         limit::check(&args)?;
     }
+    let peer = peer::plan(&args, &workflow_db::testing::server_url()?)?;
     let started = Utc::now();
     eprintln!("creating a throwaway database (migrated), seeding 100 workflows");
     let mut b = Bench::new(args)?;
     eprintln!("  database {}", b.db.name());
-    let result = run_figures(&mut b).and_then(|()| {
-        let version = b.server_version();
-        b.report.print_and_save(&b.args, &version, started)
-    });
+    let result = run_peer(&mut b, peer)
+        .and_then(|()| run_figures(&mut b))
+        .and_then(|()| {
+            let version = b.server_version();
+            b.report.print_and_save(&b.args, &version, started)
+        });
     // Kept also when the run failed (to look at what it left); else dropped.
     if b.args.keep {
         let name = b.db.keep();
         eprintln!("kept database {name} (drop it with: DROP DATABASE {name})");
     }
     result
+}
+
+/// The graphile-worker peer first (when it cannot run, that shows before
+/// the long part). Asked for by `--limit` alone, a peer that cannot run or
+/// fails is left out with a note; with `--peer` that is an error.
+fn run_peer(b: &mut Bench, plan: peer::Plan) -> Res<()> {
+    match plan {
+        peer::Plan::Off => Ok(()),
+        peer::Plan::Skipped(why) => {
+            b.report
+                .notes
+                .push(format!("graphile-worker peer skipped: {why}"));
+            Ok(())
+        }
+        peer::Plan::Run(p) => match b.peer(&p) {
+            Err(e) if !b.args.peer => {
+                eprintln!(
+                    "graphile-worker peer failed (left out; --peer makes this an error): {e}"
+                );
+                b.report
+                    .notes
+                    .push(format!("graphile-worker peer failed, left out: {e}"));
+                Ok(())
+            }
+            r => r,
+        },
+    }
 }
 
 /// Every asked-for figure group, `--runs` times, in the order that keeps the
@@ -82,6 +116,15 @@ fn run_figures(b: &mut Bench) -> Res<()> {
         }
         if b.args.wants("W6") {
             b.w6(rep)?;
+        }
+        if b.args.wants("CANCEL") {
+            b.cancel_group(rep)?;
+        }
+        if b.args.wants("FANIN") {
+            b.fanin(rep)?;
+        }
+        if b.args.wants("DRAIN") {
+            b.drain_one(rep)?;
         }
         let needs_data = ["W5", "W3", "W4"].iter().any(|w| b.args.wants(w));
         if needs_data {

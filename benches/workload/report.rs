@@ -1,6 +1,8 @@
 //! Figures and their report: [`Report`] collects every run's value per
-//! figure and the crate-vs-limit [`Pair`]s, prints the Markdown table and
-//! writes `target/workload.json` and `target/workload.md`.
+//! figure, the crate-vs-limit [`Pair`]s, the [`Growth`] ratios (a figure at
+//! a larger size vs the same at a smaller one) and the [`Target`]s, prints
+//! the Markdown tables and writes `target/workload.json` and
+//! `target/workload.md`.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -57,10 +59,29 @@ pub struct Pair {
     pub limit: String,
 }
 
+/// How a figure grows with size: `of` (the larger case) / `base` (the
+/// smaller), medians, next to what linear growth would give.
+#[derive(Debug)]
+pub struct Growth {
+    pub of: String,
+    pub base: String,
+    pub linear: f64,
+}
+
+/// A bound a figure's median should stay within (below it for
+/// [`Better::Lower`], at or above it for [`Better::Higher`]).
+#[derive(Debug)]
+pub struct Target {
+    pub figure: String,
+    pub bound: f64,
+}
+
 #[derive(Default)]
 pub struct Report {
     pub figures: Vec<Figure>,
     pub pairs: Vec<Pair>,
+    pub growths: Vec<Growth>,
+    pub targets: Vec<Target>,
     pub notes: Vec<String>,
 }
 
@@ -113,8 +134,43 @@ impl Report {
             self.pair(&format!("{ours} {p}"), &format!("{limit} {p}"));
         }
     }
+    /// Records that `of` is `base` at `linear` times the size.
+    pub fn growth(&mut self, of: &str, base: &str, linear: f64) {
+        if !self.growths.iter().any(|g| g.of == of && g.base == base) {
+            self.growths.push(Growth {
+                of: of.to_owned(),
+                base: base.to_owned(),
+                linear,
+            });
+        }
+    }
+    /// Records a bound for the median of `figure` (in its unit).
+    pub fn target(&mut self, figure: &str, bound: f64) {
+        if !self.targets.iter().any(|t| t.figure == figure) {
+            self.targets.push(Target {
+                figure: figure.to_owned(),
+                bound,
+            });
+        }
+    }
     fn get(&self, name: &str) -> Option<&Figure> {
         self.figures.iter().find(|f| f.name == name)
+    }
+    /// `of` / `base`, medians.
+    fn growth_ratio(&self, g: &Growth) -> Option<f64> {
+        Some(self.get(&g.of)?.median() / self.get(&g.base)?.median())
+    }
+    /// (median, met) of a target's figure.
+    fn verdict(&self, t: &Target) -> Option<(f64, bool)> {
+        let f = self.get(&t.figure)?;
+        let m = f.median();
+        Some((
+            m,
+            match f.better {
+                Better::Lower => m < t.bound,
+                Better::Higher => m >= t.bound,
+            },
+        ))
     }
     /// Speed ratio of the medians: > 1 means the crate is faster
     /// (throughput: crate/limit; latency and seconds: limit/crate).
@@ -138,11 +194,16 @@ impl Report {
         let mut out = String::new();
         let _ = writeln!(
             out,
-            "\nworkflow-db workload, {} UTC, {cores} cores, PostgreSQL {server_version}, {} run(s), {} executions, {}s per throughput figure{}",
+            "\nworkflow-db workload, {} UTC, {cores} cores, PostgreSQL {server_version}, {} run(s), {} executions, {}s per throughput figure, batch {}{}",
             started.format("%Y-%m-%d %H:%M"),
             args.runs,
             args.executions,
             args.duration,
+            args.batches
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(","),
             if args.limit {
                 ", with the pgbench limit"
             } else {
@@ -178,6 +239,50 @@ impl Report {
                 }
             }
         }
+        if self.growths.iter().any(|g| self.growth_ratio(g).is_some()) {
+            let _ = writeln!(
+                out,
+                "\nGrowth (medians, figure / base figure; linear = the size ratio, less = better than linear)\n"
+            );
+            let _ = writeln!(out, "| figure | base figure | ratio | linear |");
+            let _ = writeln!(out, "|---|---|---:|---:|");
+            for g in &self.growths {
+                if let Some(x) = self.growth_ratio(g) {
+                    let _ = writeln!(
+                        out,
+                        "| {} | {} | {:.2} | {} |",
+                        g.of,
+                        g.base,
+                        x,
+                        fmt(g.linear)
+                    );
+                }
+            }
+        }
+        if self.targets.iter().any(|t| self.verdict(t).is_some()) {
+            let _ = writeln!(out, "\nTargets (medians)\n");
+            let _ = writeln!(out, "| figure | median | target | verdict |");
+            let _ = writeln!(out, "|---|---:|---:|---|");
+            for t in &self.targets {
+                if let (Some((m, met)), Some(f)) = (self.verdict(t), self.get(&t.figure)) {
+                    let _ = writeln!(
+                        out,
+                        "| {} | {} {} | {} {} {} | {} |",
+                        t.figure,
+                        fmt(m),
+                        f.unit,
+                        if f.better == Better::Lower {
+                            "<"
+                        } else {
+                            "≥"
+                        },
+                        fmt(t.bound),
+                        f.unit,
+                        if met { "met" } else { "missed" }
+                    );
+                }
+            }
+        }
         for n in &self.notes {
             let _ = writeln!(out, "\nnote: {n}");
         }
@@ -206,6 +311,28 @@ impl Report {
                     .collect();
                 if !ratios.is_empty() {
                     o["speed_ratio_vs"] = json!(ratios);
+                }
+                let growth: BTreeMap<String, Value> = self
+                    .growths
+                    .iter()
+                    .filter(|g| g.of == f.name)
+                    .filter_map(|g| {
+                        Some((
+                            g.base.clone(),
+                            json!({"ratio": self.growth_ratio(g)?, "linear": g.linear}),
+                        ))
+                    })
+                    .collect();
+                if !growth.is_empty() {
+                    o["growth_vs"] = json!(growth);
+                }
+                if let Some((t, (_, met))) = self
+                    .targets
+                    .iter()
+                    .find(|t| t.figure == f.name)
+                    .and_then(|t| Some((t, self.verdict(t)?)))
+                {
+                    o["target"] = json!({"bound": t.bound, "met": met});
                 }
                 o
             })
