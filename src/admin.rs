@@ -72,6 +72,9 @@ pub const EXIT_NOT_CONFIRMED: u8 = 4;
 /// Exit code: `db-migrate --check` found pending, out-of-order, edited or
 /// unknown migrations, or schema drift.
 pub const EXIT_CHECK_FAILED: u8 = 5;
+/// Exit code: `db-check` found broken engine invariants (error-level
+/// violations; warnings alone exit 0).
+pub const EXIT_INVARIANTS_BROKEN: u8 = 6;
 
 /// The documented exit code of an admin binary failing with `error`.
 pub fn exit_code(error: &Error) -> u8 {

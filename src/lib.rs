@@ -18,6 +18,8 @@ pub mod schema;
 pub mod seed;
 #[cfg(feature = "test-utils")]
 pub mod testing;
+#[cfg(feature = "test-utils")]
+pub mod torture;
 
 pub use config::{Config, DatabaseUrl, Environment};
 pub use engine::{Backoff, ExecutionFilter, ExecutionPage, Notification, Started};

@@ -43,12 +43,17 @@
 //! }
 //! ```
 
+mod check;
 mod claim;
 mod lifecycle;
 mod notify;
 mod query;
 mod start;
 
+pub use check::{
+    CheckOptions, CheckProgress, InvariantKind, InvariantReport, Severity, Violation,
+    check_invariants, check_invariants_with_progress,
+};
 pub use claim::{
     Backoff, claim_steps, complete_step, complete_steps, fail_step, heartbeat, reclaim_expired,
 };

@@ -1,0 +1,840 @@
+//! The invariant checker: reads the engine's tables and reports, by execution
+//! and step, every state the triggers promise can never be committed.
+//!
+//! It only reads. Each batch of executions (keyset pages by id) is checked in
+//! one `REPEATABLE READ READ ONLY` transaction, so all the queries of a batch
+//! see one snapshot (a concurrent writer cannot make two queries disagree)
+//! and nothing can be written; it is safe on a live production database.
+//! Every invariant is one set-based query per batch over the batch's id range
+//! (the primary key and the `execution_id`-led indexes serve it), never a
+//! query per row, so a million executions take minutes.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::Duration;
+
+use diesel::prelude::*;
+use diesel::sql_types::{Array, BigInt, Bool, Double, Nullable, Text, Uuid as SqlUuid};
+use serde::Serialize;
+use uuid::Uuid;
+
+use crate::enums::{ExecutionStatus, StepStatus};
+use crate::error::Result;
+
+/// One kind of broken invariant. The names ([`InvariantKind::name`]) are
+/// stable: the `db-check` binary prints them and scripts may match on them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum InvariantKind {
+    /// A running step without a lease (`locked_by` or `locked_until` NULL).
+    RunningWithoutLease,
+    /// A running step whose lease expired longer ago than the grace period
+    /// and that nobody reclaimed (a warning: `reclaim_expired` recovers it).
+    ExpiredLease,
+    /// A step that is not running holds a lease (`locked_by` or `locked_until` set).
+    LeaseWhileNotRunning,
+    /// A pending step's `upstream_pending` differs from its unfinished upstream steps.
+    UpstreamPendingMismatch,
+    /// A step ran (running, completed, failed) before its upstream steps were done.
+    RanBeforeUpstream,
+    /// A step's `downstream` names a node without a step in the execution (a warning).
+    DanglingDownstream,
+    /// A pending step under a final execution.
+    PendingUnderFinalExecution,
+    /// A completed execution with pending or running steps.
+    CompletedWithUnfinishedSteps,
+    /// A completed execution with a failed step.
+    CompletedWithFailedStep,
+    /// A running execution with a failed step (it should have failed).
+    RunningWithFailedStep,
+    /// A running execution whose steps are all completed or skipped (it should have completed).
+    RunningWithAllStepsFinal,
+    /// A step that is not pending under an execution that never started.
+    StepStartedUnderPendingExecution,
+    /// A step's events are not a chain of legal transitions ending in its status.
+    StepEventChain,
+    /// An execution's own events are not a chain of legal transitions ending in its status.
+    ExecutionEventChain,
+    /// A final execution without `completed_at`.
+    ExecutionCompletedAtMissing,
+    /// A completed, failed or skipped step without `completed_at`.
+    StepCompletedAtMissing,
+    /// A pending step whose `parked` flag disagrees with its (not final)
+    /// execution's status. Checked only when the column exists.
+    ParkedMismatch,
+}
+
+/// How bad a violation is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Severity {
+    /// Broken data: the engine can no longer make progress, or history lies.
+    Error,
+    /// Not broken, but worth a look (maintenance is not running).
+    Warning,
+}
+
+impl Severity {
+    /// `"error"` or `"warning"`.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Severity::Error => "error",
+            Severity::Warning => "warning",
+        }
+    }
+}
+
+impl InvariantKind {
+    /// Every kind, in report order.
+    pub const ALL: [InvariantKind; 17] = [
+        Self::RunningWithoutLease,
+        Self::ExpiredLease,
+        Self::LeaseWhileNotRunning,
+        Self::UpstreamPendingMismatch,
+        Self::RanBeforeUpstream,
+        Self::DanglingDownstream,
+        Self::PendingUnderFinalExecution,
+        Self::CompletedWithUnfinishedSteps,
+        Self::CompletedWithFailedStep,
+        Self::RunningWithFailedStep,
+        Self::RunningWithAllStepsFinal,
+        Self::StepStartedUnderPendingExecution,
+        Self::StepEventChain,
+        Self::ExecutionEventChain,
+        Self::ExecutionCompletedAtMissing,
+        Self::StepCompletedAtMissing,
+        Self::ParkedMismatch,
+    ];
+
+    /// The stable snake_case name (as in JSON).
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::RunningWithoutLease => "running_without_lease",
+            Self::ExpiredLease => "expired_lease",
+            Self::LeaseWhileNotRunning => "lease_while_not_running",
+            Self::UpstreamPendingMismatch => "upstream_pending_mismatch",
+            Self::RanBeforeUpstream => "ran_before_upstream",
+            Self::DanglingDownstream => "dangling_downstream",
+            Self::PendingUnderFinalExecution => "pending_under_final_execution",
+            Self::CompletedWithUnfinishedSteps => "completed_with_unfinished_steps",
+            Self::CompletedWithFailedStep => "completed_with_failed_step",
+            Self::RunningWithFailedStep => "running_with_failed_step",
+            Self::RunningWithAllStepsFinal => "running_with_all_steps_final",
+            Self::StepStartedUnderPendingExecution => "step_started_under_pending_execution",
+            Self::StepEventChain => "step_event_chain",
+            Self::ExecutionEventChain => "execution_event_chain",
+            Self::ExecutionCompletedAtMissing => "execution_completed_at_missing",
+            Self::StepCompletedAtMissing => "step_completed_at_missing",
+            Self::ParkedMismatch => "parked_mismatch",
+        }
+    }
+
+    /// The kind named `name` (as [`InvariantKind::name`] prints it).
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.name() == name)
+    }
+
+    /// What the invariant says, in one line.
+    pub const fn explanation(self) -> &'static str {
+        match self {
+            Self::RunningWithoutLease => {
+                "a running step has no lease (locked_by or locked_until is NULL): nobody can finish it and reclaim_expired never recovers it"
+            }
+            Self::ExpiredLease => {
+                "a running step's lease expired longer ago than the grace period and it was not reclaimed: is reclaim_expired running?"
+            }
+            Self::LeaseWhileNotRunning => {
+                "a step that is not running holds a lease (locked_by or locked_until set): a stale holder could report on a later attempt"
+            }
+            Self::UpstreamPendingMismatch => {
+                "a pending step's upstream_pending differs from the number of its upstream steps (whose downstream names it) that are not completed or skipped"
+            }
+            Self::RanBeforeUpstream => {
+                "a step ran (running, completed or failed) while an upstream step was not completed or skipped, or with upstream_pending > 0"
+            }
+            Self::DanglingDownstream => {
+                "a step's downstream names a node that has no step in the same execution (the engine starts one step per node, so the rows were written by hand): that dependency is ignored"
+            }
+            Self::PendingUnderFinalExecution => {
+                "a pending step under a completed, failed or cancelled execution: nothing will ever claim or skip it"
+            }
+            Self::CompletedWithUnfinishedSteps => {
+                "a completed execution still has pending or running steps"
+            }
+            Self::CompletedWithFailedStep => {
+                "a completed execution has a failed step: it should have failed"
+            }
+            Self::RunningWithFailedStep => {
+                "a running execution has a step that failed for good: it should have failed"
+            }
+            Self::RunningWithAllStepsFinal => {
+                "a running execution whose steps are all completed or skipped: it should have completed (stuck for ever)"
+            }
+            Self::StepStartedUnderPendingExecution => {
+                "a step of an execution that never started (pending) is not pending"
+            }
+            Self::StepEventChain => {
+                "a step's events (by id) are not a contiguous chain of legal transitions ending in the step's current status"
+            }
+            Self::ExecutionEventChain => {
+                "an execution's own events (step_id NULL, by id) are not a contiguous chain of legal transitions ending in its current status"
+            }
+            Self::ExecutionCompletedAtMissing => {
+                "a completed, failed or cancelled execution has no completed_at"
+            }
+            Self::StepCompletedAtMissing => {
+                "a completed, failed or skipped step has no completed_at"
+            }
+            Self::ParkedMismatch => {
+                "a pending step's parked flag differs from (its execution is not running), under a pending, running or paused execution: it is claimable while it must not be, or never claimed"
+            }
+        }
+    }
+
+    /// [`Severity::Warning`] for [`InvariantKind::ExpiredLease`] (maintenance
+    /// recovers it) and [`InvariantKind::DanglingDownstream`] (rows written
+    /// by hand; nothing waits for the missing step), else [`Severity::Error`].
+    pub const fn severity(self) -> Severity {
+        match self {
+            Self::ExpiredLease | Self::DanglingDownstream => Severity::Warning,
+            _ => Severity::Error,
+        }
+    }
+}
+
+impl fmt::Display for InvariantKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// One broken invariant, where it was found.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Violation {
+    /// What is broken.
+    pub kind: InvariantKind,
+    /// The execution concerned.
+    pub execution_id: Uuid,
+    /// The step concerned, when it is about one step.
+    pub step_id: Option<Uuid>,
+    /// The facts, e.g. `pending step b: upstream_pending 0, but 1 of its 2 upstream steps are unfinished`.
+    pub detail: String,
+}
+
+impl fmt::Display for Violation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} execution {}", self.kind, self.execution_id)?;
+        if let Some(step) = self.step_id {
+            write!(f, " step {step}")?;
+        }
+        write!(f, ": {}", self.detail)
+    }
+}
+
+/// Options of [`check_invariants`]; `CheckOptions::default()` then set fields.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct CheckOptions {
+    /// Executions per batch (one read-only transaction each); default 10,000.
+    pub batch_size: i64,
+    /// How many violations of each kind the report lists (the counts per
+    /// kind are always complete); default 1,000.
+    pub max_per_kind: usize,
+    /// Report running steps whose lease expired more than this long ago as
+    /// [`InvariantKind::ExpiredLease`] warnings; `None` skips the check.
+    /// Default 5 minutes.
+    pub expired_lease_grace: Option<Duration>,
+}
+
+impl Default for CheckOptions {
+    fn default() -> Self {
+        CheckOptions {
+            batch_size: 10_000,
+            max_per_kind: 1_000,
+            expired_lease_grace: Some(Duration::from_secs(300)),
+        }
+    }
+}
+
+/// What [`check_invariants`] found.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct InvariantReport {
+    /// Executions checked.
+    pub executions: u64,
+    /// Steps checked.
+    pub steps: u64,
+    /// Read-only transactions used (batches of executions).
+    pub batches: u64,
+    /// Whether the `parked` column exists, so [`InvariantKind::ParkedMismatch`] was checked.
+    pub parked_checked: bool,
+    /// The first [`CheckOptions::max_per_kind`] violations of each kind, by
+    /// batch, kind and execution id.
+    pub violations: Vec<Violation>,
+    /// How many violations of each kind were found in all (kinds with none are absent).
+    pub counts: BTreeMap<InvariantKind, u64>,
+}
+
+impl InvariantReport {
+    /// No error-level violation (warnings allowed).
+    pub fn is_clean(&self) -> bool {
+        self.errors() == 0
+    }
+
+    /// Error-level violations found in all.
+    pub fn errors(&self) -> u64 {
+        self.count_where(Severity::Error)
+    }
+
+    /// Warning-level violations found in all.
+    pub fn warnings(&self) -> u64 {
+        self.count_where(Severity::Warning)
+    }
+
+    /// All violations found (listed or not).
+    pub fn total(&self) -> u64 {
+        self.counts.values().sum()
+    }
+
+    /// Whether more violations were found than [`InvariantReport::violations`] lists.
+    pub fn truncated(&self) -> bool {
+        self.total() > self.violations.len() as u64
+    }
+
+    /// How many violations of `kind` were found.
+    pub fn count(&self, kind: InvariantKind) -> u64 {
+        self.counts.get(&kind).copied().unwrap_or(0)
+    }
+
+    fn count_where(&self, severity: Severity) -> u64 {
+        self.counts
+            .iter()
+            .filter(|(k, _)| k.severity() == severity)
+            .map(|(_, n)| n)
+            .sum()
+    }
+}
+
+impl fmt::Display for InvariantReport {
+    /// A summary line, then one line per kind found.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} executions, {} steps: {} errors, {} warnings",
+            self.executions,
+            self.steps,
+            self.errors(),
+            self.warnings()
+        )?;
+        for (kind, n) in &self.counts {
+            write!(f, "\n  {kind}: {n}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Progress of a running check, after each batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct CheckProgress {
+    /// Batches done.
+    pub batches: u64,
+    /// Executions checked so far.
+    pub executions: u64,
+    /// Steps checked so far.
+    pub steps: u64,
+    /// Violations found so far.
+    pub violations: u64,
+}
+
+/// Checks every execution and step against the engine's invariants
+/// ([`InvariantKind`]) and reports what is broken. Reads only: each batch of
+/// [`CheckOptions::batch_size`] executions (in id order) is one
+/// `REPEATABLE READ READ ONLY` transaction, with one set-based query per
+/// invariant. Call it outside a transaction (it opens its own).
+///
+/// Executions inserted during the check into an id range already checked
+/// are not seen; rows changed between batches are seen as they are when
+/// their batch runs.
+#[tracing::instrument(skip_all, fields(batch_size = options.batch_size))]
+pub fn check_invariants(
+    conn: &mut PgConnection,
+    options: &CheckOptions,
+) -> Result<InvariantReport> {
+    check_invariants_with_progress(conn, options, |_| {})
+}
+
+/// [`check_invariants`], calling `progress` after each batch.
+pub fn check_invariants_with_progress(
+    conn: &mut PgConnection,
+    options: &CheckOptions,
+    mut progress: impl FnMut(&CheckProgress),
+) -> Result<InvariantReport> {
+    let batch_size = options.batch_size.max(1);
+    let parked = conn
+        .build_transaction()
+        .read_only()
+        .run(|conn| has_column(conn, "execution_steps", "parked"))?;
+    let checks = checks(options, parked);
+    let mut report = InvariantReport {
+        parked_checked: parked,
+        ..InvariantReport::default()
+    };
+    let mut after: Option<Uuid> = None;
+    loop {
+        let done = conn
+            .build_transaction()
+            .repeatable_read()
+            .read_only()
+            .run(|conn| -> Result<bool> {
+                let Some(bounds) = next_batch(conn, after, batch_size)? else {
+                    return Ok(true);
+                };
+                report.batches += 1;
+                report.executions += bounds.executions as u64;
+                report.steps += diesel::sql_query(
+                    "SELECT count(*) AS n FROM execution_steps WHERE execution_id BETWEEN $1 AND $2",
+                )
+                .bind::<SqlUuid, _>(bounds.first)
+                .bind::<SqlUuid, _>(bounds.last)
+                .get_result::<Count>(conn)?
+                .n as u64;
+                for check in &checks {
+                    run_check(conn, check, &bounds, options.max_per_kind, &mut report)?;
+                }
+                after = Some(bounds.last);
+                Ok(bounds.executions < batch_size)
+            })?;
+        progress(&CheckProgress {
+            batches: report.batches,
+            executions: report.executions,
+            steps: report.steps,
+            violations: report.total(),
+        });
+        if done {
+            return Ok(report);
+        }
+    }
+}
+
+#[derive(QueryableByName)]
+struct Count {
+    #[diesel(sql_type = BigInt)]
+    n: i64,
+}
+
+#[derive(QueryableByName)]
+struct Exists {
+    #[diesel(sql_type = Bool)]
+    found: bool,
+}
+
+fn has_column(conn: &mut PgConnection, table: &str, column: &str) -> QueryResult<bool> {
+    Ok(diesel::sql_query(
+        "SELECT EXISTS (SELECT 1 FROM information_schema.columns \
+         WHERE table_schema = current_schema() AND table_name = $1 AND column_name = $2) AS found",
+    )
+    .bind::<Text, _>(table)
+    .bind::<Text, _>(column)
+    .get_result::<Exists>(conn)?
+    .found)
+}
+
+/// The id range of one batch (both ends included).
+struct Bounds {
+    first: Uuid,
+    last: Uuid,
+    executions: i64,
+}
+
+#[derive(QueryableByName)]
+struct BoundsRow {
+    #[diesel(sql_type = Nullable<SqlUuid>)]
+    first: Option<Uuid>,
+    #[diesel(sql_type = Nullable<SqlUuid>)]
+    last: Option<Uuid>,
+    #[diesel(sql_type = BigInt)]
+    n: i64,
+}
+
+fn next_batch(
+    conn: &mut PgConnection,
+    after: Option<Uuid>,
+    batch_size: i64,
+) -> QueryResult<Option<Bounds>> {
+    // (uuid has no min/max aggregate before PostgreSQL 18.)
+    const PAGE: &str = "WITH b AS (SELECT id FROM executions {after} ORDER BY id LIMIT $1) \
+        SELECT (SELECT id FROM b ORDER BY id LIMIT 1) AS first, \
+               (SELECT id FROM b ORDER BY id DESC LIMIT 1) AS last, \
+               (SELECT count(*) FROM b) AS n";
+    let row: BoundsRow = match after {
+        None => diesel::sql_query(PAGE.replace("{after}", ""))
+            .bind::<BigInt, _>(batch_size)
+            .get_result(conn)?,
+        Some(after) => diesel::sql_query(PAGE.replace("{after}", "WHERE id > $2"))
+            .bind::<BigInt, _>(batch_size)
+            .bind::<SqlUuid, _>(after)
+            .get_result(conn)?,
+    };
+    Ok(match (row.first, row.last) {
+        (Some(first), Some(last)) => Some(Bounds {
+            first,
+            last,
+            executions: row.n,
+        }),
+        _ => None,
+    })
+}
+
+/// One invariant's query. `$1`/`$2` are the batch's first and last execution
+/// id; `extra` says what `$4` is. The query yields `execution_id`, `step_id`
+/// and `detail`.
+struct Check {
+    kind: InvariantKind,
+    sql: String,
+    extra: Extra,
+}
+
+enum Extra {
+    None,
+    Seconds(f64),
+    Pairs(Vec<String>),
+}
+
+#[derive(QueryableByName)]
+struct Found {
+    #[diesel(sql_type = SqlUuid)]
+    execution_id: Uuid,
+    #[diesel(sql_type = Nullable<SqlUuid>)]
+    step_id: Option<Uuid>,
+    #[diesel(sql_type = Text)]
+    detail: String,
+    #[diesel(sql_type = BigInt)]
+    total: i64,
+}
+
+fn run_check(
+    conn: &mut PgConnection,
+    check: &Check,
+    bounds: &Bounds,
+    cap: usize,
+    report: &mut InvariantReport,
+) -> QueryResult<()> {
+    // Rows beyond what the report still lists are counted, not fetched;
+    // one row is always fetched, for the count.
+    let listed = report
+        .violations
+        .iter()
+        .filter(|v| v.kind == check.kind)
+        .count();
+    let room = cap.saturating_sub(listed);
+    let sql = format!(
+        "SELECT v.execution_id, v.step_id, v.detail, count(*) OVER () AS total FROM ({}) v \
+         ORDER BY v.execution_id, v.step_id NULLS FIRST, v.detail LIMIT $3",
+        check.sql
+    );
+    let query = diesel::sql_query(sql)
+        .into_boxed()
+        .bind::<SqlUuid, _>(bounds.first)
+        .bind::<SqlUuid, _>(bounds.last)
+        .bind::<BigInt, _>(room.max(1) as i64);
+    let rows: Vec<Found> = match &check.extra {
+        Extra::None => query.load(conn)?,
+        Extra::Seconds(s) => query.bind::<Double, _>(*s).load(conn)?,
+        Extra::Pairs(p) => query.bind::<Array<Text>, _>(p).load(conn)?,
+    };
+    let Some(total) = rows.first().map(|r| r.total as u64) else {
+        return Ok(());
+    };
+    *report.counts.entry(check.kind).or_default() += total;
+    for row in rows.into_iter().take(room) {
+        report.violations.push(Violation {
+            kind: check.kind,
+            execution_id: row.execution_id,
+            step_id: row.step_id,
+            detail: row.detail,
+        });
+    }
+    Ok(())
+}
+
+/// `from>to` for every legal transition, as the event-chain queries compare them.
+fn legal_pairs<S: Copy, I: IntoIterator<Item = S> + Clone>(
+    all: I,
+    label: fn(S) -> &'static str,
+    legal: fn(S, S) -> bool,
+) -> Vec<String> {
+    let mut pairs = Vec::new();
+    for from in all.clone() {
+        for to in all.clone() {
+            if legal(from, to) {
+                pairs.push(format!("{}>{}", label(from), label(to)));
+            }
+        }
+    }
+    pairs
+}
+
+/// The steps of the batch.
+const STEPS: &str = "execution_steps s WHERE s.execution_id BETWEEN $1 AND $2";
+
+/// Each upstream relation of the batch's steps: for a step's node, how many
+/// steps name it downstream, and how many of those are not done.
+const UPSTREAM: &str = "\
+    WITH s AS (SELECT id, execution_id, node_id, status, upstream_pending, downstream \
+               FROM execution_steps WHERE execution_id BETWEEN $1 AND $2), \
+    up AS (SELECT s.execution_id, d.node_id, count(DISTINCT s.id) AS upstream, \
+                  count(DISTINCT s.id) FILTER (WHERE s.status NOT IN ('completed', 'skipped')) AS unfinished \
+           FROM s CROSS JOIN LATERAL unnest(s.downstream) AS d(node_id) GROUP BY 1, 2) ";
+
+/// The event chains of the batch: `$4` holds the legal `from>to` pairs;
+/// `{who}` is `step_id` or `execution_id`, `{filter}` selects the events,
+/// `{table}`/`{owner}` the batch's rows they end in (joined as a set, by hash).
+const CHAIN: &str = "\
+    WITH ev AS (SELECT v.id, v.execution_id, v.step_id, v.from_status, v.to_status, \
+                       lag(v.to_status) OVER w AS prev_to, lag(v.id) OVER w AS prev_id, \
+                       lead(v.id) OVER w AS next_id \
+                FROM execution_events v \
+                WHERE v.execution_id BETWEEN $1 AND $2 AND {filter} \
+                WINDOW w AS (PARTITION BY v.{who} ORDER BY v.id)), \
+         x AS (SELECT id, status FROM {table} WHERE {owner} BETWEEN $1 AND $2) \
+    SELECT ev.execution_id, {step_id} AS step_id, CASE \
+        WHEN ev.from_status IS NULL OR NOT ((ev.from_status || '>' || ev.to_status) = ANY ($4)) \
+            THEN format('event %s records an illegal transition %s -> %s', ev.id, \
+                        coalesce(ev.from_status, 'NULL'), ev.to_status) \
+        WHEN ev.prev_id IS NOT NULL AND ev.from_status IS DISTINCT FROM ev.prev_to \
+            THEN format('event %s starts from %s but the previous event %s ended in %s', \
+                        ev.id, ev.from_status, ev.prev_id, ev.prev_to) \
+        ELSE format('the last event %s ends in %s but the {what} is %s', ev.id, ev.to_status, x.status) \
+        END AS detail \
+    FROM ev JOIN x ON x.id = ev.{who} \
+    WHERE ev.from_status IS NULL OR NOT ((ev.from_status || '>' || ev.to_status) = ANY ($4)) \
+       OR (ev.prev_id IS NOT NULL AND ev.from_status IS DISTINCT FROM ev.prev_to) \
+       OR (ev.next_id IS NULL AND ev.to_status <> x.status::text)";
+
+fn checks(options: &CheckOptions, parked: bool) -> Vec<Check> {
+    use InvariantKind as K;
+    let plain = |kind, sql: &str| Check {
+        kind,
+        sql: sql.to_owned(),
+        extra: Extra::None,
+    };
+    let step_pairs = legal_pairs(StepStatus::ALL, StepStatus::as_str, |a, b| {
+        a.can_transition_to(b)
+    });
+    let execution_pairs = legal_pairs(ExecutionStatus::ALL, ExecutionStatus::as_str, |a, b| {
+        a.can_transition_to(b)
+    });
+    let mut checks = vec![plain(
+        K::RunningWithoutLease,
+        &format!(
+            "SELECT s.execution_id, s.id AS step_id, \
+             format('running step %s: locked_by %s, locked_until %s', s.node_id, \
+                    quote_nullable(s.locked_by), quote_nullable(s.locked_until)) AS detail \
+             FROM {STEPS} AND s.status = 'running' AND (s.locked_by IS NULL OR s.locked_until IS NULL)"
+        ),
+    )];
+    if let Some(grace) = options.expired_lease_grace {
+        checks.push(Check {
+            kind: K::ExpiredLease,
+            sql: format!(
+                "SELECT s.execution_id, s.id AS step_id, \
+                 format('running step %s: the lease of %s expired at %s (%s ago)', s.node_id, \
+                        s.locked_by, s.locked_until, date_trunc('second', now() - s.locked_until)) AS detail \
+                 FROM {STEPS} AND s.status = 'running' \
+                   AND s.locked_until < now() - make_interval(secs => $4)"
+            ),
+            extra: Extra::Seconds(grace.as_secs_f64()),
+        });
+    }
+    checks.extend([
+        plain(
+            K::LeaseWhileNotRunning,
+            &format!(
+                "SELECT s.execution_id, s.id AS step_id, \
+                 format('%s step %s: locked_by %s, locked_until %s', s.status, s.node_id, \
+                        quote_nullable(s.locked_by), quote_nullable(s.locked_until)) AS detail \
+                 FROM {STEPS} AND s.status <> 'running' \
+                   AND (s.locked_by IS NOT NULL OR s.locked_until IS NOT NULL)"
+            ),
+        ),
+        plain(
+            K::UpstreamPendingMismatch,
+            &format!(
+                "{UPSTREAM} SELECT t.execution_id, t.id AS step_id, \
+                 format('pending step %s: upstream_pending %s, but %s of its %s upstream steps are unfinished', \
+                        t.node_id, t.upstream_pending, coalesce(up.unfinished, 0), coalesce(up.upstream, 0)) AS detail \
+                 FROM s t LEFT JOIN up ON up.execution_id = t.execution_id AND up.node_id = t.node_id \
+                 WHERE t.status = 'pending' AND t.upstream_pending <> coalesce(up.unfinished, 0)"
+            ),
+        ),
+        plain(
+            K::RanBeforeUpstream,
+            &format!(
+                "{UPSTREAM} SELECT t.execution_id, t.id AS step_id, \
+                 format('%s step %s: upstream_pending %s, %s of its %s upstream steps are unfinished', \
+                        t.status, t.node_id, t.upstream_pending, coalesce(up.unfinished, 0), \
+                        coalesce(up.upstream, 0)) AS detail \
+                 FROM s t LEFT JOIN up ON up.execution_id = t.execution_id AND up.node_id = t.node_id \
+                 WHERE t.status IN ('running', 'completed', 'failed') \
+                   AND (t.upstream_pending <> 0 OR coalesce(up.unfinished, 0) > 0)"
+            ),
+        ),
+        plain(
+            K::DanglingDownstream,
+            // An anti-join within the batch (a hash join), not a probe per edge.
+            "WITH s AS (SELECT id, execution_id, node_id, downstream FROM execution_steps \
+                        WHERE execution_id BETWEEN $1 AND $2) \
+             SELECT s.execution_id, s.id AS step_id, \
+             format('step %s: downstream node %s has no step in the execution', s.node_id, d.node_id) AS detail \
+             FROM s CROSS JOIN LATERAL unnest(s.downstream) AS d(node_id) \
+             LEFT JOIN s t ON t.execution_id = s.execution_id AND t.node_id = d.node_id \
+             WHERE t.id IS NULL",
+        ),
+        plain(
+            K::PendingUnderFinalExecution,
+            "SELECT s.execution_id, s.id AS step_id, \
+             format('step %s is pending under a %s execution', s.node_id, e.status) AS detail \
+             FROM executions e JOIN execution_steps s ON s.execution_id = e.id \
+             WHERE e.id BETWEEN $1 AND $2 AND e.status IN ('completed', 'failed', 'cancelled') \
+               AND s.status = 'pending'",
+        ),
+        plain(
+            K::CompletedWithUnfinishedSteps,
+            "SELECT e.id AS execution_id, NULL::uuid AS step_id, \
+             format('completed execution has %s pending and %s running steps', \
+                    count(*) FILTER (WHERE s.status = 'pending'), \
+                    count(*) FILTER (WHERE s.status = 'running')) AS detail \
+             FROM executions e JOIN execution_steps s ON s.execution_id = e.id \
+             WHERE e.id BETWEEN $1 AND $2 AND e.status = 'completed' \
+               AND s.status IN ('pending', 'running') \
+             GROUP BY e.id",
+        ),
+        plain(
+            K::CompletedWithFailedStep,
+            "SELECT s.execution_id, s.id AS step_id, \
+             format('step %s failed (%s) under a completed execution', s.node_id, \
+                    coalesce(s.error, 'no error message')) AS detail \
+             FROM executions e JOIN execution_steps s ON s.execution_id = e.id \
+             WHERE e.id BETWEEN $1 AND $2 AND e.status = 'completed' AND s.status = 'failed'",
+        ),
+        plain(
+            K::RunningWithFailedStep,
+            "SELECT s.execution_id, s.id AS step_id, \
+             format('step %s failed (%s) but its execution is still running', s.node_id, \
+                    coalesce(s.error, 'no error message')) AS detail \
+             FROM executions e JOIN execution_steps s ON s.execution_id = e.id \
+             WHERE e.id BETWEEN $1 AND $2 AND e.status = 'running' AND s.status = 'failed'",
+        ),
+        plain(
+            K::RunningWithAllStepsFinal,
+            "SELECT e.id AS execution_id, NULL::uuid AS step_id, \
+             format('running execution whose %s steps are all final (%s completed, %s skipped), last change %s', \
+                    count(*), count(*) FILTER (WHERE s.status = 'completed'), \
+                    count(*) FILTER (WHERE s.status = 'skipped'), max(s.updated_at)) AS detail \
+             FROM executions e JOIN execution_steps s ON s.execution_id = e.id \
+             WHERE e.id BETWEEN $1 AND $2 AND e.status = 'running' \
+             GROUP BY e.id HAVING bool_and(s.status IN ('completed', 'skipped'))",
+        ),
+        plain(
+            K::StepStartedUnderPendingExecution,
+            "SELECT s.execution_id, s.id AS step_id, \
+             format('step %s is %s but its execution never started (pending)', s.node_id, s.status) AS detail \
+             FROM executions e JOIN execution_steps s ON s.execution_id = e.id \
+             WHERE e.id BETWEEN $1 AND $2 AND e.status = 'pending' AND s.status <> 'pending'",
+        ),
+        Check {
+            kind: K::StepEventChain,
+            sql: CHAIN
+                .replace("{filter}", "v.step_id IS NOT NULL")
+                .replace("{who}", "step_id")
+                .replace("{step_id}", "ev.step_id")
+                .replace("{what}", "step")
+                .replace("{table}", "execution_steps")
+                .replace("{owner}", "execution_id"),
+            extra: Extra::Pairs(step_pairs),
+        },
+        Check {
+            kind: K::ExecutionEventChain,
+            sql: CHAIN
+                .replace("{filter}", "v.step_id IS NULL")
+                .replace("{who}", "execution_id")
+                .replace("{step_id}", "NULL::uuid")
+                .replace("{what}", "execution")
+                .replace("{table}", "executions")
+                .replace("{owner}", "id"),
+            extra: Extra::Pairs(execution_pairs),
+        },
+        plain(
+            K::ExecutionCompletedAtMissing,
+            "SELECT e.id AS execution_id, NULL::uuid AS step_id, \
+             format('%s execution without completed_at', e.status) AS detail \
+             FROM executions e WHERE e.id BETWEEN $1 AND $2 \
+               AND e.status IN ('completed', 'failed', 'cancelled') AND e.completed_at IS NULL",
+        ),
+        plain(
+            K::StepCompletedAtMissing,
+            &format!(
+                "SELECT s.execution_id, s.id AS step_id, \
+                 format('%s step %s without completed_at', s.status, s.node_id) AS detail \
+                 FROM {STEPS} AND s.status IN ('completed', 'failed', 'skipped') AND s.completed_at IS NULL"
+            ),
+        ),
+    ]);
+    if parked {
+        checks.push(plain(
+            K::ParkedMismatch,
+            "SELECT s.execution_id, s.id AS step_id, \
+             format('pending step %s has parked = %s under a %s execution', s.node_id, s.parked, e.status) AS detail \
+             FROM executions e JOIN execution_steps s ON s.execution_id = e.id \
+             WHERE e.id BETWEEN $1 AND $2 AND s.status = 'pending' \
+               AND e.status IN ('pending', 'running', 'paused') \
+               AND s.parked IS DISTINCT FROM (e.status <> 'running')",
+        ));
+    }
+    checks
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kinds_have_unique_names_that_parse_back() {
+        let mut names: Vec<&str> = InvariantKind::ALL.iter().map(|k| k.name()).collect();
+        for kind in InvariantKind::ALL {
+            assert_eq!(InvariantKind::from_name(kind.name()), Some(kind));
+            assert_eq!(
+                serde_json::to_value(kind).unwrap(),
+                serde_json::json!(kind.name())
+            );
+            assert!(!kind.explanation().is_empty());
+        }
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), InvariantKind::ALL.len());
+    }
+
+    #[test]
+    fn legal_pairs_follow_the_state_machines() {
+        let steps = legal_pairs(StepStatus::ALL, StepStatus::as_str, |a, b| {
+            a.can_transition_to(b)
+        });
+        assert!(steps.contains(&"running>pending".to_owned()));
+        assert!(!steps.contains(&"completed>running".to_owned()));
+        assert_eq!(steps.len(), 5);
+    }
+
+    #[test]
+    fn a_report_with_warnings_only_is_clean() {
+        let mut report = InvariantReport::default();
+        report.counts.insert(InvariantKind::ExpiredLease, 2);
+        assert!(report.is_clean());
+        assert_eq!((report.errors(), report.warnings()), (0, 2));
+        report
+            .counts
+            .insert(InvariantKind::RunningWithAllStepsFinal, 1);
+        assert!(!report.is_clean());
+        assert!(report.truncated());
+    }
+}
