@@ -570,6 +570,95 @@ fn retry_then_fail_for_good_in_two_sessions_does_not_deadlock() {
     );
 }
 
+/// (d) A pause (the same for a cancel or a settle) holds its execution and,
+/// in its trigger, updates the execution's pending steps with a snapshot in
+/// which step `m` is still pending. A claim of `m` commits meanwhile and its
+/// worker reports on `m` at once. If the report locked `m` before the
+/// execution, the pause (following `m`'s update chain) would wait for the
+/// report and the report for the pause's execution: a deadlock. A gate
+/// session holding another pending step `p` stops the pause before it reaches
+/// `m`, so the report runs exactly in that window.
+#[test]
+fn a_report_right_after_its_claim_does_not_deadlock_with_a_pause() {
+    for report in ["complete", "fail", "complete_steps"] {
+        let db = TestDatabase::new();
+        let mut conn = db.connect();
+        let wf = workflow(&mut conn, &["p", "m"], &[]);
+        let ex = start(&mut conn, &wf);
+        let (p, m) = (
+            step_of(&mut conn, ex.id, "p").id,
+            step_of(&mut conn, ex.id, "m").id,
+        );
+        set_max_retries(&mut conn, m, 0);
+
+        let mut gate = Session::new(&db, "gate");
+        gate.begin();
+        gate.run("gate: hold p", move |c: &mut PgConnection| {
+            exec_sql(
+                c,
+                "SELECT 1 FROM execution_steps WHERE id = $1 FOR UPDATE",
+                p,
+            )
+        });
+        assert_eq!(gate.settle(&mut conn), State::Done);
+        let mut claimer = Session::new(&db, "claimer");
+        claimer.begin();
+        claimer.run("claimer: claim m", move |c: &mut PgConnection| {
+            exec_sql(
+                c,
+                "UPDATE execution_steps SET status = 'running', locked_by = 'w', \
+                 locked_until = now() + interval '1 minute' WHERE id = $1",
+                m,
+            )
+        });
+        assert_eq!(claimer.settle(&mut conn), State::Done);
+        // The pause's park statement sees m pending and waits for the gate at p.
+        let mut pauser = Session::new(&db, "pauser");
+        pauser.run("pauser: pause", move |c: &mut PgConnection| {
+            engine::pause(c, ex.id).map(|e| e.status)
+        });
+        assert_eq!(pauser.settle(&mut conn), State::Blocked);
+        claimer.commit();
+        assert_eq!(claimer.settle(&mut conn), State::Done);
+        // The worker reports at once: it must wait for the pause (the
+        // execution first), not hold m.
+        let mut reporter = Session::new(&db, "reporter");
+        reporter.run(
+            &format!("reporter: {report} m"),
+            move |c: &mut PgConnection| match report {
+                "complete" => engine::complete_step(c, m, "w", None).map(|s| s.status),
+                "fail" => engine::fail_step(c, m, "w", "boom", &no_backoff()).map(|s| s.status),
+                _ => engine::complete_steps(c, "w", &[(m, None)]).map(|s| s[0].status),
+            },
+        );
+        assert_eq!(reporter.settle(&mut conn), State::Blocked);
+        gate.commit();
+        let (gate, claimer, pauser, reporter) = (
+            gate.finish(),
+            claimer.finish(),
+            pauser.finish(),
+            reporter.finish(),
+        );
+        assert_all_ok(
+            &format!("pause while a just-claimed step is reported ({report})"),
+            &[
+                ("gate", &gate),
+                ("claimer", &claimer),
+                ("pauser", &pauser),
+                ("reporter", &reporter),
+            ],
+        );
+        let m_now = step(&mut conn, m);
+        assert!(
+            matches!(m_now.status, StepStatus::Completed | StepStatus::Failed),
+            "{report}: m is reported: {m_now:?}"
+        );
+        assert!(step(&mut conn, p).parked, "{report}: the pause parked p");
+        // A failure while paused leaves the execution paused (it fails on resume).
+        assert_eq!(status(&mut conn, ex.id), ExecutionStatus::Paused);
+    }
+}
+
 /// (b) `reclaim_expired` in two sessions over expired leases of one
 /// execution, some with retries left, some without, interleaved so that each
 /// session first sends a step back to pending and then fails one for good

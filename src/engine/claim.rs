@@ -135,6 +135,27 @@ macro_rules! held_by {
     };
 }
 
+/// The lock order's first step for statements that end attempts: `WITH
+/// locked AS (..)` locks the executions of the steps `$steps` (an SQL
+/// expression yielding step ids) `FOR NO KEY UPDATE`, in id order; the
+/// statement's `WHERE` then requires `EXISTS (SELECT FROM locked)`, an
+/// uncorrelated one-time filter evaluated before the first step row is
+/// locked. Taking the executions before the steps matters: a pause, cancel
+/// or settle holds its execution and waits for a pending step a claim
+/// holds; if that claim commits and its worker then reported on the step
+/// while holding the step's row and waiting for the execution, the two
+/// would deadlock.
+macro_rules! lock_executions_of {
+    ($steps:literal) => {
+        concat!(
+            "WITH locked AS (SELECT e.id FROM executions e WHERE e.id IN \
+               (SELECT st.execution_id FROM execution_steps st WHERE st.id IN (",
+            $steps,
+            ")) ORDER BY e.id FOR NO KEY UPDATE) "
+        )
+    };
+}
+
 /// The end of an attempt that may be retried: back to `pending` (retry
 /// count + 1, not before `$run_after`) while retries remain, else `failed`.
 /// SET expressions all read the old row.
@@ -157,11 +178,17 @@ macro_rules! retry_or_fail {
 #[tracing::instrument(skip(conn))]
 pub fn reclaim_expired(conn: &mut PgConnection, limit: i64) -> QueryResult<Vec<ExecutionStep>> {
     diesel::sql_query(concat!(
+        lock_executions_of!(
+            "SELECT x.id FROM execution_steps x \
+             WHERE x.status = 'running' AND x.locked_until < statement_timestamp() \
+             ORDER BY x.locked_until LIMIT $1"
+        ),
         "UPDATE execution_steps SET ",
         retry_or_fail!("statement_timestamp()"),
         ", error = format('lease of worker %s expired at %s', locked_by, locked_until) \
          WHERE id = ANY(ARRAY(SELECT id FROM execution_steps \
                       WHERE status = 'running' AND locked_until < statement_timestamp() \
+                        AND execution_id IN (SELECT id FROM locked) \
                       ORDER BY locked_until LIMIT $1 FOR UPDATE SKIP LOCKED)) \
            AND status = 'running' AND locked_until < statement_timestamp() \
          RETURNING *"
@@ -177,9 +204,10 @@ pub fn reclaim_expired(conn: &mut PgConnection, limit: i64) -> QueryResult<Vec<E
 /// error ([`Error::LeaseLost`], [`Error::IllegalTransition`], ...) is returned.
 /// The database handles the batch as a set: one event per step, the
 /// downstream counters and each execution's settle once per statement, one
-/// NOTIFY per execution. Batches of several workers over steps of the same
-/// executions serialise on those executions (locked in id order), so they do
-/// not deadlock.
+/// NOTIFY per execution. The statement locks the steps' executions first, in
+/// id order (the engine's lock order, see `docs/engine.md`): batches of
+/// several workers over steps of the same executions serialise on them and
+/// do not deadlock.
 #[tracing::instrument(skip(conn, steps), fields(count = steps.len()))]
 pub fn complete_steps(
     conn: &mut PgConnection,
@@ -194,12 +222,14 @@ pub fn complete_steps(
     let ids: Vec<Uuid> = sorted.iter().map(|(id, _)| *id).collect();
     let outputs: Vec<Option<&Value>> = sorted.iter().map(|(_, o)| o.as_ref()).collect();
     conn.transaction(|conn| {
-        let done: Vec<ExecutionStep> = diesel::sql_query(
+        let done: Vec<ExecutionStep> = diesel::sql_query(concat!(
+            lock_executions_of!("SELECT unnest($1::uuid[])"),
             "UPDATE execution_steps s SET status = 'completed', output = x.output \
              FROM unnest($1::uuid[], $2::jsonb[]) AS x(id, output) \
              WHERE s.id = x.id AND s.locked_by = $3 AND s.locked_until > statement_timestamp() \
-             RETURNING s.*",
-        )
+               AND EXISTS (SELECT FROM locked) \
+             RETURNING s.*"
+        ))
         .bind::<Array<SqlUuid>, _>(&ids)
         .bind::<Array<diesel::sql_types::Nullable<diesel::sql_types::Jsonb>>, _>(&outputs)
         .bind::<Text, _>(worker)
@@ -229,19 +259,16 @@ pub fn complete_step(
     worker: &str,
     output: Option<&Value>,
 ) -> Result<ExecutionStep> {
-    // The filter of `held_by!`.
-    let updated = diesel::update(
-        execution_steps::table
-            .filter(execution_steps::id.eq(step_id))
-            .filter(execution_steps::locked_by.eq(worker))
-            .filter(execution_steps::locked_until.gt(statement_timestamp())),
-    )
-    .set((
-        execution_steps::status.eq(StepStatus::Completed),
-        execution_steps::output.eq(output),
+    let updated = diesel::sql_query(concat!(
+        lock_executions_of!("$1"),
+        "UPDATE execution_steps SET status = 'completed', output = $3 WHERE ",
+        held_by!(),
+        " AND EXISTS (SELECT FROM locked) RETURNING *"
     ))
-    .returning(ExecutionStep::as_returning())
-    .get_result(conn)
+    .bind::<SqlUuid, _>(step_id)
+    .bind::<Text, _>(worker)
+    .bind::<diesel::sql_types::Nullable<diesel::sql_types::Jsonb>, _>(output)
+    .get_result::<ExecutionStep>(conn)
     .optional()?;
     updated.map_or_else(
         || Err(why_not(conn, step_id, worker, StepStatus::Completed)),
@@ -265,13 +292,14 @@ pub fn fail_step(
     backoff: &Backoff,
 ) -> Result<ExecutionStep> {
     let updated = diesel::sql_query(concat!(
+        lock_executions_of!("$1"),
         "UPDATE execution_steps SET ",
         retry_or_fail!(
             "statement_timestamp() + least($4 * power(2, least(retry_count, 30)), $5) * interval '1 microsecond'"
         ),
         ", error = $3 WHERE ",
         held_by!(),
-        " RETURNING *"
+        " AND EXISTS (SELECT FROM locked) RETURNING *"
     ))
     .bind::<SqlUuid, _>(step_id)
     .bind::<Text, _>(worker)

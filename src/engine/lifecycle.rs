@@ -97,22 +97,10 @@ pub fn transition_step(
     if (from, to) == (StepStatus::Pending, StepStatus::Running) {
         return Err(Error::RunRequiresClaim { step_id: id });
     }
-    if from != StepStatus::Pending {
-        return compare_and_set!(
-            conn,
-            execution_steps,
-            ExecutionStep,
-            StepStatus,
-            "step",
-            id,
-            from,
-            to
-        );
-    }
-    // The lock order for pending steps: the execution first. Skipping a
-    // pending step would otherwise hold the step while its trigger waits for
-    // the execution, as a cancel holds the execution and waits for the
-    // execution's pending steps.
+    // The lock order: the execution first (as every statement that moves a
+    // step out of pending or running does). A skip of a pending step would
+    // otherwise hold the step while its trigger waits for the execution, as a
+    // cancel holds the execution and waits for the execution's pending steps.
     conn.transaction(|conn| {
         diesel::sql_query(
             "SELECT 1 FROM executions \

@@ -369,7 +369,11 @@ pub fn prune_executions(
                 .map(|r| r.root)
                 .collect();
             busy_roots.extend(busy.iter().copied());
-            let ids: Vec<Uuid> = ids.iter().filter(|id| !busy.contains(id)).copied().collect();
+            let ids: Vec<Uuid> = ids
+                .iter()
+                .filter(|id| !busy.contains(id))
+                .copied()
+                .collect();
             let deleted = diesel::sql_query(concat!(
                 "DELETE FROM executions x WHERE x.id = ANY($2) AND ",
                 prunable!()
