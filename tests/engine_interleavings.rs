@@ -580,11 +580,22 @@ fn retry_then_fail_for_good_in_two_sessions_does_not_deadlock() {
 /// `m`, so the report runs exactly in that window.
 #[test]
 fn a_report_right_after_its_claim_does_not_deadlock_with_a_pause() {
-    for report in ["complete", "fail", "complete_steps"] {
+    for report in [
+        "complete",
+        "fail",
+        "complete_steps",
+        "complete_steps over two executions",
+    ] {
         let db = TestDatabase::new();
         let mut conn = db.connect();
+        // Started first, so its id sorts first: a batch over k and m locks
+        // `other` before `ex`, and must lock both before any step row.
+        let single = workflow(&mut conn, &["k"], &[]);
+        let other = start(&mut conn, &single);
+        let k = engine::claim_steps(&mut conn, "w", 1, LEASE).unwrap()[0].id;
         let wf = workflow(&mut conn, &["p", "m"], &[]);
         let ex = start(&mut conn, &wf);
+        assert!(other.id < ex.id);
         let (p, m) = (
             step_of(&mut conn, ex.id, "p").id,
             step_of(&mut conn, ex.id, "m").id,
@@ -628,7 +639,10 @@ fn a_report_right_after_its_claim_does_not_deadlock_with_a_pause() {
             move |c: &mut PgConnection| match report {
                 "complete" => engine::complete_step(c, m, "w", None).map(|s| s.status),
                 "fail" => engine::fail_step(c, m, "w", "boom", &no_backoff()).map(|s| s.status),
-                _ => engine::complete_steps(c, "w", &[(m, None)]).map(|s| s[0].status),
+                "complete_steps" => {
+                    engine::complete_steps(c, "w", &[(m, None)]).map(|s| s[0].status)
+                }
+                _ => engine::complete_steps(c, "w", &[(k, None), (m, None)]).map(|s| s[1].status),
             },
         );
         assert_eq!(reporter.settle(&mut conn), State::Blocked);

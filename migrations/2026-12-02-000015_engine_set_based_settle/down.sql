@@ -12,6 +12,9 @@ DROP TRIGGER execution_steps_inserted ON execution_steps;
 DROP FUNCTION workflow_db_steps_inserted();
 DROP TRIGGER execution_steps_default_lease ON execution_steps;
 DROP FUNCTION workflow_db_step_default_lease();
+DROP TRIGGER execution_steps_id_immutable ON execution_steps;
+DROP TRIGGER executions_id_immutable ON executions;
+DROP FUNCTION workflow_db_refuse_id_change();
 
 CREATE FUNCTION workflow_db_settle_execution(p_execution_id uuid) RETURNS void
 LANGUAGE plpgsql AS $$

@@ -6,13 +6,16 @@
 -- in a few set operations (no per-row cascades: cancelling 10,000 steps is
 -- linear), and sends one NOTIFY per execution and new status.
 --
--- One lock order everywhere, so that ordinary use cannot deadlock:
---   1. the step rows a statement writes (the UPDATE itself);
---   2. then their executions, FOR NO KEY UPDATE, in id order (never FOR SHARE,
---      whose upgrade deadlocked two transactions retrying steps of one
---      execution); a claim (pending -> running) locks no execution;
---   3. then, under the execution's lock, other steps of that execution
---      (downstream counters, skipping, parking).
+-- One lock order, so that ordinary use cannot deadlock:
+--   1. the executions concerned, FOR NO KEY UPDATE, in id order (never FOR
+--      SHARE, whose upgrade deadlocked two transactions retrying steps of one
+--      execution): the crate's reporting statements lock them before any step
+--      row, and these triggers lock them again (a no-op then; for hand-written
+--      SQL, after its step rows);
+--   2. the step rows the statement writes; a claim (pending -> running) locks
+--      no execution;
+--   3. under the execution's lock, other steps of that execution (downstream
+--      counters, skipping, parking).
 -- A transaction holding an execution therefore waits only for pending steps,
 -- and those are held only by claims, which never wait for an execution.
 --
@@ -94,6 +97,24 @@ $$;
 COMMENT ON FUNCTION workflow_db_step_transition() IS 'BEFORE UPDATE OF status trigger on execution_steps: refuses illegal transitions (constraint execution_steps_status_transition) and runs of steps that are not ready (constraint execution_steps_run_when_ready: upstream not done, or execution paused), gives a step moved to running by hand a default 5-minute lease held by the writing role, sets started_at/completed_at, clears the lease when the attempt ends.';
 
 -------------------------------------------------------------------------------
+-- Ids are immutable: the statement triggers line old and new rows up by id,
+-- and the history refers to them.
+CREATE FUNCTION workflow_db_refuse_id_change() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE EXCEPTION 'the id of a row of % cannot change', TG_TABLE_NAME
+        USING ERRCODE = 'check_violation',
+              CONSTRAINT = TG_TABLE_NAME || '_id_immutable',
+              TABLE = TG_TABLE_NAME;
+END;
+$$;
+COMMENT ON FUNCTION workflow_db_refuse_id_change() IS 'BEFORE UPDATE OF id trigger (only when the id changes) on executions and execution_steps: ids are immutable.';
+CREATE TRIGGER execution_steps_id_immutable BEFORE UPDATE OF id ON execution_steps
+    FOR EACH ROW WHEN (OLD.id IS DISTINCT FROM NEW.id) EXECUTE FUNCTION workflow_db_refuse_id_change();
+CREATE TRIGGER executions_id_immutable BEFORE UPDATE OF id ON executions
+    FOR EACH ROW WHEN (OLD.id IS DISTINCT FROM NEW.id) EXECUTE FUNCTION workflow_db_refuse_id_change();
+
+-------------------------------------------------------------------------------
 -- Inserted steps: a running step without a lease gets a default one; a
 -- pending step may not join a final execution, and its `parked` is corrected
 -- when it disagrees with its execution's status.
@@ -114,14 +135,17 @@ CREATE FUNCTION workflow_db_steps_inserted() RETURNS trigger
 LANGUAGE plpgsql AS $$
 DECLARE
     execution_ids uuid[];
+    any_parked boolean;
+    any_unparked boolean;
     final_ids uuid[];
     running_ids uuid[];
-    flip_ids uuid[];
+    other_ids uuid[];
 BEGIN
     -- (The transition table is only aggregated, and tables are reached
-    -- through `= ANY (array)`: PL/pgSQL caches each statement's plan from
-    -- its first call, so no plan may depend on the transition table's size.)
-    SELECT array_agg(DISTINCT n.execution_id) INTO execution_ids
+    -- through `= ANY (array)` as an index condition: PL/pgSQL caches each
+    -- statement's plan, so no plan may depend on the transition table's size.)
+    SELECT array_agg(DISTINCT n.execution_id), bool_or(n.parked), bool_or(NOT n.parked)
+      INTO execution_ids, any_parked, any_unparked
       FROM new_rows n WHERE n.status = 'pending';
     IF execution_ids IS NULL THEN
         RETURN NULL;
@@ -130,8 +154,9 @@ BEGIN
     -- cancel, pause or resume either committed first (seen here) or waits for
     -- this transaction and then sees these steps.
     SELECT array_agg(e.id) FILTER (WHERE e.status IN ('completed', 'failed', 'cancelled')),
-           coalesce(array_agg(e.id) FILTER (WHERE e.status = 'running'), '{}')
-      INTO final_ids, running_ids
+           array_agg(e.id) FILTER (WHERE e.status = 'running'),
+           array_agg(e.id) FILTER (WHERE e.status IN ('pending', 'paused'))
+      INTO final_ids, running_ids, other_ids
       FROM (SELECT x.id, x.status FROM executions x WHERE x.id = ANY (execution_ids)
              ORDER BY x.id FOR NO KEY UPDATE) e;
     IF final_ids IS NOT NULL THEN
@@ -141,12 +166,15 @@ BEGIN
                   TABLE = 'execution_steps',
                   DETAIL = 'Nothing claims the steps of a final execution; insert the step completed or skipped, or not at all.';
     END IF;
-    -- parked = "the execution is not running", where the insert said otherwise.
-    SELECT array_agg(n.id) INTO flip_ids
-      FROM new_rows n
-     WHERE n.status = 'pending' AND n.parked = (n.execution_id = ANY (running_ids));
-    IF flip_ids IS NOT NULL THEN
-        UPDATE execution_steps SET parked = NOT parked WHERE id = ANY (flip_ids);
+    -- parked = "the execution is not running", where the insert said
+    -- otherwise (the executions' other pending steps already agree).
+    IF any_parked AND running_ids IS NOT NULL THEN
+        UPDATE execution_steps SET parked = false
+         WHERE execution_id = ANY (running_ids) AND status = 'pending' AND parked;
+    END IF;
+    IF any_unparked AND other_ids IS NOT NULL THEN
+        UPDATE execution_steps SET parked = true
+         WHERE execution_id = ANY (other_ids) AND status = 'pending' AND NOT parked;
     END IF;
     RETURN NULL;
 END;
@@ -168,7 +196,6 @@ LANGUAGE plpgsql AS $$
 DECLARE
     changed_count bigint;
     lock_ids uuid[];
-    live_ids uuid[];
     retry_ids uuid[];
     done_ids uuid[];
     done_executions uuid[];
@@ -245,17 +272,17 @@ BEGIN
         RETURN NULL; -- only claims: no execution is locked
     END IF;
 
-    -- Lock order step 2: the executions, in id order; those not final are live.
-    SELECT coalesce(array_agg(e.id) FILTER (WHERE e.status IN ('pending', 'running', 'paused')), '{}')
-      INTO live_ids
-      FROM (SELECT x.id, x.status FROM executions x WHERE x.id = ANY (lock_ids)
-             ORDER BY x.id FOR NO KEY UPDATE) e;
+    -- The executions, in id order (already held when the crate wrote the
+    -- statement: see the lock order above).
+    PERFORM 1 FROM executions x WHERE x.id = ANY (lock_ids) ORDER BY x.id FOR NO KEY UPDATE;
 
     -- Attempts sent back to pending (retry, reclaimed lease): skipped under a
     -- final execution, parked exactly when their execution is not running.
     IF retry_ids IS NOT NULL THEN
-        UPDATE execution_steps SET status = 'skipped'
-         WHERE id = ANY (retry_ids) AND status = 'pending' AND NOT (execution_id = ANY (live_ids));
+        UPDATE execution_steps s SET status = 'skipped'
+          FROM executions e
+         WHERE s.id = ANY (retry_ids) AND e.id = s.execution_id
+           AND s.status = 'pending' AND e.status IN ('completed', 'failed', 'cancelled');
         UPDATE execution_steps s SET parked = (e.status <> 'running')
           FROM executions e
          WHERE s.id = ANY (retry_ids) AND e.id = s.execution_id
@@ -266,9 +293,11 @@ BEGIN
     -- (a final execution has no pending step left to unblock).
     IF done_ids IS NOT NULL THEN
         UPDATE execution_steps d SET upstream_pending = d.upstream_pending - u.finished
-          FROM (SELECT s.execution_id, t.node_id, count(*)::int AS finished
-                  FROM execution_steps s CROSS JOIN LATERAL unnest(s.downstream) AS t(node_id)
-                 WHERE s.id = ANY (done_ids) AND s.execution_id = ANY (live_ids)
+          FROM (SELECT s.execution_id, t.node_id, count(DISTINCT s.id)::int AS finished
+                  FROM execution_steps s
+                       JOIN executions e ON e.id = s.execution_id
+                       CROSS JOIN LATERAL unnest(s.downstream) AS t(node_id)
+                 WHERE s.id = ANY (done_ids) AND e.status IN ('pending', 'running', 'paused')
                  GROUP BY s.execution_id, t.node_id) u
          WHERE d.execution_id = u.execution_id AND d.node_id = u.node_id AND d.status = 'pending';
     END IF;
@@ -283,7 +312,7 @@ BEGIN
     -- ... and a running execution whose steps are all final completes.
     IF done_executions IS NOT NULL THEN
         UPDATE executions e SET status = 'completed'
-         WHERE e.id = ANY (done_executions) AND e.id = ANY (live_ids) AND e.status = 'running'
+         WHERE e.id = ANY (done_executions) AND e.status = 'running'
            AND NOT EXISTS (SELECT 1 FROM execution_steps s
                             WHERE s.execution_id = e.id AND s.status IN ('pending', 'running'));
     END IF;

@@ -11,12 +11,6 @@ use crate::error::{Error, Result};
 use crate::models::{ExecutionStep, MAX_PAGE_SIZE};
 use crate::schema::execution_steps;
 
-diesel::define_sql_function! {
-    /// PostgreSQL's `statement_timestamp()`: the start of the current
-    /// statement (leases are measured from it, not from the transaction's
-    /// start as `now()` would be).
-    fn statement_timestamp() -> diesel::sql_types::Nullable<diesel::sql_types::Timestamptz>;
-}
 
 /// How long a failed step waits before its retry: `base * 2^retry_count`,
 /// capped at `max` (the exponent is clamped to 30, so any retry count works).
@@ -138,9 +132,10 @@ macro_rules! held_by {
 /// The lock order's first step for statements that end attempts: `WITH
 /// locked AS (..)` locks the executions of the steps `$steps` (an SQL
 /// expression yielding step ids) `FOR NO KEY UPDATE`, in id order; the
-/// statement's `WHERE` then requires `EXISTS (SELECT FROM locked)`, an
-/// uncorrelated one-time filter evaluated before the first step row is
-/// locked. Taking the executions before the steps matters: a pause, cancel
+/// statement's `WHERE` then requires `(SELECT count(*) FROM locked) > 0`, an
+/// uncorrelated one-time filter that reads the whole CTE (so locks every
+/// execution; an `EXISTS` would stop at the first) before the first step row
+/// is locked. Taking the executions before the steps matters: a pause, cancel
 /// or settle holds its execution and waits for a pending step a claim
 /// holds; if that claim commits and its worker then reported on the step
 /// while holding the step's row and waiting for the execution, the two
@@ -189,6 +184,7 @@ pub fn reclaim_expired(conn: &mut PgConnection, limit: i64) -> QueryResult<Vec<E
          WHERE id = ANY(ARRAY(SELECT id FROM execution_steps \
                       WHERE status = 'running' AND locked_until < statement_timestamp() \
                         AND execution_id IN (SELECT id FROM locked) \
+                        AND (SELECT count(*) FROM locked) > 0 \
                       ORDER BY locked_until LIMIT $1 FOR UPDATE SKIP LOCKED)) \
            AND status = 'running' AND locked_until < statement_timestamp() \
          RETURNING *"
@@ -227,7 +223,7 @@ pub fn complete_steps(
             "UPDATE execution_steps s SET status = 'completed', output = x.output \
              FROM unnest($1::uuid[], $2::jsonb[]) AS x(id, output) \
              WHERE s.id = x.id AND s.locked_by = $3 AND s.locked_until > statement_timestamp() \
-               AND EXISTS (SELECT FROM locked) \
+               AND (SELECT count(*) FROM locked) > 0 \
              RETURNING s.*"
         ))
         .bind::<Array<SqlUuid>, _>(&ids)
@@ -263,7 +259,7 @@ pub fn complete_step(
         lock_executions_of!("$1"),
         "UPDATE execution_steps SET status = 'completed', output = $3 WHERE ",
         held_by!(),
-        " AND EXISTS (SELECT FROM locked) RETURNING *"
+        " AND (SELECT count(*) FROM locked) > 0 RETURNING *"
     ))
     .bind::<SqlUuid, _>(step_id)
     .bind::<Text, _>(worker)
@@ -299,7 +295,7 @@ pub fn fail_step(
         ),
         ", error = $3 WHERE ",
         held_by!(),
-        " AND EXISTS (SELECT FROM locked) RETURNING *"
+        " AND (SELECT count(*) FROM locked) > 0 RETURNING *"
     ))
     .bind::<SqlUuid, _>(step_id)
     .bind::<Text, _>(worker)
