@@ -11,7 +11,6 @@ use crate::error::{Error, Result};
 use crate::models::{ExecutionStep, MAX_PAGE_SIZE};
 use crate::schema::execution_steps;
 
-
 /// How long a failed step waits before its retry: `base * 2^retry_count`,
 /// capped at `max` (the exponent is clamped to 30, so any retry count works).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
