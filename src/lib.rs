@@ -13,6 +13,7 @@ pub mod graph;
 pub mod migrate;
 pub mod models;
 pub mod pool;
+mod prepared;
 #[allow(missing_docs)]
 pub mod schema;
 pub mod seed;

@@ -9,6 +9,7 @@ use uuid::Uuid;
 use crate::enums::StepStatus;
 use crate::error::{Error, Result};
 use crate::models::{ExecutionStep, MAX_PAGE_SIZE};
+use crate::prepared::{prepared, step_columns};
 use crate::schema::execution_steps;
 
 /// How long a failed step waits before its retry: `base * 2^retry_count`,
@@ -57,7 +58,7 @@ const MAX_BACKOFF: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 /// batch size reuses one prepared plan (at most [`MAX_PAGE_SIZE`] distinct
 /// statements per connection). Lease times use `statement_timestamp()`, so a
 /// claim inside a long transaction still hands out a full lease.
-const CLAIM: &str = "\
+const CLAIM: &str = concat!("\
 UPDATE execution_steps SET status = 'running', locked_by = $1, locked_until = statement_timestamp() + $2
 WHERE id = ANY(ARRAY(
     SELECT s.id FROM execution_steps s
@@ -66,7 +67,7 @@ WHERE id = ANY(ARRAY(
     ORDER BY s.run_after, s.id
     LIMIT {limit}
     FOR UPDATE SKIP LOCKED))
-RETURNING *";
+RETURNING ", step_columns!());
 
 /// Claims up to `limit` (clamped to `1..=`[`MAX_PAGE_SIZE`]) runnable steps
 /// for `worker`, in one statement, with a lease of `lease`. A step is runnable when it is pending, its execution is
@@ -81,10 +82,12 @@ pub fn claim_steps(
     lease: Duration,
 ) -> QueryResult<Vec<ExecutionStep>> {
     let limit = limit.clamp(1, MAX_PAGE_SIZE);
-    diesel::sql_query(CLAIM.replace("{limit}", &limit.to_string()))
-        .bind::<Text, _>(worker)
-        .bind::<Interval, _>(interval(lease))
-        .load(conn)
+    prepared(
+        diesel::sql_query(CLAIM.replace("{limit}", &limit.to_string()))
+            .bind::<Text, _>(worker)
+            .bind::<Interval, _>(interval(lease)),
+    )
+    .load(conn)
 }
 
 /// Extends the unexpired leases `worker` holds on `step_ids` to
@@ -98,13 +101,15 @@ pub fn heartbeat(
     step_ids: &[Uuid],
     lease: Duration,
 ) -> QueryResult<Vec<Uuid>> {
-    diesel::sql_query(
-        "UPDATE execution_steps SET locked_until = statement_timestamp() + $3 \
-         WHERE id = ANY($1) AND locked_by = $2 AND locked_until > statement_timestamp() RETURNING id",
+    prepared(
+        diesel::sql_query(
+            "UPDATE execution_steps SET locked_until = statement_timestamp() + $3 \
+             WHERE id = ANY($1) AND locked_by = $2 AND locked_until > statement_timestamp() RETURNING id",
+        )
+        .bind::<Array<SqlUuid>, _>(step_ids)
+        .bind::<Text, _>(worker)
+        .bind::<Interval, _>(interval(lease)),
     )
-    .bind::<Array<SqlUuid>, _>(step_ids)
-    .bind::<Text, _>(worker)
-    .bind::<Interval, _>(interval(lease))
     .load::<StepId>(conn)
     .map(|rows| rows.into_iter().map(|r| r.id).collect())
 }
@@ -171,24 +176,27 @@ macro_rules! retry_or_fail {
 /// periodically (any worker, or a reaper). Returns the changed steps.
 #[tracing::instrument(skip(conn))]
 pub fn reclaim_expired(conn: &mut PgConnection, limit: i64) -> QueryResult<Vec<ExecutionStep>> {
-    diesel::sql_query(concat!(
-        lock_executions_of!(
-            "SELECT x.id FROM execution_steps x \
+    prepared(
+        diesel::sql_query(concat!(
+            lock_executions_of!(
+                "SELECT x.id FROM execution_steps x \
              WHERE x.status = 'running' AND x.locked_until < statement_timestamp() \
              ORDER BY x.locked_until LIMIT $1"
-        ),
-        "UPDATE execution_steps SET ",
-        retry_or_fail!("statement_timestamp()"),
-        ", error = format('lease of worker %s expired at %s', locked_by, locked_until) \
+            ),
+            "UPDATE execution_steps SET ",
+            retry_or_fail!("statement_timestamp()"),
+            ", error = format('lease of worker %s expired at %s', locked_by, locked_until) \
          WHERE id = ANY(ARRAY(SELECT id FROM execution_steps \
                       WHERE status = 'running' AND locked_until < statement_timestamp() \
                         AND execution_id IN (SELECT id FROM locked) \
                         AND (SELECT count(*) FROM locked) > 0 \
                       ORDER BY locked_until LIMIT $1 FOR UPDATE SKIP LOCKED)) \
            AND status = 'running' AND locked_until < statement_timestamp() \
-         RETURNING *"
-    ))
-    .bind::<BigInt, _>(limit.max(1))
+         RETURNING ",
+            step_columns!()
+        ))
+        .bind::<BigInt, _>(limit.max(1)),
+    )
     .load(conn)
 }
 
@@ -217,17 +225,20 @@ pub fn complete_steps(
     let ids: Vec<Uuid> = sorted.iter().map(|(id, _)| *id).collect();
     let outputs: Vec<Option<&Value>> = sorted.iter().map(|(_, o)| o.as_ref()).collect();
     conn.transaction(|conn| {
-        let done: Vec<ExecutionStep> = diesel::sql_query(concat!(
-            lock_executions_of!("SELECT unnest($1::uuid[])"),
-            "UPDATE execution_steps s SET status = 'completed', output = x.output \
-             FROM unnest($1::uuid[], $2::jsonb[]) AS x(id, output) \
-             WHERE s.id = x.id AND s.locked_by = $3 AND s.locked_until > statement_timestamp() \
-               AND (SELECT count(*) FROM locked) > 0 \
-             RETURNING s.*"
-        ))
-        .bind::<Array<SqlUuid>, _>(&ids)
-        .bind::<Array<diesel::sql_types::Nullable<diesel::sql_types::Jsonb>>, _>(&outputs)
-        .bind::<Text, _>(worker)
+        let done: Vec<ExecutionStep> = prepared(
+            diesel::sql_query(concat!(
+                lock_executions_of!("SELECT unnest($1::uuid[])"),
+                "UPDATE execution_steps s SET status = 'completed', output = x.step_output \
+                 FROM unnest($1::uuid[], $2::jsonb[]) AS x(step_id, step_output) \
+                 WHERE s.id = x.step_id AND s.locked_by = $3 AND s.locked_until > statement_timestamp() \
+                   AND (SELECT count(*) FROM locked) > 0 \
+                 RETURNING ",
+                step_columns!()
+            ))
+            .bind::<Array<SqlUuid>, _>(&ids)
+            .bind::<Array<diesel::sql_types::Nullable<diesel::sql_types::Jsonb>>, _>(&outputs)
+            .bind::<Text, _>(worker),
+        )
         .load(conn)?;
         if done.len() == ids.len() {
             return Ok(done);
@@ -254,15 +265,18 @@ pub fn complete_step(
     worker: &str,
     output: Option<&Value>,
 ) -> Result<ExecutionStep> {
-    let updated = diesel::sql_query(concat!(
-        lock_executions_of!("$1"),
-        "UPDATE execution_steps SET status = 'completed', output = $3 WHERE ",
-        held_by!(),
-        " AND (SELECT count(*) FROM locked) > 0 RETURNING *"
-    ))
-    .bind::<SqlUuid, _>(step_id)
-    .bind::<Text, _>(worker)
-    .bind::<diesel::sql_types::Nullable<diesel::sql_types::Jsonb>, _>(output)
+    let updated = prepared(
+        diesel::sql_query(concat!(
+            lock_executions_of!("$1"),
+            "UPDATE execution_steps SET status = 'completed', output = $3 WHERE ",
+            held_by!(),
+            " AND (SELECT count(*) FROM locked) > 0 RETURNING ",
+            step_columns!()
+        ))
+        .bind::<SqlUuid, _>(step_id)
+        .bind::<Text, _>(worker)
+        .bind::<diesel::sql_types::Nullable<diesel::sql_types::Jsonb>, _>(output),
+    )
     .get_result::<ExecutionStep>(conn)
     .optional()?;
     updated.map_or_else(
@@ -286,21 +300,24 @@ pub fn fail_step(
     error: &str,
     backoff: &Backoff,
 ) -> Result<ExecutionStep> {
-    let updated = diesel::sql_query(concat!(
-        lock_executions_of!("$1"),
-        "UPDATE execution_steps SET ",
-        retry_or_fail!(
-            "statement_timestamp() + least($4 * power(2, least(retry_count, 30)), $5) * interval '1 microsecond'"
-        ),
-        ", error = $3 WHERE ",
-        held_by!(),
-        " AND (SELECT count(*) FROM locked) > 0 RETURNING *"
-    ))
-    .bind::<SqlUuid, _>(step_id)
-    .bind::<Text, _>(worker)
-    .bind::<Text, _>(error)
-    .bind::<Double, _>(micros(backoff.base))
-    .bind::<Double, _>(micros(backoff.max))
+    let updated = prepared(
+        diesel::sql_query(concat!(
+            lock_executions_of!("$1"),
+            "UPDATE execution_steps SET ",
+            retry_or_fail!(
+                "statement_timestamp() + least($4 * power(2, least(retry_count, 30)), $5) * interval '1 microsecond'"
+            ),
+            ", error = $3 WHERE ",
+            held_by!(),
+            " AND (SELECT count(*) FROM locked) > 0 RETURNING ",
+            step_columns!()
+        ))
+        .bind::<SqlUuid, _>(step_id)
+        .bind::<Text, _>(worker)
+        .bind::<Text, _>(error)
+        .bind::<Double, _>(micros(backoff.base))
+        .bind::<Double, _>(micros(backoff.max)),
+    )
     .get_result::<ExecutionStep>(conn)
     .optional()?;
     updated.map_or_else(

@@ -4,6 +4,7 @@ use uuid::Uuid;
 use crate::enums::{AnyStatus, ExecutionStatus, StepStatus};
 use crate::error::{Error, Result};
 use crate::models::{Execution, ExecutionStep};
+use crate::prepared::prepared;
 use crate::schema::{execution_steps, executions};
 
 /// The error for a compare-and-set update that matched no row: the row is
@@ -102,12 +103,14 @@ pub fn transition_step(
     // otherwise hold the step while its trigger waits for the execution, as a
     // cancel holds the execution and waits for the execution's pending steps.
     conn.transaction(|conn| {
-        diesel::sql_query(
-            "SELECT 1 FROM executions \
-             WHERE id = (SELECT execution_id FROM execution_steps WHERE id = $1) \
-             FOR NO KEY UPDATE",
+        prepared(
+            diesel::sql_query(
+                "SELECT 1 FROM executions \
+                 WHERE id = (SELECT execution_id FROM execution_steps WHERE id = $1) \
+                 FOR NO KEY UPDATE",
+            )
+            .bind::<diesel::sql_types::Uuid, _>(id),
         )
-        .bind::<diesel::sql_types::Uuid, _>(id)
         .execute(conn)?;
         compare_and_set!(
             conn,

@@ -41,6 +41,7 @@ use uuid::Uuid;
 
 use super::{Execution, NewExecution, NewExecutionStep};
 use crate::enums::{ExecutionStatus, StepStatus};
+use crate::prepared::{execution_columns, prepared};
 use crate::schema::{execution_steps, executions};
 
 /// Buffer in front of libpq's `PQputCopyData` (one call per buffer, not per field).
@@ -234,16 +235,20 @@ where
 /// model-level insert: no transition happens, so no event and no NOTIFY —
 /// [`crate::engine::start_execution`] is the engine's start (it uses the same
 /// statement with the start event and NOTIFY added). The SQL is static, so
-/// PostgreSQL plans it once per connection.
+/// it is kept prepared: PostgreSQL parses it once per connection.
 #[tracing::instrument(skip_all, fields(execution.id = %execution.id, steps = steps.len()))]
 pub fn insert_execution_with_steps(
     conn: &mut PgConnection,
     execution: &NewExecution,
     steps: &[NewExecutionStep],
 ) -> QueryResult<()> {
-    with_steps_bound(INSERT_EXECUTION_WITH_STEPS, execution, steps)
-        .execute(conn)
-        .map(|_| ())
+    prepared(with_steps_bound(
+        INSERT_EXECUTION_WITH_STEPS,
+        execution,
+        steps,
+    ))
+    .execute(conn)
+    .map(|_| ())
 }
 
 /// [`insert_execution_with_steps`] for an execution inserted already past
@@ -255,7 +260,7 @@ pub(crate) fn insert_started_execution(
     execution: &NewExecution,
     steps: &[NewExecutionStep],
 ) -> QueryResult<Execution> {
-    with_steps_bound(INSERT_STARTED_EXECUTION, execution, steps).get_result(conn)
+    prepared(with_steps_bound(INSERT_STARTED_EXECUTION, execution, steps)).get_result(conn)
 }
 
 macro_rules! execution_with_steps_cte {
@@ -279,7 +284,9 @@ const INSERT_STARTED_EXECUTION: &str = concat!(
     execution_with_steps_cte!(),
     ", ev AS (INSERT INTO execution_events (execution_id, from_status, to_status) \
         SELECT id, 'pending', status::text FROM e) \
-     SELECT e.*, pg_notify('workflow_db_events', \
+     SELECT ",
+    execution_columns!(),
+    ", pg_notify('workflow_db_events', \
         json_build_object('execution_id', e.id, 'step_id', NULL, 'status', e.status)::text)::text AS notified \
      FROM e"
 );
