@@ -407,3 +407,69 @@ fn complete_steps_completes_a_batch_in_one_statement_or_nothing() {
         ExecutionStatus::Completed
     );
 }
+
+/// The engine keeps its hot statements prepared per connection. A migration
+/// that adds a column while a service runs must not break them: PostgreSQL
+/// refuses to reuse a prepared statement whose result columns changed
+/// ("cached plan must not change result type"), so they list their columns.
+#[test]
+fn prepared_engine_statements_survive_a_column_added_under_a_running_service() {
+    let db = TestDatabase::new();
+    let mut conn = db.connect();
+    let wf = workflow(&mut conn, &["a", "b", "c", "d"], &[]);
+    // Warm every statement past PostgreSQL's five custom plans, so the
+    // connection holds prepared statements and generic plans.
+    for _ in 0..6 {
+        start(&mut conn, &wf);
+    }
+    for _ in 0..6 {
+        let step = engine::claim_steps(&mut conn, "w", 1, LEASE)
+            .unwrap()
+            .remove(0);
+        engine::heartbeat(&mut conn, "w", &[step.id], LEASE).unwrap();
+        engine::complete_step(&mut conn, step.id, "w", None).unwrap();
+    }
+
+    for _ in 0..6 {
+        let batch: Vec<_> = engine::claim_steps(&mut conn, "w", 2, LEASE)
+            .unwrap()
+            .into_iter()
+            .map(|s| (s.id, None))
+            .collect();
+        engine::complete_steps(&mut conn, "w", &batch).unwrap();
+    }
+
+    use diesel::connection::SimpleConnection;
+    db.connect()
+        .batch_execute(
+            "ALTER TABLE execution_steps ADD COLUMN added_later int; \
+             ALTER TABLE executions ADD COLUMN added_later int",
+        )
+        .unwrap();
+
+    let execution = start(&mut conn, &wf);
+    let step = engine::claim_steps(&mut conn, "w", 1, LEASE)
+        .unwrap()
+        .remove(0);
+    engine::heartbeat(&mut conn, "w", &[step.id], LEASE).unwrap();
+    let done = engine::complete_step(&mut conn, step.id, "w", None).unwrap();
+    assert_eq!(done.status, StepStatus::Completed);
+    let batch: Vec<_> = engine::claim_steps(&mut conn, "w", 2, LEASE)
+        .unwrap()
+        .into_iter()
+        .map(|s| (s.id, None))
+        .collect();
+    assert_eq!(
+        engine::complete_steps(&mut conn, "w", &batch)
+            .unwrap()
+            .len(),
+        2
+    );
+    let failed = engine::claim_steps(&mut conn, "w", 1, LEASE)
+        .unwrap()
+        .remove(0);
+    let retried =
+        engine::fail_step(&mut conn, failed.id, "w", "boom", &Backoff::default()).unwrap();
+    assert_eq!(retried.status, StepStatus::Pending);
+    assert_eq!(execution.status, ExecutionStatus::Running);
+}
