@@ -20,6 +20,22 @@ pub mod sql_types {
 }
 
 diesel::table! {
+    /// One row per named consumer of the event feed: the position (txid, event_id) of the last event it acknowledged. Moves only forward.
+    event_feed_cursors (consumer) {
+        /// The consumer's name, chosen by the application (1 to 200 characters).
+        consumer -> Text,
+        /// execution_events.txid of the last acknowledged event (0: none yet).
+        txid -> Int8,
+        /// execution_events.id of the last acknowledged event (0: none yet).
+        event_id -> Int8,
+        /// When the consumer was first registered.
+        created_at -> Timestamptz,
+        /// When the consumer last acknowledged an event.
+        updated_at -> Timestamptz,
+    }
+}
+
+diesel::table! {
     /// Append-only history: one row per status transition of an execution or a step, written by triggers in the same transaction.
     execution_events (id) {
         /// Primary key; increases with insertion order.
@@ -36,6 +52,8 @@ diesel::table! {
         payload -> Nullable<Jsonb>,
         /// When the transition happened (transaction time).
         created_at -> Timestamptz,
+        /// Id of the transaction that wrote the event (pg_current_xact_id(), by default; writers must not set it): with id, the event's position in the feed. NULL for events written before the feed existed, which the feed does not return.
+        txid -> Nullable<Int8>,
     }
 }
 
@@ -151,6 +169,7 @@ diesel::joinable!(execution_steps -> executions (execution_id));
 diesel::joinable!(executions -> workflows (workflow_id));
 
 diesel::allow_tables_to_appear_in_same_query!(
+    event_feed_cursors,
     execution_events,
     execution_steps,
     executions,

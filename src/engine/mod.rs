@@ -45,6 +45,7 @@
 
 mod check;
 mod claim;
+pub mod feed;
 mod lifecycle;
 mod notify;
 mod query;

@@ -11,7 +11,17 @@ use crate::schema::execution_events;
 /// Rows are written by PostgreSQL triggers in the transaction of the
 /// transition, whoever writes it; the table refuses UPDATE and DELETE (rows
 /// go away only with their execution).
-#[derive(Debug, Clone, PartialEq, Queryable, Selectable, Identifiable, Serialize, Deserialize)]
+#[derive(
+    Debug,
+    Clone,
+    PartialEq,
+    Queryable,
+    QueryableByName,
+    Selectable,
+    Identifiable,
+    Serialize,
+    Deserialize,
+)]
 #[diesel(table_name = execution_events, check_for_backend(diesel::pg::Pg))]
 pub struct ExecutionEvent {
     /// Primary key, increasing with insertion order.

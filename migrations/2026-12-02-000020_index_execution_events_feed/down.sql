@@ -1,0 +1,1 @@
+DROP INDEX CONCURRENTLY IF EXISTS execution_events_feed_idx;
