@@ -442,6 +442,7 @@ fn reset_empties_every_application_table_and_keeps_schema_bookkeeping_and_stamp(
             .map(|t| t.table.as_str())
             .collect::<Vec<_>>(),
         [
+            "event_feed_cursors",
             "execution_events",
             "execution_steps",
             "executions",

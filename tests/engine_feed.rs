@@ -5,6 +5,7 @@ mod common;
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use diesel::connection::SimpleConnection;
 use diesel::prelude::*;
@@ -22,6 +23,21 @@ fn all_event_ids(conn: &mut PgConnection) -> Vec<i64> {
         .order(execution_events::id)
         .load(conn)
         .unwrap()
+}
+
+/// `next_events` once at least `n` events are readable. Transaction ids are
+/// cluster-wide: a writing transaction of another test, in another
+/// database, holds the feed back until it ends (the documented stall), so
+/// the tests wait for it rather than read once.
+fn wait_for(conn: &mut PgConnection, consumer: &str, n: usize) -> Vec<feed::FeedEvent> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let events = feed::next_events(conn, consumer, 1000).unwrap();
+        if events.len() >= n || Instant::now() > deadline {
+            return events;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// Reads the whole feed for `consumer`, acknowledging as it goes.
@@ -71,7 +87,7 @@ fn an_event_committed_after_a_later_one_was_readable_is_still_delivered() {
     );
 
     a.batch_execute("COMMIT").unwrap();
-    let events = feed::next_events(&mut conn, "reader", 100).unwrap();
+    let events = wait_for(&mut conn, "reader", 2);
     let executions: Vec<_> = events.iter().map(|e| e.event.execution_id).collect();
     assert_eq!(executions, vec![x.id, y.id], "A's event first, then B's");
     assert!(events[0].event.id < events[1].event.id || events[0].txid < events[1].txid);
@@ -107,6 +123,7 @@ fn a_consumer_reads_at_least_once_until_it_acknowledges_and_never_moves_back() {
         feed::register_consumer(&mut conn, "c").unwrap(),
         FeedPosition::START
     );
+    assert_eq!(wait_for(&mut conn, "c", history.len()).len(), history.len());
     let first = feed::next_events(&mut conn, "c", 2).unwrap();
     assert_eq!(first.len(), 2);
     // Not acknowledged: the same events again.
@@ -126,6 +143,7 @@ fn a_consumer_reads_at_least_once_until_it_acknowledges_and_never_moves_back() {
 
     // A second consumer has its own position.
     feed::register_consumer(&mut conn, "other").unwrap();
+    wait_for(&mut conn, "other", history.len());
     assert_eq!(drain(&mut conn, "other").len(), history.len());
     assert!(feed::drop_consumer(&mut conn, "other").unwrap());
     assert!(!feed::drop_consumer(&mut conn, "other").unwrap());
@@ -169,6 +187,7 @@ fn a_reader_following_concurrent_writers_gets_every_event_once_in_order() {
     let wf = workflow(&mut conn, &["a", "b", "c"], &[("a", "c"), ("b", "c")]);
     feed::register_consumer(&mut conn, "follower").unwrap();
     let done = AtomicBool::new(false);
+    let total = std::sync::atomic::AtomicUsize::new(usize::MAX);
     let mut delivered = Vec::new();
     std::thread::scope(|s| {
         let writers: Vec<_> = (0..4)
@@ -189,8 +208,16 @@ fn a_reader_following_concurrent_writers_gets_every_event_once_in_order() {
         let reader = s.spawn(|| {
             let mut conn = db.connect();
             let mut got = Vec::new();
+            let mut deadline = None::<Instant>;
             loop {
-                let finished = done.load(Ordering::SeqCst);
+                // Once the writers are done, read until every event arrived
+                // (other tests' transactions may hold the feed back a while).
+                let finished = done.load(Ordering::SeqCst)
+                    && (got.len() >= total.load(Ordering::SeqCst)
+                        || deadline.is_some_and(|d| Instant::now() > d));
+                if done.load(Ordering::SeqCst) && deadline.is_none() {
+                    deadline = Some(Instant::now() + Duration::from_secs(60));
+                }
                 let batch = feed::next_events(&mut conn, "follower", 50).unwrap();
                 if let Some(last) = batch.last() {
                     feed::acknowledge(&mut conn, "follower", last.position()).unwrap();
@@ -200,11 +227,15 @@ fn a_reader_following_concurrent_writers_gets_every_event_once_in_order() {
                 if finished && empty {
                     return got;
                 }
+                if empty {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
             }
         });
         for w in writers {
             w.join().unwrap();
         }
+        total.store(all_event_ids(&mut db.connect()).len(), Ordering::SeqCst);
         done.store(true, Ordering::SeqCst);
         delivered = reader.join().unwrap();
     });

@@ -14,8 +14,10 @@
 //! transactions older than every transaction still running (the `xmin` of
 //! its snapshot). Nothing can appear later below that line, so a cursor
 //! never skips an event. The price: the feed waits for the oldest writing
-//! transaction. A transaction that wrote anything and stays open (idle in
-//! transaction) holds the feed back until it ends; read-only sessions do not.
+//! transaction on the whole server (transaction ids are cluster-wide, so one
+//! in another database counts too). A transaction that wrote anything and
+//! stays open (idle in transaction) holds the feed back until it ends;
+//! read-only sessions do not.
 //! Set `idle_in_transaction_session_timeout` for services that might do that.
 //!
 //! **At least once.** [`next_events`] reads after the consumer's stored
