@@ -97,14 +97,22 @@ pub enum Error {
         actual: AnyStatus,
     },
 
-    /// The worker no longer holds the step's lease (it expired and the step
-    /// was reclaimed, or it was never claimed by this worker).
-    #[error("step {step_id} is not leased to worker {worker:?}")]
+    /// "This step is no longer yours": a heartbeat, completion, failure or
+    /// release presented a [`crate::Lease`] the database no longer honours,
+    /// whatever the reason (`reason`). Stop working on the step; nothing
+    /// was changed.
+    #[error(
+        "step {step_id} is no longer leased to worker {worker:?} (attempt {attempt}): {reason}"
+    )]
     LeaseLost {
         /// The step.
         step_id: Uuid,
-        /// The worker that tried to report on it.
+        /// The worker that presented the lease.
         worker: String,
+        /// The attempt the lease was for.
+        attempt: i32,
+        /// Why the lease is no longer honoured.
+        reason: LeaseLostReason,
     },
 
     /// A step was asked to move `pending -> running` by hand. Only a claim
@@ -260,6 +268,28 @@ impl Error {
             _ => None,
         }
     }
+}
+
+/// Why a [`Error::LeaseLost`] lease is no longer honoured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, thiserror::Error)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum LeaseLostReason {
+    /// The lease expired (the step may be reclaimed and started again at any
+    /// moment, even before `reclaim_expired` runs).
+    #[error("the lease expired")]
+    Expired,
+    /// The step is in another run (a later attempt, another worker) or back
+    /// to pending: it was reclaimed, released, or never leased to this worker.
+    #[error("the step was taken over or sent back to pending")]
+    Superseded,
+    /// The step already ended with this status (reported by someone else,
+    /// skipped by a cancel, or reported twice).
+    #[error("the step is already {0}")]
+    Finished(crate::enums::StepStatus),
+    /// The step no longer exists (its execution was pruned or deleted).
+    #[error("the step was deleted")]
+    Deleted,
 }
 
 /// The guard rule that refused a destructive command.

@@ -25,13 +25,13 @@ pub mod torture;
 pub use config::{Config, DatabaseUrl, Environment};
 pub use engine::{Backoff, ExecutionFilter, ExecutionPage, Notification, Started};
 pub use enums::{AnyStatus, ExecutionStatus, StepStatus};
-pub use error::{Error, Result};
+pub use error::{Error, LeaseLostReason, Result};
 pub use graph::{Edge, Node, WorkflowGraph};
 pub use migrate::{MIGRATIONS, Migrator, run_pending_migrations};
 pub use models::{
     Execution, ExecutionChanges, ExecutionEvent, ExecutionStep, ExecutionStepChanges,
-    ExecutionWithSteps, NewExecution, NewExecutionStep, NewWorkflow, Workflow, WorkflowChanges,
-    WorkflowWithExecutions,
+    ExecutionWithSteps, Lease, NewExecution, NewExecutionStep, NewWorkflow, Workflow,
+    WorkflowChanges, WorkflowWithExecutions,
 };
 pub use pool::{PgPool, PooledConn, build_pool};
 

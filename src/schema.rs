@@ -103,6 +103,8 @@ diesel::table! {
         locked_until -> Nullable<Timestamptz>,
         /// For a pending step: true while its execution is not running (pending or paused), and then claims skip it. Maintained by the triggers under the execution's row lock; meaningless once the step has left pending.
         parked -> Bool,
+        /// How many times the step was started (pending -> running), set by the transition trigger whoever writes: the lease token of the current run, which reports must present.
+        attempt -> Int4,
     }
 }
 

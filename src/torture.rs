@@ -55,7 +55,7 @@ use crate::config::DatabaseUrl;
 use crate::engine::{self, Backoff, CheckOptions, InvariantKind, InvariantReport, Violation};
 use crate::error::{Error, Result};
 use crate::graph::{Edge, Node, WorkflowGraph};
-use crate::models::{NewExecution, NewWorkflow};
+use crate::models::{ExecutionStep, Lease, NewExecution, NewWorkflow};
 
 /// What to run.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -560,10 +560,26 @@ impl Shared {
 }
 
 /// A lease this thread holds (or thinks it does).
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Held {
-    step: Uuid,
+    lease: Lease,
     execution: Uuid,
+}
+
+impl Held {
+    /// A step this thread just claimed.
+    fn of(step: &ExecutionStep) -> Held {
+        Held {
+            lease: lease_of(step),
+            execution: step.execution_id,
+        }
+    }
+}
+
+/// The lease of a step returned by a claim.
+fn lease_of(step: &ExecutionStep) -> Lease {
+    step.lease()
+        .expect("a claimed step is running under its worker")
 }
 
 #[derive(Default)]
@@ -969,10 +985,7 @@ fn claim(
     let n = rng.range(1, 16) as i64;
     let l = lease(rng);
     let claimed = engine::claim_steps(conn, me, n, l)?;
-    held.extend(claimed.iter().map(|s| Held {
-        step: s.id,
-        execution: s.execution_id,
-    }));
+    held.extend(claimed.iter().map(Held::of));
     Ok(())
 }
 
@@ -1013,9 +1026,7 @@ fn step(
         "sub_start" => start(shared, conn, rng, true),
         "claim" => claim(conn, rng, me, held),
         "complete" => match take(rng, held) {
-            Some(h) => {
-                engine::complete_step(conn, h.step, me, Some(&json!({"ok": true}))).map(drop)
-            }
+            Some(h) => engine::complete_step(conn, &h.lease, Some(&json!({"ok": true}))).map(drop),
             None => Ok(()),
         },
         "complete_batch" => {
@@ -1024,17 +1035,17 @@ fn step(
             if batch.is_empty() {
                 return Ok(());
             }
-            let items: Vec<(Uuid, Option<serde_json::Value>)> = batch
+            let items: Vec<(Lease, Option<serde_json::Value>)> = batch
                 .iter()
-                .map(|h| (h.step, Some(json!({"batch": true}))))
+                .map(|h| (h.lease.clone(), Some(json!({"batch": true}))))
                 .collect();
-            match engine::complete_steps(conn, me, &items) {
+            match engine::complete_steps(conn, &items) {
                 Ok(_) => Ok(()),
                 // All or nothing: one lost lease refuses the batch; finish
                 // the others one by one (their own refusals are expected).
                 Err(e) if expected(&e).is_some() => {
                     for h in &batch {
-                        match engine::complete_step(conn, h.step, me, None) {
+                        match engine::complete_step(conn, &h.lease, None) {
                             Err(e) if expected(&e).is_none() => return Err(e),
                             _ => {}
                         }
@@ -1046,7 +1057,7 @@ fn step(
         }
         "fail" => match take(rng, held) {
             Some(h) => {
-                engine::fail_step(conn, h.step, me, "torture failure", &backoff(rng)).map(drop)
+                engine::fail_step(conn, &h.lease, "torture failure", &backoff(rng)).map(drop)
             }
             None => Ok(()),
         },
@@ -1054,9 +1065,9 @@ fn step(
             if held.is_empty() {
                 return Ok(());
             }
-            let ids: Vec<Uuid> = held.iter().map(|h| h.step).collect();
-            let kept = engine::heartbeat(conn, me, &ids, lease(rng))?;
-            held.retain(|h| kept.contains(&h.step));
+            let leases: Vec<Lease> = held.iter().map(|h| h.lease.clone()).collect();
+            let kept = engine::heartbeat(conn, &leases, lease(rng))?;
+            held.retain(|h| kept.contains(&h.lease.step_id));
             Ok(())
         }
         "crash" => {
@@ -1108,7 +1119,7 @@ fn step(
             };
             conn.transaction(|c| {
                 nap(c, rng)?;
-                engine::complete_step(c, h.step, me, None)?;
+                engine::complete_step(c, &h.lease, None)?;
                 nap(c, rng)?;
                 engine::pause(c, h.execution)?;
                 nap(c, rng)
@@ -1127,7 +1138,7 @@ fn step(
             }
             conn.transaction(|c| {
                 nap(c, rng)?;
-                engine::complete_step(c, h.step, me, None)?;
+                engine::complete_step(c, &h.lease, None)?;
                 nap(c, rng)?;
                 nap(c, rng)
             })
@@ -1138,7 +1149,7 @@ fn step(
                 return Ok(());
             };
             conn.transaction(|c| {
-                engine::complete_step(c, h.step, me, None)?;
+                engine::complete_step(c, &h.lease, None)?;
                 nap(c, rng)?;
                 match engine::resume(c, h.execution) {
                     Err(e) if expected(&e).is_none() => return Err(e),
@@ -1159,10 +1170,10 @@ fn step(
                 .map(|i| held.swap_remove(i));
             let bo = backoff(rng);
             conn.transaction(|c| {
-                engine::fail_step(c, a.step, me, "torture failure", &bo)?;
+                engine::fail_step(c, &a.lease, "torture failure", &bo)?;
                 nap(c, rng)?;
                 if let Some(b) = b {
-                    engine::complete_step(c, b.step, me, None)?;
+                    engine::complete_step(c, &b.lease, None)?;
                 }
                 nap(c, rng)
             })
@@ -1174,9 +1185,9 @@ fn step(
             };
             let bo = backoff(rng);
             conn.transaction(|c| {
-                engine::complete_step(c, a.step, me, None)?;
+                engine::complete_step(c, &a.lease, None)?;
                 nap(c, rng)?;
-                engine::fail_step(c, b.step, me, "torture failure", &bo)?;
+                engine::fail_step(c, &b.lease, "torture failure", &bo)?;
                 nap(c, rng)
             })
         }
@@ -1192,15 +1203,12 @@ fn step(
                 for s in claimed {
                     match rng.below(3) {
                         0 => {
-                            engine::complete_step(c, s.id, me, None)?;
+                            engine::complete_step(c, &lease_of(&s), None)?;
                         }
                         1 => {
-                            engine::fail_step(c, s.id, me, "torture failure", &bo)?;
+                            engine::fail_step(c, &lease_of(&s), "torture failure", &bo)?;
                         }
-                        _ => held.push(Held {
-                            step: s.id,
-                            execution: s.execution_id,
-                        }),
+                        _ => held.push(Held::of(&s)),
                     }
                 }
                 nap(c, rng)
@@ -1211,7 +1219,7 @@ fn step(
                 return Ok(());
             };
             conn.transaction(|c| {
-                engine::complete_step(c, h.step, me, None)?;
+                engine::complete_step(c, &h.lease, None)?;
                 nap(c, rng)?;
                 match engine::cancel(c, h.execution) {
                     Err(e) if expected(&e).is_none() => return Err(e),
@@ -1226,10 +1234,7 @@ fn step(
                 engine::reclaim_expired(c, 16)?;
                 nap(c, rng)?;
                 let claimed = engine::claim_steps(c, me, 4, l)?;
-                held.extend(claimed.iter().map(|s| Held {
-                    step: s.id,
-                    execution: s.execution_id,
-                }));
+                held.extend(claimed.iter().map(Held::of));
                 nap(c, rng)
             })
         }
@@ -1346,9 +1351,9 @@ fn drain(shared: &Shared, conn: &mut PgConnection, tally: &mut Tally) -> Result<
             }
         };
         for chunk in claimed.chunks(100) {
-            let items: Vec<(Uuid, Option<serde_json::Value>)> =
-                chunk.iter().map(|s| (s.id, None)).collect();
-            let result = engine::complete_steps(conn, "drain", &items).map(drop);
+            let items: Vec<(Lease, Option<serde_json::Value>)> =
+                chunk.iter().map(|s| (lease_of(s), None)).collect();
+            let result = engine::complete_steps(conn, &items).map(drop);
             tally.record(shared, DRAIN, "drain_complete", result);
         }
         let live = diesel::sql_query(

@@ -12,6 +12,7 @@ use diesel::connection::SimpleConnection;
 use diesel::prelude::*;
 use serde_json::json;
 use uuid::Uuid;
+use workflow_db::Lease;
 use workflow_db::engine::{self, Backoff, CheckOptions, InvariantKind, InvariantReport};
 use workflow_db::testing::TestDatabase;
 use workflow_db::{Execution, ExecutionStep, NewExecution, NewWorkflow, Node, WorkflowGraph};
@@ -98,7 +99,12 @@ fn complete(conn: &mut PgConnection, nodes: &[&str]) {
         let mut progressed = false;
         for s in &claimed {
             if nodes.is_empty() || nodes.contains(&s.node_id.as_str()) {
-                engine::complete_step(conn, s.id, "w", Some(&json!({"ok": true}))).unwrap();
+                engine::complete_step(
+                    conn,
+                    &Lease::new(s.id, "w", s.attempt),
+                    Some(&json!({"ok": true})),
+                )
+                .unwrap();
                 progressed = true;
             }
         }
@@ -142,7 +148,13 @@ fn ordinary_use(conn: &mut PgConnection) -> Vec<Uuid> {
     let (ex, _) = diamond(conn);
     ids.push(ex.id);
     let a = engine::claim_steps(conn, "w", 10, LEASE).unwrap();
-    engine::fail_step(conn, a[0].id, "w", "flaky", &fast).unwrap();
+    engine::fail_step(
+        conn,
+        &Lease::new(a[0].id, "w", a[0].attempt),
+        "flaky",
+        &fast,
+    )
+    .unwrap();
     std::thread::sleep(Duration::from_millis(20));
     complete(conn, &[]);
     assert_eq!(status(conn, ex.id), "completed");
@@ -159,7 +171,7 @@ fn ordinary_use(conn: &mut PgConnection) -> Vec<Uuid> {
     let failing = start(conn, &wf);
     ids.push(failing.id);
     let x = engine::claim_steps(conn, "w", 10, LEASE).unwrap();
-    engine::fail_step(conn, x[0].id, "w", "boom", &fast).unwrap();
+    engine::fail_step(conn, &Lease::new(x[0].id, "w", x[0].attempt), "boom", &fast).unwrap();
     assert_eq!(status(conn, failing.id), "failed");
 
     // Cancelled while a step runs; the step reports afterwards.
@@ -167,7 +179,7 @@ fn ordinary_use(conn: &mut PgConnection) -> Vec<Uuid> {
     ids.push(cancelled.id);
     let a = engine::claim_steps(conn, "w", 10, LEASE).unwrap();
     engine::cancel(conn, cancelled.id).unwrap();
-    engine::complete_step(conn, a[0].id, "w", None).unwrap();
+    engine::complete_step(conn, &Lease::new(a[0].id, "w", a[0].attempt), None).unwrap();
 
     // Paused, a step completes meanwhile, resumed, run to the end; with a
     // sub-execution run to the end as well.
@@ -176,7 +188,7 @@ fn ordinary_use(conn: &mut PgConnection) -> Vec<Uuid> {
     ids.push(paused.id);
     let p = engine::claim_steps(conn, "w", 10, LEASE).unwrap();
     engine::pause(conn, paused.id).unwrap();
-    engine::complete_step(conn, p[0].id, "w", None).unwrap();
+    engine::complete_step(conn, &Lease::new(p[0].id, "w", p[0].attempt), None).unwrap();
     assert!(
         engine::claim_steps(conn, "w", 10, LEASE)
             .unwrap()

@@ -7,10 +7,11 @@ use std::sync::{Arc, Barrier};
 use std::time::Duration;
 
 use diesel::prelude::*;
+use workflow_db::Lease;
 use workflow_db::engine::{self, Backoff};
 use workflow_db::schema::execution_steps;
 use workflow_db::testing::TestDatabase;
-use workflow_db::{Error, Execution, ExecutionStatus, ExecutionStep, StepStatus};
+use workflow_db::{Error, Execution, ExecutionStatus, ExecutionStep, LeaseLostReason, StepStatus};
 
 use common::{LEASE, start, workflow};
 
@@ -58,7 +59,11 @@ fn four_workers_claim_ten_thousand_steps_once_each_and_lose_none() {
                     conn.transaction::<_, workflow_db::Error, _>(|conn| {
                         for step in &batch {
                             assert_eq!(step.locked_by.as_deref(), Some(worker.as_str()));
-                            engine::complete_step(conn, step.id, &worker, None)?;
+                            engine::complete_step(
+                                conn,
+                                &Lease::new(step.id, &worker, step.attempt),
+                                None,
+                            )?;
                         }
                         Ok(())
                     })
@@ -146,13 +151,13 @@ fn a_step_is_not_claimable_until_its_upstream_steps_are_done() {
     assert!(claim(&mut conn).is_empty(), "b and c wait for a");
     assert_eq!(step(&mut conn, "d").upstream_pending, 2);
     let a = step(&mut conn, "a");
-    engine::complete_step(&mut conn, a.id, "w", None).unwrap();
+    engine::complete_step(&mut conn, &Lease::new(a.id, "w", a.attempt), None).unwrap();
     assert_eq!(claim(&mut conn), ["b", "c"]);
     let b = step(&mut conn, "b");
-    engine::complete_step(&mut conn, b.id, "w", None).unwrap();
+    engine::complete_step(&mut conn, &Lease::new(b.id, "w", b.attempt), None).unwrap();
     assert!(claim(&mut conn).is_empty(), "d still waits for c");
     let c = step(&mut conn, "c");
-    engine::complete_step(&mut conn, c.id, "w", None).unwrap();
+    engine::complete_step(&mut conn, &Lease::new(c.id, "w", c.attempt), None).unwrap();
     assert_eq!(claim(&mut conn), ["d"]);
 
     // A skipped upstream step counts as done.
@@ -175,7 +180,7 @@ fn an_expired_lease_makes_the_step_reclaimable_with_one_more_retry() {
         .unwrap()
         .remove(0);
     assert_eq!(
-        engine::heartbeat(&mut conn, "w1", &[step.id], LEASE).unwrap(),
+        engine::heartbeat(&mut conn, &[Lease::new(step.id, "w1", step.attempt)], LEASE).unwrap(),
         [step.id]
     );
     assert!(
@@ -210,13 +215,23 @@ fn an_expired_lease_makes_the_step_reclaimable_with_one_more_retry() {
     );
     // The old worker has lost it.
     assert!(
-        engine::heartbeat(&mut conn, "w1", &[step.id], LEASE)
+        engine::heartbeat(&mut conn, &[Lease::new(step.id, "w1", step.attempt)], LEASE)
             .unwrap()
             .is_empty()
     );
-    let err = engine::complete_step(&mut conn, step.id, "w1", None).unwrap_err();
-    assert!(matches!(err, Error::LeaseLost { .. }), "{err}");
-    engine::complete_step(&mut conn, step.id, "w2", None).unwrap();
+    let err = engine::complete_step(&mut conn, &Lease::new(step.id, "w1", step.attempt), None)
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::LeaseLost {
+                reason: LeaseLostReason::Superseded,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    engine::complete_step(&mut conn, &again.lease().unwrap(), None).unwrap();
     assert_eq!(
         Execution::find(&mut conn, ex.id).unwrap().status,
         ExecutionStatus::Completed
@@ -251,7 +266,13 @@ fn a_failed_attempt_is_retried_after_its_backoff() {
         base: Duration::from_secs(3600),
         max: Duration::from_secs(7200),
     };
-    let retry = engine::fail_step(&mut conn, step.id, "w", "flaky", &backoff).unwrap();
+    let retry = engine::fail_step(
+        &mut conn,
+        &Lease::new(step.id, "w", step.attempt),
+        "flaky",
+        &backoff,
+    )
+    .unwrap();
     assert_eq!((retry.status, retry.retry_count), (StepStatus::Pending, 1));
     assert_eq!(retry.error.as_deref(), Some("flaky"));
     let wait = retry.run_after - chrono::Utc::now();
@@ -269,7 +290,13 @@ fn a_failed_attempt_is_retried_after_its_backoff() {
     let again = engine::claim_steps(&mut conn, "w", 1, LEASE)
         .unwrap()
         .remove(0);
-    let retry = engine::fail_step(&mut conn, again.id, "w", "flaky", &backoff).unwrap();
+    let retry = engine::fail_step(
+        &mut conn,
+        &Lease::new(again.id, "w", again.attempt),
+        "flaky",
+        &backoff,
+    )
+    .unwrap();
     let wait = retry.run_after - chrono::Utc::now();
     assert!(
         wait > chrono::TimeDelta::minutes(119),
@@ -293,14 +320,21 @@ fn an_expired_lease_cannot_report_even_before_it_is_reclaimed() {
     let stalled = ExecutionStep::find(&mut conn, step.id).unwrap();
 
     assert!(
-        engine::heartbeat(&mut conn, "w1", &[step.id], LEASE)
+        engine::heartbeat(&mut conn, &[Lease::new(step.id, "w1", step.attempt)], LEASE)
             .unwrap()
             .is_empty(),
         "an expired lease is not extended"
     );
-    let err = engine::complete_step(&mut conn, step.id, "w1", None).unwrap_err();
+    let err = engine::complete_step(&mut conn, &Lease::new(step.id, "w1", step.attempt), None)
+        .unwrap_err();
     assert!(matches!(err, Error::LeaseLost { .. }), "{err}");
-    let err = engine::fail_step(&mut conn, step.id, "w1", "late", &Backoff::default()).unwrap_err();
+    let err = engine::fail_step(
+        &mut conn,
+        &Lease::new(step.id, "w1", step.attempt),
+        "late",
+        &Backoff::default(),
+    )
+    .unwrap_err();
     assert!(matches!(err, Error::LeaseLost { .. }), "{err}");
     assert_eq!(
         ExecutionStep::find(&mut conn, step.id).unwrap(),
@@ -316,7 +350,7 @@ fn an_expired_lease_cannot_report_even_before_it_is_reclaimed() {
     let again = engine::claim_steps(&mut conn, "w2", 1, LEASE)
         .unwrap()
         .remove(0);
-    engine::complete_step(&mut conn, again.id, "w2", None).unwrap();
+    engine::complete_step(&mut conn, &Lease::new(again.id, "w2", again.attempt), None).unwrap();
 }
 
 #[test]
@@ -339,7 +373,13 @@ fn a_huge_retry_count_backs_off_no_longer_than_the_cap() {
         base: Duration::from_secs(1),
         max: Duration::from_secs(600),
     };
-    let retry = engine::fail_step(&mut conn, step.id, "w", "flaky", &backoff).unwrap();
+    let retry = engine::fail_step(
+        &mut conn,
+        &Lease::new(step.id, "w", step.attempt),
+        "flaky",
+        &backoff,
+    )
+    .unwrap();
     assert_eq!(
         (retry.status, retry.retry_count),
         (StepStatus::Pending, 5001)
@@ -364,7 +404,13 @@ fn a_huge_retry_count_backs_off_no_longer_than_the_cap() {
         base: Duration::from_secs(1),
         max: Duration::MAX,
     };
-    let retry = engine::fail_step(&mut conn, step.id, "w", "flaky", &unbounded).unwrap();
+    let retry = engine::fail_step(
+        &mut conn,
+        &Lease::new(step.id, "w", step.attempt),
+        "flaky",
+        &unbounded,
+    )
+    .unwrap();
     assert_eq!(retry.status, StepStatus::Pending);
 }
 
@@ -379,10 +425,15 @@ fn complete_steps_completes_a_batch_in_one_statement_or_nothing() {
     // One step of the batch is not ours: nothing is completed.
     let mut batch: Vec<_> = claimed
         .iter()
-        .map(|s| (s.id, Some(serde_json::json!({"n": 1}))))
+        .map(|s| (s.lease().unwrap(), Some(serde_json::json!({"n": 1}))))
         .collect();
-    let err = engine::complete_steps(&mut conn, "w2", &batch).unwrap_err();
-    assert!(matches!(err, Error::LeaseLost { .. }), "{err}");
+    let mut forged = batch.clone();
+    forged[1].0.worker = "w2".into();
+    let err = engine::complete_steps(&mut conn, &forged).unwrap_err();
+    assert!(
+        matches!(err, Error::LeaseLost { step_id, reason: LeaseLostReason::Superseded, .. } if step_id == claimed[1].id),
+        "{err}"
+    );
     assert!(
         ExecutionStep::list_for_execution(&mut conn, ex.id)
             .unwrap()
@@ -390,7 +441,7 @@ fn complete_steps_completes_a_batch_in_one_statement_or_nothing() {
             .all(|s| s.status == StepStatus::Running)
     );
     batch[2].1 = None;
-    let done = engine::complete_steps(&mut conn, "w1", &batch).unwrap();
+    let done = engine::complete_steps(&mut conn, &batch).unwrap();
     assert_eq!(done.len(), 3);
     assert!(done.iter().all(|s| s.status == StepStatus::Completed));
     let outputs: Vec<_> = ExecutionStep::list_for_execution(&mut conn, ex.id)
@@ -398,8 +449,8 @@ fn complete_steps_completes_a_batch_in_one_statement_or_nothing() {
         .into_iter()
         .map(|s| (s.id, s.output))
         .collect();
-    for (id, output) in &batch {
-        assert!(outputs.contains(&(*id, output.clone())));
+    for (lease, output) in &batch {
+        assert!(outputs.contains(&(lease.step_id, output.clone())));
     }
     // The last completion settled the execution, as with complete_step.
     assert_eq!(
@@ -426,17 +477,17 @@ fn prepared_engine_statements_survive_a_column_added_under_a_running_service() {
         let step = engine::claim_steps(&mut conn, "w", 1, LEASE)
             .unwrap()
             .remove(0);
-        engine::heartbeat(&mut conn, "w", &[step.id], LEASE).unwrap();
-        engine::complete_step(&mut conn, step.id, "w", None).unwrap();
+        engine::heartbeat(&mut conn, &[Lease::new(step.id, "w", step.attempt)], LEASE).unwrap();
+        engine::complete_step(&mut conn, &Lease::new(step.id, "w", step.attempt), None).unwrap();
     }
 
     for _ in 0..6 {
         let batch: Vec<_> = engine::claim_steps(&mut conn, "w", 2, LEASE)
             .unwrap()
             .into_iter()
-            .map(|s| (s.id, None))
+            .map(|s| (s.lease().unwrap(), None))
             .collect();
-        engine::complete_steps(&mut conn, "w", &batch).unwrap();
+        engine::complete_steps(&mut conn, &batch).unwrap();
     }
 
     use diesel::connection::SimpleConnection;
@@ -451,25 +502,254 @@ fn prepared_engine_statements_survive_a_column_added_under_a_running_service() {
     let step = engine::claim_steps(&mut conn, "w", 1, LEASE)
         .unwrap()
         .remove(0);
-    engine::heartbeat(&mut conn, "w", &[step.id], LEASE).unwrap();
-    let done = engine::complete_step(&mut conn, step.id, "w", None).unwrap();
+    engine::heartbeat(&mut conn, &[Lease::new(step.id, "w", step.attempt)], LEASE).unwrap();
+    let done =
+        engine::complete_step(&mut conn, &Lease::new(step.id, "w", step.attempt), None).unwrap();
     assert_eq!(done.status, StepStatus::Completed);
     let batch: Vec<_> = engine::claim_steps(&mut conn, "w", 2, LEASE)
         .unwrap()
         .into_iter()
-        .map(|s| (s.id, None))
+        .map(|s| (s.lease().unwrap(), None))
         .collect();
-    assert_eq!(
-        engine::complete_steps(&mut conn, "w", &batch)
-            .unwrap()
-            .len(),
-        2
-    );
+    assert_eq!(engine::complete_steps(&mut conn, &batch).unwrap().len(), 2);
     let failed = engine::claim_steps(&mut conn, "w", 1, LEASE)
         .unwrap()
         .remove(0);
-    let retried =
-        engine::fail_step(&mut conn, failed.id, "w", "boom", &Backoff::default()).unwrap();
+    let retried = engine::fail_step(
+        &mut conn,
+        &Lease::new(failed.id, "w", failed.attempt),
+        "boom",
+        &Backoff::default(),
+    )
+    .unwrap();
     assert_eq!(retried.status, StepStatus::Pending);
     assert_eq!(execution.status, ExecutionStatus::Running);
+}
+
+fn expire_all_leases(conn: &mut PgConnection) {
+    diesel::sql_query(
+        "UPDATE execution_steps SET locked_until = now() - interval '1 second' \
+         WHERE status = 'running'",
+    )
+    .execute(conn)
+    .unwrap();
+}
+
+/// Fencing: the attempt number is the lease token. A worker that stalled past
+/// its lease, whose step was reclaimed and claimed again under the SAME
+/// worker id, is refused on every report and changes nothing.
+#[test]
+fn a_stale_holder_is_refused_even_under_the_same_worker_id() {
+    let db = TestDatabase::new();
+    let mut conn = db.connect();
+    let wf = workflow(&mut conn, &["a"], &[]);
+    let ex = start(&mut conn, &wf);
+    let first = engine::claim_steps(&mut conn, "w", 1, LEASE)
+        .unwrap()
+        .remove(0);
+    let stale = first.lease().unwrap();
+    assert_eq!(stale.attempt, 1);
+
+    // Expired but not yet reclaimed: refused as expired.
+    expire_all_leases(&mut conn);
+    let err = engine::complete_step(&mut conn, &stale, None).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::LeaseLost {
+                reason: LeaseLostReason::Expired,
+                attempt: 1,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert_eq!(engine::reclaim_expired(&mut conn, 10).unwrap().len(), 1);
+    let second = engine::claim_steps(&mut conn, "w", 1, LEASE)
+        .unwrap()
+        .remove(0);
+    let current = second.lease().unwrap();
+    assert_eq!(
+        (current.step_id, current.worker.as_str(), current.attempt),
+        (stale.step_id, "w", 2)
+    );
+
+    let before = ExecutionStep::find(&mut conn, stale.step_id).unwrap();
+    assert!(
+        engine::heartbeat(&mut conn, std::slice::from_ref(&stale), LEASE)
+            .unwrap()
+            .is_empty()
+    );
+    for err in [
+        engine::complete_step(&mut conn, &stale, None).unwrap_err(),
+        engine::fail_step(&mut conn, &stale, "late", &Backoff::default()).unwrap_err(),
+        engine::complete_steps(&mut conn, &[(stale.clone(), None)]).unwrap_err(),
+    ] {
+        assert!(
+            matches!(
+                err,
+                Error::LeaseLost {
+                    reason: LeaseLostReason::Superseded,
+                    attempt: 1,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(
+            err.to_string()
+                .contains("no longer leased to worker \"w\" (attempt 1)"),
+            "{err}"
+        );
+    }
+    assert!(
+        engine::release_steps(&mut conn, std::slice::from_ref(&stale))
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(
+        ExecutionStep::find(&mut conn, stale.step_id).unwrap(),
+        before,
+        "nothing changed"
+    );
+
+    assert_eq!(
+        engine::heartbeat(&mut conn, std::slice::from_ref(&current), LEASE).unwrap(),
+        [current.step_id]
+    );
+    engine::complete_step(&mut conn, &current, None).unwrap();
+    assert_eq!(
+        Execution::find(&mut conn, ex.id).unwrap().status,
+        ExecutionStatus::Completed
+    );
+    let err = engine::complete_step(&mut conn, &current, None).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::LeaseLost {
+                reason: LeaseLostReason::Finished(StepStatus::Completed),
+                ..
+            }
+        ),
+        "{err}"
+    );
+
+    // A step whose execution is gone.
+    let ex = start(&mut conn, &wf);
+    let gone = engine::claim_steps(&mut conn, "w", 1, LEASE)
+        .unwrap()
+        .remove(0);
+    diesel::delete(workflow_db::schema::executions::table.find(ex.id))
+        .execute(&mut conn)
+        .unwrap();
+    let err = engine::complete_step(&mut conn, &gone.lease().unwrap(), None).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::LeaseLost {
+                reason: LeaseLostReason::Deleted,
+                ..
+            }
+        ),
+        "{err}"
+    );
+}
+
+/// Every run is numbered by the database, whoever starts it.
+#[test]
+fn a_run_started_by_hand_gets_a_new_attempt_number() {
+    let db = TestDatabase::new();
+    let mut conn = db.connect();
+    let wf = workflow(&mut conn, &["a"], &[]);
+    start(&mut conn, &wf);
+    let claimed = engine::claim_steps(&mut conn, "w", 1, LEASE)
+        .unwrap()
+        .remove(0);
+    let stale = claimed.lease().unwrap();
+    diesel::sql_query("UPDATE execution_steps SET status = 'pending' WHERE id = $1")
+        .bind::<diesel::sql_types::Uuid, _>(claimed.id)
+        .execute(&mut conn)
+        .unwrap();
+    diesel::sql_query(
+        "UPDATE execution_steps SET status = 'running', locked_by = 'w' WHERE id = $1",
+    )
+    .bind::<diesel::sql_types::Uuid, _>(claimed.id)
+    .execute(&mut conn)
+    .unwrap();
+    let by_hand = ExecutionStep::find(&mut conn, claimed.id).unwrap();
+    assert_eq!(by_hand.attempt, 2);
+    let err = engine::complete_step(&mut conn, &stale, None).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::LeaseLost {
+                reason: LeaseLostReason::Superseded,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    engine::complete_step(&mut conn, &by_hand.lease().unwrap(), None).unwrap();
+}
+
+/// A worker shutting down hands its steps back: pending, claimable at once,
+/// no retry spent; leases it no longer holds are skipped.
+#[test]
+fn release_steps_hands_steps_back_without_spending_a_retry() {
+    let db = TestDatabase::new();
+    let mut conn = db.connect();
+    let wf = workflow(&mut conn, &["a", "b"], &[]);
+    let ex = start(&mut conn, &wf);
+    let claimed = engine::claim_steps(&mut conn, "w", 2, LEASE).unwrap();
+    let leases: Vec<Lease> = claimed.iter().map(|s| s.lease().unwrap()).collect();
+    let mut not_mine = leases[1].clone();
+    not_mine.attempt += 1;
+
+    let released = engine::release_steps(&mut conn, &[leases[0].clone(), not_mine]).unwrap();
+    assert_eq!(released.len(), 1);
+    let r = &released[0];
+    assert_eq!(
+        (r.id, r.status, r.retry_count),
+        (leases[0].step_id, StepStatus::Pending, 0)
+    );
+    assert_eq!((r.locked_by.as_deref(), r.locked_until), (None, None));
+    let still = ExecutionStep::find(&mut conn, leases[1].step_id).unwrap();
+    assert_eq!(
+        still.status,
+        StepStatus::Running,
+        "a lease not held is not released"
+    );
+
+    // Claimable at once, as a new attempt; the old lease is dead.
+    let again = engine::claim_steps(&mut conn, "w2", 1, LEASE)
+        .unwrap()
+        .remove(0);
+    assert_eq!(
+        (again.id, again.attempt, again.retry_count),
+        (leases[0].step_id, 2, 0)
+    );
+    assert!(engine::complete_step(&mut conn, &leases[0], None).is_err());
+    let history: Vec<(Option<String>, String)> =
+        workflow_db::ExecutionEvent::for_step(&mut conn, again.id)
+            .unwrap()
+            .into_iter()
+            .map(|e| (e.from_status, e.to_status))
+            .collect();
+    assert_eq!(
+        history,
+        [
+            (Some("pending".into()), "running".into()),
+            (Some("running".into()), "pending".into()),
+            (Some("pending".into()), "running".into()),
+        ]
+    );
+    engine::complete_steps(
+        &mut conn,
+        &[(again.lease().unwrap(), None), (leases[1].clone(), None)],
+    )
+    .unwrap();
+    assert_eq!(
+        Execution::find(&mut conn, ex.id).unwrap().status,
+        ExecutionStatus::Completed
+    );
 }

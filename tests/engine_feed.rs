@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use diesel::connection::SimpleConnection;
 use diesel::prelude::*;
+use workflow_db::Lease;
 use workflow_db::engine::feed::{self, FeedPosition};
 use workflow_db::engine::{self};
 use workflow_db::schema::execution_events;
@@ -110,7 +111,7 @@ fn a_consumer_reads_at_least_once_until_it_acknowledges_and_never_moves_back() {
         let step = engine::claim_steps(&mut conn, "w", 1, LEASE)
             .unwrap()
             .remove(0);
-        engine::complete_step(&mut conn, step.id, "w", None).unwrap();
+        engine::complete_step(&mut conn, &Lease::new(step.id, "w", step.attempt), None).unwrap();
     }
     let history: Vec<i64> = ExecutionEvent::for_execution(&mut conn, execution.id)
         .unwrap()
@@ -199,7 +200,12 @@ fn a_reader_following_concurrent_writers_gets_every_event_once_in_order() {
                     for _ in 0..25 {
                         start(&mut conn, wf);
                         for step in engine::claim_steps(&mut conn, &worker, 2, LEASE).unwrap() {
-                            engine::complete_step(&mut conn, step.id, &worker, None).unwrap();
+                            engine::complete_step(
+                                &mut conn,
+                                &Lease::new(step.id, &worker, step.attempt),
+                                None,
+                            )
+                            .unwrap();
                         }
                     }
                 })

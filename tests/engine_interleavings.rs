@@ -21,6 +21,7 @@ use diesel::result::{DatabaseErrorKind, Error as DieselError};
 use diesel::sql_types::{BigInt, Bool, Integer, Nullable, Text, Uuid as SqlUuid};
 use serde_json::json;
 use uuid::Uuid;
+use workflow_db::Lease;
 use workflow_db::engine::{self, Backoff};
 use workflow_db::models::bulk::{self, CopyStep};
 use workflow_db::schema::execution_steps;
@@ -286,7 +287,7 @@ fn run_everything(conn: &mut PgConnection) {
             return;
         }
         for s in claimed {
-            engine::complete_step(conn, s.id, "drain", None).unwrap();
+            engine::complete_step(conn, &Lease::new(s.id, "drain", s.attempt), None).unwrap();
         }
     }
 }
@@ -345,12 +346,13 @@ fn resume_races_the_last_step(last: LastStep, held_open: HeldOpen) -> ExecutionS
     }
     let claimed = engine::claim_steps(&mut conn, "w", 1, LEASE).unwrap();
     assert_eq!(claimed.len(), 1);
+    let lease = claimed[0].lease().unwrap();
     engine::pause(&mut conn, ex.id).unwrap();
 
     let finish_step = move |c: &mut PgConnection| {
         match last {
-            LastStep::Completes => engine::complete_step(c, a.id, "w", None),
-            LastStep::FailsForGood => engine::fail_step(c, a.id, "w", "boom", &Backoff::default()),
+            LastStep::Completes => engine::complete_step(c, &lease, None),
+            LastStep::FailsForGood => engine::fail_step(c, &lease, "boom", &Backoff::default()),
         }
         .map(|s| s.status)
     };
@@ -509,7 +511,13 @@ fn failing_a_step_for_good_among_many_pending_steps_skips_each_once() {
     set_max_retries(&mut conn, bad.id, 0);
     let claimed = engine::claim_steps(&mut conn, "w", 10, LEASE).unwrap();
     assert_eq!(claimed.iter().map(|s| s.id).collect::<Vec<_>>(), [bad.id]);
-    let failed = engine::fail_step(&mut conn, bad.id, "w", "no retries", &no_backoff()).unwrap();
+    let failed = engine::fail_step(
+        &mut conn,
+        &claimed[0].lease().unwrap(),
+        "no retries",
+        &no_backoff(),
+    )
+    .unwrap();
     assert_eq!(failed.status, StepStatus::Failed);
     assert_eq!(status(&mut conn, ex.id), ExecutionStatus::Failed);
     assert_skipped_once_each(&mut conn, ex.id, Some(bad.id), "failed");
@@ -541,7 +549,8 @@ fn retry_then_fail_for_good_in_two_sessions_does_not_deadlock() {
 
     let fail = |id: Uuid| {
         move |c: &mut PgConnection| {
-            engine::fail_step(c, id, "w", "boom", &no_backoff()).map(|s| s.status)
+            // Each step was claimed once: attempt 1.
+            engine::fail_step(c, &Lease::new(id, "w", 1), "boom", &no_backoff()).map(|s| s.status)
         }
     };
     let mut a = Session::new(&db, "A");
@@ -637,12 +646,20 @@ fn a_report_right_after_its_claim_does_not_deadlock_with_a_pause() {
         reporter.run(
             &format!("reporter: {report} m"),
             move |c: &mut PgConnection| match report {
-                "complete" => engine::complete_step(c, m, "w", None).map(|s| s.status),
-                "fail" => engine::fail_step(c, m, "w", "boom", &no_backoff()).map(|s| s.status),
-                "complete_steps" => {
-                    engine::complete_steps(c, "w", &[(m, None)]).map(|s| s[0].status)
+                // m and k were each started once (attempt 1).
+                "complete" => {
+                    engine::complete_step(c, &Lease::new(m, "w", 1), None).map(|s| s.status)
                 }
-                _ => engine::complete_steps(c, "w", &[(k, None), (m, None)]).map(|s| s[1].status),
+                "fail" => engine::fail_step(c, &Lease::new(m, "w", 1), "boom", &no_backoff())
+                    .map(|s| s.status),
+                "complete_steps" => {
+                    engine::complete_steps(c, &[(Lease::new(m, "w", 1), None)]).map(|s| s[0].status)
+                }
+                _ => engine::complete_steps(
+                    c,
+                    &[(Lease::new(k, "w", 1), None), (Lease::new(m, "w", 1), None)],
+                )
+                .map(|s| s[1].status),
             },
         );
         assert_eq!(reporter.settle(&mut conn), State::Blocked);
@@ -978,11 +995,11 @@ fn batched_completions_sharing_downstream_steps_do_not_deadlock() {
     let mut gate = gate(&db, &mut conn, [ex_x, ex_y]);
 
     let complete = |worker: &'static str, batch: [Uuid; 3]| {
-        let steps: Vec<(Uuid, Option<serde_json::Value>)> = batch
+        let steps: Vec<(Lease, Option<serde_json::Value>)> = batch
             .iter()
-            .map(|id| (*id, Some(json!({ "by": worker }))))
+            .map(|id| (Lease::new(*id, worker, 1), Some(json!({ "by": worker }))))
             .collect();
-        move |c: &mut PgConnection| engine::complete_steps(c, worker, &steps).map(|d| d.len())
+        move |c: &mut PgConnection| engine::complete_steps(c, &steps).map(|d| d.len())
     };
     let mut a = Session::new(&db, "A");
     let mut b = Session::new(&db, "B");
@@ -1064,13 +1081,13 @@ fn a_step_run_by_hand_is_not_leased_to_its_previous_worker() {
     );
     assert!(held.locked_until.is_some(), "with a lease");
 
-    let stale = engine::complete_step(&mut conn, a.id, "w1", None);
+    let stale = engine::complete_step(&mut conn, &Lease::new(a.id, "w1", a.attempt), None);
     assert!(
-        matches!(&stale, Err(Error::LeaseLost { step_id, worker }) if *step_id == a.id && worker == "w1"),
+        matches!(&stale, Err(Error::LeaseLost { step_id, worker, .. }) if *step_id == a.id && worker == "w1"),
         "the previous worker's report on a step now run by {me} must be refused with LeaseLost, got {stale:?}"
     );
     assert_eq!(step(&mut conn, a.id), held, "nothing changed");
-    engine::complete_step(&mut conn, a.id, &me, None).unwrap();
+    engine::complete_step(&mut conn, &held.lease().unwrap(), None).unwrap();
     assert_eq!(status(&mut conn, ex.id), ExecutionStatus::Completed);
 }
 
@@ -1105,19 +1122,31 @@ fn a_step_that_is_not_running_holds_no_lease() {
         (StepStatus::Pending, None, None),
         "a reclaimed step holds no lease (locked_by and locked_until NULL)"
     );
-    engine::fail_step(&mut conn, retried, "w", "flaky", &no_backoff()).unwrap();
+    engine::fail_step(
+        &mut conn,
+        &Lease::new(retried, "w", 1),
+        "flaky",
+        &no_backoff(),
+    )
+    .unwrap();
     assert_eq!(
         lease(&mut conn, retried),
         (StepStatus::Pending, None, None),
         "a step sent back to pending by a failure holds no lease"
     );
-    engine::complete_step(&mut conn, completed, "w", None).unwrap();
+    engine::complete_step(&mut conn, &Lease::new(completed, "w", 1), None).unwrap();
     assert_eq!(
         lease(&mut conn, completed),
         (StepStatus::Completed, None, None),
         "a completed step holds no lease"
     );
-    engine::fail_step(&mut conn, failed, "w", "boom", &no_backoff()).unwrap();
+    engine::fail_step(
+        &mut conn,
+        &Lease::new(failed, "w", 1),
+        "boom",
+        &no_backoff(),
+    )
+    .unwrap();
     assert_eq!(
         lease(&mut conn, failed),
         (StepStatus::Failed, None, None),
@@ -1398,7 +1427,7 @@ fn a_heartbeat_in_an_old_transaction_keeps_the_lease_valid() {
     let (held, valid) = conn
         .transaction(|c| {
             diesel::sql_query(OLD_TRANSACTION).execute(c)?;
-            let held = engine::heartbeat(c, "w", &[a.id], SHORT_LEASE)?;
+            let held = engine::heartbeat(c, &[Lease::new(a.id, "w", a.attempt)], SHORT_LEASE)?;
             let valid = lease_valid_now(c, a.id);
             QueryResult::Ok((held, valid))
         })
@@ -1551,7 +1580,7 @@ fn prune_keeps_a_cancelled_execution_whose_step_still_runs() {
     assert!(!exists(&mut conn, idle.id), "the idle one is pruned");
     assert_eq!(deleted, 1);
     // The worker can still report.
-    engine::complete_step(&mut conn, a.id, "w", None).unwrap();
+    engine::complete_step(&mut conn, &Lease::new(a.id, "w", a.attempt), None).unwrap();
 }
 
 // ---------------------------------------------------------------------------

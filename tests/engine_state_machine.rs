@@ -8,12 +8,13 @@ use std::time::Duration;
 
 use diesel::prelude::*;
 use serde_json::json;
+use workflow_db::Lease;
 use workflow_db::engine::{self, Backoff};
 use workflow_db::schema::{execution_events, execution_steps};
 use workflow_db::testing::TestDatabase;
 use workflow_db::{
-    AnyStatus, Error, Execution, ExecutionEvent, ExecutionStatus, ExecutionStep, StepStatus,
-    Workflow, WorkflowChanges,
+    AnyStatus, Error, Execution, ExecutionEvent, ExecutionStatus, ExecutionStep, LeaseLostReason,
+    StepStatus, Workflow, WorkflowChanges,
 };
 
 use common::{LEASE, start, workflow};
@@ -106,8 +107,7 @@ fn transitions_set_times_and_append_history() {
     assert!(a.started_at.is_some());
     let failed = engine::fail_step(
         &mut conn,
-        a.id,
-        "w1",
+        &Lease::new(a.id, "w1", a.attempt),
         "boom",
         &Backoff {
             base: Duration::ZERO,
@@ -122,13 +122,18 @@ fn transitions_set_times_and_append_history() {
     let a = engine::claim_steps(&mut conn, "w2", 10, LEASE)
         .unwrap()
         .remove(0);
-    let done = engine::complete_step(&mut conn, a.id, "w2", Some(&json!({"ok": true}))).unwrap();
+    let done = engine::complete_step(
+        &mut conn,
+        &Lease::new(a.id, "w2", a.attempt),
+        Some(&json!({"ok": true})),
+    )
+    .unwrap();
     assert_eq!(done.output, Some(json!({"ok": true})));
     assert!(done.completed_at.is_some());
     let b = engine::claim_steps(&mut conn, "w1", 10, LEASE)
         .unwrap()
         .remove(0);
-    engine::complete_step(&mut conn, b.id, "w1", None).unwrap();
+    engine::complete_step(&mut conn, &Lease::new(b.id, "w1", b.attempt), None).unwrap();
 
     let ex = Execution::find(&mut conn, ex.id).unwrap();
     assert_eq!(
@@ -195,8 +200,13 @@ fn failing_for_good_fails_the_execution_and_skips_the_rest() {
         .iter()
         .find(|s| s.node_id == "a")
         .unwrap_or(&claimed[0]);
-    let failed =
-        engine::fail_step(&mut conn, a.id, "w", "no retries", &Backoff::default()).unwrap();
+    let failed = engine::fail_step(
+        &mut conn,
+        &Lease::new(a.id, "w", a.attempt),
+        "no retries",
+        &Backoff::default(),
+    )
+    .unwrap();
     assert_eq!(failed.status, StepStatus::Failed);
     let ex = Execution::find(&mut conn, ex.id).unwrap();
     assert_eq!(ex.status, ExecutionStatus::Failed);
@@ -210,9 +220,19 @@ fn failing_for_good_fails_the_execution_and_skips_the_rest() {
             .iter()
             .all(|s| s.id == a.id || s.status == StepStatus::Skipped)
     );
-    // A final step cannot be reported on again.
-    let err = engine::complete_step(&mut conn, a.id, "w", None).unwrap_err();
-    assert!(matches!(err, Error::IllegalTransition { .. }), "{err}");
+    // A final step cannot be reported on again: no longer the worker's.
+    let err =
+        engine::complete_step(&mut conn, &Lease::new(a.id, "w", a.attempt), None).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::LeaseLost {
+                reason: LeaseLostReason::Finished(StepStatus::Failed),
+                ..
+            }
+        ),
+        "{err}"
+    );
 }
 
 #[test]
@@ -234,7 +254,12 @@ fn pause_resume_and_cancel() {
         "paused: nothing claimable"
     );
     // A step already running may finish while paused.
-    engine::complete_step(&mut conn, running.id, "w", None).unwrap();
+    engine::complete_step(
+        &mut conn,
+        &Lease::new(running.id, "w", running.attempt),
+        None,
+    )
+    .unwrap();
     let err = engine::pause(&mut conn, ex.id).unwrap_err();
     assert!(
         matches!(
@@ -301,7 +326,7 @@ fn resuming_an_execution_whose_steps_all_finished_completes_it() {
         .unwrap()
         .remove(0);
     engine::pause(&mut conn, ex.id).unwrap();
-    engine::complete_step(&mut conn, a.id, "w", None).unwrap();
+    engine::complete_step(&mut conn, &Lease::new(a.id, "w", a.attempt), None).unwrap();
     assert_eq!(
         Execution::find(&mut conn, ex.id).unwrap().status,
         ExecutionStatus::Paused
@@ -579,7 +604,7 @@ fn a_step_runs_only_through_a_claim() {
     let claimed = engine::claim_steps(&mut conn, "w", 1, LEASE).unwrap();
     assert_eq!(claimed.len(), 1);
     assert!(claimed[0].locked_until.is_some());
-    engine::complete_step(&mut conn, a.id, "w", None).unwrap();
+    engine::complete_step(&mut conn, &claimed[0].lease().unwrap(), None).unwrap();
     assert_eq!(
         Execution::find(&mut conn, ex.id).unwrap().status,
         ExecutionStatus::Completed
@@ -598,7 +623,13 @@ fn a_retry_under_a_final_execution_is_skipped() {
         .unwrap()
         .remove(0);
     engine::cancel(&mut conn, ex.id).unwrap();
-    engine::fail_step(&mut conn, a.id, "w", "flaky", &Backoff::default()).unwrap();
+    engine::fail_step(
+        &mut conn,
+        &Lease::new(a.id, "w", a.attempt),
+        "flaky",
+        &Backoff::default(),
+    )
+    .unwrap();
     let a = ExecutionStep::find(&mut conn, a.id).unwrap();
     assert_eq!(a.status, StepStatus::Skipped, "not pending for ever");
     let history: Vec<(Option<String>, String)> = ExecutionEvent::for_step(&mut conn, a.id)
@@ -625,7 +656,13 @@ fn a_retry_under_a_final_execution_is_skipped() {
         .set(execution_steps::max_retries.eq(0))
         .execute(&mut conn)
         .unwrap();
-    engine::fail_step(&mut conn, x.id, "w", "boom", &Backoff::default()).unwrap();
+    engine::fail_step(
+        &mut conn,
+        &Lease::new(x.id, "w", x.attempt),
+        "boom",
+        &Backoff::default(),
+    )
+    .unwrap();
     assert_eq!(
         Execution::find(&mut conn, ex.id).unwrap().status,
         ExecutionStatus::Failed
@@ -661,7 +698,7 @@ fn transitions_outside_read_committed_are_refused() {
     let err = conn
         .build_transaction()
         .repeatable_read()
-        .run(|conn| engine::complete_step(conn, a.id, "w", None))
+        .run(|conn| engine::complete_step(conn, &Lease::new(a.id, "w", a.attempt), None))
         .unwrap_err();
     assert!(
         err.to_string()
@@ -691,7 +728,7 @@ fn transitions_outside_read_committed_are_refused() {
     // READ COMMITTED (the default) works, in a transaction or not.
     conn.build_transaction()
         .read_committed()
-        .run(|conn| engine::complete_step(conn, a.id, "w", None))
+        .run(|conn| engine::complete_step(conn, &Lease::new(a.id, "w", a.attempt), None))
         .unwrap();
     assert_eq!(
         Execution::find(&mut conn, ex.id).unwrap().status,

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use diesel::prelude::*;
 use workflow_db::models::bulk::{self, CopyExecution, CopyStep};
 use workflow_db::schema::executions;
-use workflow_db::{ExecutionStatus, NewExecution, StepStatus, engine};
+use workflow_db::{ExecutionStatus, ExecutionStep, Lease, NewExecution, StepStatus, engine};
 
 use crate::Res;
 use crate::data::{
@@ -77,6 +77,11 @@ const W2_POOL_RUNNING: &[&str] = &[
     "CHECKPOINT",
 ];
 
+/// The lease a claim returned with `step`.
+fn lease_of(step: &ExecutionStep) -> Lease {
+    step.lease().expect("a claimed step is leased")
+}
+
 /// Claims up to `n` steps in one statement and completes them: one by one
 /// (autocommit) when `n` is 1, else in one transaction (sorted by execution;
 /// retried on deadlock, counted in [`DEADLOCK_RETRIES`]). Returns how many
@@ -88,15 +93,17 @@ pub fn complete_batch(conn: &mut PgConnection, worker: &str, n: i64, rng: &mut R
     }
     let output = step_output(rng.below(1_000_000_000), 0);
     if steps.len() == 1 {
-        engine::complete_step(conn, steps[0].id, worker, Some(&output))?;
+        engine::complete_step(conn, &lease_of(&steps[0]), Some(&output))?;
         return Ok(1);
     }
     steps.sort_by_key(|s| (s.execution_id, s.id));
-    let batch: Vec<(uuid::Uuid, Option<serde_json::Value>)> =
-        steps.iter().map(|s| (s.id, Some(output.clone()))).collect();
+    let batch: Vec<(Lease, Option<serde_json::Value>)> = steps
+        .iter()
+        .map(|s| (lease_of(s), Some(output.clone())))
+        .collect();
     let mut attempt = 0;
     loop {
-        let r = engine::complete_steps(conn, worker, &batch).map(|_| ());
+        let r = engine::complete_steps(conn, &batch).map(|_| ());
         match r {
             Ok(()) => return Ok(steps.len() as u64),
             Err(e) if attempt < 5 && e.to_string().contains("deadlock") => {
@@ -124,7 +131,7 @@ pub fn workers_label(workers: usize) -> String {
 }
 
 impl Bench {
-    fn w2_pool_running(&self) -> Res<()> {
+    pub fn w2_pool_running(&self) -> Res<()> {
         for stmt in W2_POOL_RUNNING {
             self.sql(stmt)?;
         }

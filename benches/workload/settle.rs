@@ -229,8 +229,9 @@ impl Bench {
             let t0 = Instant::now();
             let failed = engine::fail_step(
                 &mut conn,
-                step.id,
-                worker,
+                &step
+                    .lease()
+                    .ok_or("fail-for-good: the claimed step has no lease")?,
                 "bench: fails for good",
                 &Backoff::default(),
             )?;

@@ -2,13 +2,13 @@ use std::time::Duration;
 
 use diesel::pg::data_types::PgInterval;
 use diesel::prelude::*;
-use diesel::sql_types::{Array, BigInt, Double, Interval, Text, Uuid as SqlUuid};
+use diesel::sql_types::{Array, BigInt, Double, Integer, Interval, Text, Uuid as SqlUuid};
 use serde_json::Value;
 use uuid::Uuid;
 
 use crate::enums::StepStatus;
-use crate::error::{Error, Result};
-use crate::models::{ExecutionStep, MAX_PAGE_SIZE};
+use crate::error::{Error, LeaseLostReason, Result};
+use crate::models::{ExecutionStep, Lease, MAX_PAGE_SIZE};
 use crate::prepared::{prepared, step_columns};
 use crate::schema::execution_steps;
 
@@ -90,28 +90,62 @@ pub fn claim_steps(
     .load(conn)
 }
 
-/// Extends the unexpired leases `worker` holds on `step_ids` to
-/// `statement_timestamp() + lease` and returns the ids it still holds; a missing id means
-/// the lease was lost (it expired, even if not yet reclaimed, or the step
+/// The leases `$1` (ids), `$2` (workers), `$3` (attempts) as rows
+/// `x(step_id, holder, held_attempt)`.
+macro_rules! leases_as_rows {
+    () => {
+        "unnest($1::uuid[], $2::text[], $3::int4[]) AS x(step_id, holder, held_attempt)"
+    };
+}
+
+/// [`held_by!`] for a batch: step `s` is held under lease row `x`.
+macro_rules! held_in_batch {
+    () => {
+        "s.id = x.step_id AND s.locked_by = x.holder AND s.attempt = x.held_attempt \
+         AND s.locked_until > statement_timestamp()"
+    };
+}
+
+/// Extends the leases still held to `statement_timestamp() + lease` and
+/// returns the ids of their steps; a missing id means that lease is lost
+/// (expired, even if not yet reclaimed; the step reclaimed, started again or
 /// finished): stop working on that step.
-#[tracing::instrument(skip(conn, step_ids), fields(count = step_ids.len()))]
+#[tracing::instrument(skip(conn, leases), fields(count = leases.len()))]
 pub fn heartbeat(
     conn: &mut PgConnection,
-    worker: &str,
-    step_ids: &[Uuid],
+    leases: &[Lease],
     lease: Duration,
 ) -> QueryResult<Vec<Uuid>> {
+    let (ids, workers, attempts) = lease_columns(leases.iter());
     prepared(
-        diesel::sql_query(
-            "UPDATE execution_steps SET locked_until = statement_timestamp() + $3 \
-             WHERE id = ANY($1) AND locked_by = $2 AND locked_until > statement_timestamp() RETURNING id",
-        )
-        .bind::<Array<SqlUuid>, _>(step_ids)
-        .bind::<Text, _>(worker)
+        diesel::sql_query(concat!(
+            "UPDATE execution_steps s SET locked_until = statement_timestamp() + $4 FROM ",
+            leases_as_rows!(),
+            " WHERE ",
+            held_in_batch!(),
+            " RETURNING s.id"
+        ))
+        .bind::<Array<SqlUuid>, _>(ids)
+        .bind::<Array<Text>, _>(workers)
+        .bind::<Array<Integer>, _>(attempts)
         .bind::<Interval, _>(interval(lease)),
     )
     .load::<StepId>(conn)
     .map(|rows| rows.into_iter().map(|r| r.id).collect())
+}
+
+/// The columns of `leases` in step id order (the lock order), for
+/// [`leases_as_rows!`].
+fn lease_columns<'a>(
+    leases: impl Iterator<Item = &'a Lease>,
+) -> (Vec<Uuid>, Vec<&'a str>, Vec<i32>) {
+    let mut sorted: Vec<&Lease> = leases.collect();
+    sorted.sort_by_key(|l| l.step_id);
+    (
+        sorted.iter().map(|l| l.step_id).collect(),
+        sorted.iter().map(|l| l.worker.as_str()).collect(),
+        sorted.iter().map(|l| l.attempt).collect(),
+    )
 }
 
 #[derive(QueryableByName)]
@@ -120,7 +154,7 @@ struct StepId {
     id: Uuid,
 }
 
-/// "Running and leased to `$2`, lease unexpired", as a filter that only the
+/// "Running as attempt `$3` leased to `$2`, lease unexpired", as a filter that only the
 /// primary key can serve: `locked_until` is set by the claim and cleared by
 /// the transition trigger whenever the step leaves `running`. An expired
 /// lease no longer counts even before `reclaim_expired` runs: the step may be
@@ -129,7 +163,7 @@ struct StepId {
 /// `running` range fills with dead entries as steps finish.)
 macro_rules! held_by {
     () => {
-        "id = $1 AND locked_by = $2 AND locked_until > statement_timestamp()"
+        "id = $1 AND locked_by = $2 AND attempt = $3 AND locked_until > statement_timestamp()"
     };
 }
 
@@ -200,11 +234,10 @@ pub fn reclaim_expired(conn: &mut PgConnection, limit: i64) -> QueryResult<Vec<E
     .load(conn)
 }
 
-/// Completes several steps `worker` holds, storing each one's output, in ONE
+/// Completes several held steps, storing each one's output, in ONE
 /// statement (the batched counterpart of [`complete_step`], for workers that
-/// claim in batches). All or nothing: when any step is not held by `worker`
-/// under an unexpired lease, nothing is completed and the first such step's
-/// error ([`Error::LeaseLost`], [`Error::IllegalTransition`], ...) is returned.
+/// claim in batches). All or nothing: when any lease is no longer honoured,
+/// nothing is completed and that step's [`Error::LeaseLost`] is returned.
 /// The database handles the batch as a set: one event per step, the
 /// downstream counters and each execution's settle once per statement, one
 /// NOTIFY per execution. The statement locks the steps' executions first, in
@@ -214,75 +247,102 @@ pub fn reclaim_expired(conn: &mut PgConnection, limit: i64) -> QueryResult<Vec<E
 #[tracing::instrument(skip(conn, steps), fields(count = steps.len()))]
 pub fn complete_steps(
     conn: &mut PgConnection,
-    worker: &str,
-    steps: &[(Uuid, Option<Value>)],
+    steps: &[(Lease, Option<Value>)],
 ) -> Result<Vec<ExecutionStep>> {
     if steps.is_empty() {
         return Ok(Vec::new());
     }
-    let mut sorted: Vec<&(Uuid, Option<Value>)> = steps.iter().collect();
-    sorted.sort_by_key(|(id, _)| *id);
-    let ids: Vec<Uuid> = sorted.iter().map(|(id, _)| *id).collect();
+    let mut sorted: Vec<&(Lease, Option<Value>)> = steps.iter().collect();
+    sorted.sort_by_key(|(lease, _)| lease.step_id);
+    let (ids, workers, attempts) = lease_columns(sorted.iter().map(|(lease, _)| lease));
     let outputs: Vec<Option<&Value>> = sorted.iter().map(|(_, o)| o.as_ref()).collect();
     conn.transaction(|conn| {
         let done: Vec<ExecutionStep> = prepared(
             diesel::sql_query(concat!(
                 lock_executions_of!("SELECT unnest($1::uuid[])"),
-                "UPDATE execution_steps s SET status = 'completed', output = x.step_output \
-                 FROM unnest($1::uuid[], $2::jsonb[]) AS x(step_id, step_output) \
-                 WHERE s.id = x.step_id AND s.locked_by = $3 AND s.locked_until > statement_timestamp() \
-                   AND (SELECT count(*) FROM locked) > 0 \
-                 RETURNING ",
+                "UPDATE execution_steps s SET status = 'completed', output = o.step_output \
+                 FROM ",
+                leases_as_rows!(),
+                " JOIN unnest($1::uuid[], $4::jsonb[]) AS o(step_id, step_output) USING (step_id) \
+                 WHERE ",
+                held_in_batch!(),
+                " AND (SELECT count(*) FROM locked) > 0 RETURNING ",
                 step_columns!()
             ))
             .bind::<Array<SqlUuid>, _>(&ids)
-            .bind::<Array<diesel::sql_types::Nullable<diesel::sql_types::Jsonb>>, _>(&outputs)
-            .bind::<Text, _>(worker),
+            .bind::<Array<Text>, _>(&workers)
+            .bind::<Array<Integer>, _>(&attempts)
+            .bind::<Array<diesel::sql_types::Nullable<diesel::sql_types::Jsonb>>, _>(&outputs),
         )
         .load(conn)?;
         if done.len() == ids.len() {
             return Ok(done);
         }
-        let missing = ids
+        let missing = sorted
             .iter()
-            .find(|id| !done.iter().any(|s| s.id == **id))
-            .copied()
-            .unwrap_or(ids[0]);
-        Err(why_not(conn, missing, worker, StepStatus::Completed))
+            .map(|(lease, _)| lease)
+            .find(|lease| !done.iter().any(|s| s.id == lease.step_id))
+            .unwrap_or(&sorted[0].0);
+        Err(why_not(conn, missing))
     })
 }
 
-/// Completes a step `worker` holds, storing its output, in one statement.
+/// Hands held steps back: each goes back to `pending`, claimable at once,
+/// without spending a retry (`retry_count` unchanged) — for a worker that
+/// shuts down before it could run them. Leases no longer honoured are
+/// skipped (those steps are not this worker's to release); returns the
+/// released steps. One statement, in the engine's lock order.
+#[tracing::instrument(skip(conn, leases), fields(count = leases.len()))]
+pub fn release_steps(conn: &mut PgConnection, leases: &[Lease]) -> Result<Vec<ExecutionStep>> {
+    if leases.is_empty() {
+        return Ok(Vec::new());
+    }
+    let (ids, workers, attempts) = lease_columns(leases.iter());
+    Ok(prepared(
+        diesel::sql_query(concat!(
+            lock_executions_of!("SELECT unnest($1::uuid[])"),
+            "UPDATE execution_steps s SET status = 'pending', run_after = statement_timestamp() FROM ",
+            leases_as_rows!(),
+            " WHERE ",
+            held_in_batch!(),
+            " AND (SELECT count(*) FROM locked) > 0 RETURNING ",
+            step_columns!()
+        ))
+        .bind::<Array<SqlUuid>, _>(&ids)
+        .bind::<Array<Text>, _>(&workers)
+        .bind::<Array<Integer>, _>(&attempts),
+    )
+    .load(conn)?)
+}
+
+/// Completes a held step, storing its output, in one statement.
 /// The database unblocks the downstream steps and completes the execution
 /// when this was its last step, in the same transaction.
 ///
-/// Fails with [`Error::LeaseLost`] when the worker does not hold an
-/// unexpired lease on the step and [`Error::IllegalTransition`] when it is already final.
+/// Fails with [`Error::LeaseLost`] (and changes nothing) when the lease is
+/// no longer honoured: expired, the step taken over or already finished.
 #[tracing::instrument(skip(conn, output))]
 pub fn complete_step(
     conn: &mut PgConnection,
-    step_id: Uuid,
-    worker: &str,
+    lease: &Lease,
     output: Option<&Value>,
 ) -> Result<ExecutionStep> {
     let updated = prepared(
         diesel::sql_query(concat!(
             lock_executions_of!("$1"),
-            "UPDATE execution_steps SET status = 'completed', output = $3 WHERE ",
+            "UPDATE execution_steps SET status = 'completed', output = $4 WHERE ",
             held_by!(),
             " AND (SELECT count(*) FROM locked) > 0 RETURNING ",
             step_columns!()
         ))
-        .bind::<SqlUuid, _>(step_id)
-        .bind::<Text, _>(worker)
+        .bind::<SqlUuid, _>(lease.step_id)
+        .bind::<Text, _>(&lease.worker)
+        .bind::<Integer, _>(lease.attempt)
         .bind::<diesel::sql_types::Nullable<diesel::sql_types::Jsonb>, _>(output),
     )
     .get_result::<ExecutionStep>(conn)
     .optional()?;
-    updated.map_or_else(
-        || Err(why_not(conn, step_id, worker, StepStatus::Completed)),
-        Ok,
-    )
+    updated.map_or_else(|| Err(why_not(conn, lease)), Ok)
 }
 
 /// Fails the current attempt of a step `worker` holds, storing `error`, in
@@ -295,8 +355,7 @@ pub fn complete_step(
 #[tracing::instrument(skip(conn, error))]
 pub fn fail_step(
     conn: &mut PgConnection,
-    step_id: Uuid,
-    worker: &str,
+    lease: &Lease,
     error: &str,
     backoff: &Backoff,
 ) -> Result<ExecutionStep> {
@@ -305,47 +364,52 @@ pub fn fail_step(
             lock_executions_of!("$1"),
             "UPDATE execution_steps SET ",
             retry_or_fail!(
-                "statement_timestamp() + least($4 * power(2, least(retry_count, 30)), $5) * interval '1 microsecond'"
+                "statement_timestamp() + least($5 * power(2, least(retry_count, 30)), $6) * interval '1 microsecond'"
             ),
-            ", error = $3 WHERE ",
+            ", error = $4 WHERE ",
             held_by!(),
             " AND (SELECT count(*) FROM locked) > 0 RETURNING ",
             step_columns!()
         ))
-        .bind::<SqlUuid, _>(step_id)
-        .bind::<Text, _>(worker)
+        .bind::<SqlUuid, _>(lease.step_id)
+        .bind::<Text, _>(&lease.worker)
+        .bind::<Integer, _>(lease.attempt)
         .bind::<Text, _>(error)
         .bind::<Double, _>(micros(backoff.base))
         .bind::<Double, _>(micros(backoff.max)),
     )
     .get_result::<ExecutionStep>(conn)
     .optional()?;
-    updated.map_or_else(
-        || Err(why_not(conn, step_id, worker, StepStatus::Failed)),
-        Ok,
-    )
+    updated.map_or_else(|| Err(why_not(conn, lease)), Ok)
 }
 
-/// Why a lease-guarded update matched no row.
-fn why_not(conn: &mut PgConnection, step_id: Uuid, worker: &str, to: StepStatus) -> Error {
-    let status = execution_steps::table
-        .find(step_id)
-        .select(execution_steps::status)
-        .first::<StepStatus>(conn)
+/// Why a lease-guarded update matched no row: the one "no longer yours"
+/// error, with its reason.
+fn why_not(conn: &mut PgConnection, lease: &Lease) -> Error {
+    let row = execution_steps::table
+        .find(lease.step_id)
+        .select((
+            execution_steps::status,
+            execution_steps::locked_by,
+            execution_steps::attempt,
+        ))
+        .first::<(StepStatus, Option<String>, i32)>(conn)
         .optional();
-    match status {
-        Err(e) => e.into(),
-        Ok(None) => Error::NotFound {
-            entity: "step",
-            id: step_id.to_string(),
-        },
-        Ok(Some(StepStatus::Running | StepStatus::Pending)) => Error::LeaseLost {
-            step_id,
-            worker: worker.to_owned(),
-        },
-        Ok(Some(from)) => Error::IllegalTransition {
-            from: from.into(),
-            to: to.into(),
-        },
+    let reason = match row {
+        Err(e) => return e.into(),
+        Ok(None) => LeaseLostReason::Deleted,
+        Ok(Some((StepStatus::Running, Some(holder), attempt)))
+            if holder == lease.worker && attempt == lease.attempt =>
+        {
+            LeaseLostReason::Expired
+        }
+        Ok(Some((StepStatus::Running | StepStatus::Pending, _, _))) => LeaseLostReason::Superseded,
+        Ok(Some((status, _, _))) => LeaseLostReason::Finished(status),
+    };
+    Error::LeaseLost {
+        step_id: lease.step_id,
+        worker: lease.worker.clone(),
+        attempt: lease.attempt,
+        reason,
     }
 }

@@ -34,9 +34,11 @@
 //!
 //!     // A worker: claim, work, report. Only "fetch" is claimable until it completes.
 //!     for step in engine::claim_steps(conn, "worker-1", 10, Duration::from_secs(30))? {
+//!         // The lease (step, worker, attempt) is what a report presents.
+//!         let lease = step.lease().expect("a claimed step is leased");
 //!         match step.node_id.as_str() {
-//!             "fetch" => engine::complete_step(conn, step.id, "worker-1", Some(&json!({"rows": 3})))?,
-//!             _ => engine::fail_step(conn, step.id, "worker-1", "not implemented", &Backoff::default())?,
+//!             "fetch" => engine::complete_step(conn, &lease, Some(&json!({"rows": 3})))?,
+//!             _ => engine::fail_step(conn, &lease, "not implemented", &Backoff::default())?,
 //!         };
 //!     }
 //!     Ok(())
@@ -57,6 +59,7 @@ pub use check::{
 };
 pub use claim::{
     Backoff, claim_steps, complete_step, complete_steps, fail_step, heartbeat, reclaim_expired,
+    release_steps,
 };
 pub use lifecycle::{cancel, pause, resume, transition_execution, transition_step};
 pub use notify::{

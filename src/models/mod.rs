@@ -106,5 +106,5 @@ mod workflow;
 
 pub use event::ExecutionEvent;
 pub use execution::{Execution, ExecutionChanges, ExecutionWithSteps, NewExecution};
-pub use step::{ExecutionStep, ExecutionStepChanges, NewExecutionStep};
+pub use step::{ExecutionStep, ExecutionStepChanges, Lease, NewExecutionStep};
 pub use workflow::{NewWorkflow, Workflow, WorkflowChanges, WorkflowWithExecutions};

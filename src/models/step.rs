@@ -62,6 +62,39 @@ pub struct ExecutionStep {
     /// The step's execution is not running (pending or paused), so the step
     /// is not claimed even when ready; maintained by the database.
     pub parked: bool,
+    /// How many times the step was started; the current run's lease token
+    /// (see [`Lease`]). Numbered by the database on every `pending -> running`.
+    pub attempt: i32,
+}
+
+/// The right to report on one run of a step: what a claim hands out
+/// ([`ExecutionStep::lease`] of a claimed step). Heartbeat, complete, fail
+/// and release present it, and the database accepts them only while this
+/// worker holds this attempt under an unexpired lease: a worker that stalled
+/// past its lease, whose step was reclaimed and started again (by anyone,
+/// even under the same worker id), holds an older attempt and is refused
+/// with [`crate::Error::LeaseLost`].
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Lease {
+    /// The step.
+    pub step_id: Uuid,
+    /// The worker the claim leased it to.
+    pub worker: String,
+    /// The run ([`ExecutionStep::attempt`]) the lease is for.
+    pub attempt: i32,
+}
+
+impl Lease {
+    /// A lease by its parts (e.g. kept across a restart of the worker's
+    /// bookkeeping); normally taken from a claimed step with
+    /// [`ExecutionStep::lease`].
+    pub fn new(step_id: Uuid, worker: impl Into<String>, attempt: i32) -> Lease {
+        Lease {
+            step_id,
+            worker: worker.into(),
+            attempt,
+        }
+    }
 }
 
 /// A step to insert; [`NewExecutionStep::new`] assigns a fresh UUIDv7 and status `pending`.
@@ -155,6 +188,17 @@ by_id_queries!(ExecutionStep, execution_steps, "step");
 changeset_update!(ExecutionStep, execution_steps, ExecutionStepChanges);
 
 impl ExecutionStep {
+    /// The lease of this run, when the row shows the step running under a
+    /// worker (as every step returned by a claim does); `None` otherwise.
+    pub fn lease(&self) -> Option<Lease> {
+        match (self.status, &self.locked_by) {
+            (StepStatus::Running, Some(worker)) => {
+                Some(Lease::new(self.id, worker.clone(), self.attempt))
+            }
+            _ => None,
+        }
+    }
+
     /// Every step of an execution, in creation order.
     #[tracing::instrument(skip(conn))]
     pub fn list_for_execution(
