@@ -97,6 +97,13 @@ pub enum Error {
         actual: AnyStatus,
     },
 
+    /// A closure given to `runtime::AsyncPool::run` returned no result: it
+    /// panicked (its connection was discarded, so an open transaction was
+    /// rolled back) or the runtime dropped it before it ran.
+    #[cfg(feature = "runtime")]
+    #[error(transparent)]
+    Task(crate::runtime::TaskFailed),
+
     /// "This step is no longer yours": a heartbeat, completion, failure or
     /// release presented a [`crate::Lease`] the database no longer honours,
     /// whatever the reason (`reason`). Stop working on the step; nothing

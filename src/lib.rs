@@ -14,6 +14,8 @@ pub mod migrate;
 pub mod models;
 pub mod pool;
 mod prepared;
+#[cfg(feature = "runtime")]
+pub mod runtime;
 #[allow(missing_docs)]
 pub mod schema;
 pub mod seed;

@@ -34,8 +34,9 @@ pub const MAX_BATCH: i64 = workflow_db::models::MAX_PAGE_SIZE;
 
 pub const USAGE: &str = "\
 usage: cargo bench --bench workload -- [options]
-  --only W1,W3      run only these figure groups (W1..W6, CLAIM, R2D2, CANCEL,
-                    FANIN, DRAIN; default all)
+  --only W1,W3      run only these figure groups (W1..W6, ASYNC, CLAIM, R2D2,
+                    CANCEL, FANIN, DRAIN; default all; ASYNC is W2 through the
+                    async face, paired with W2 when both run)
   --runs N          repetitions of every figure (default 3)
   --executions N    W5/W3/W4 data scale in executions (default 100000; steps = 10x)
   --duration SECS   length of each throughput measurement (default 8)

@@ -13,10 +13,12 @@
 //! [`report`] (figures, ratios, growth, targets, the printed tables and
 //! `target/workload.json`), [`limit`] (pgbench/psql), [`peer`] (the
 //! graphile-worker peer), and one module per figure group: [`start`] (W1),
-//! [`claim`] (W2, W6, claim-latency growth), [`settle`] (CANCEL, FANIN,
+//! [`claim`] (W2, W6, claim-latency growth), [`async_face`] (ASYNC: W2
+//! through `workflow_db::runtime::AsyncPool`), [`settle`] (CANCEL, FANIN,
 //! DRAIN), [`load`] (W5), [`read`] (W3, W4), [`pool`] (r2d2 checkout).
 
 mod args;
+mod async_face;
 mod claim;
 mod data;
 mod db;
@@ -113,6 +115,9 @@ fn run_figures(b: &mut Bench) -> Res<()> {
         }
         if b.args.wants("W2") {
             b.w2(rep)?;
+        }
+        if b.args.wants("ASYNC") {
+            b.async_face(rep)?;
         }
         if b.args.wants("W6") {
             b.w6(rep)?;

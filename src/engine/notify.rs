@@ -40,7 +40,7 @@ struct Payload {
 }
 
 impl Notification {
-    fn parse(payload: &str) -> Option<Notification> {
+    pub(crate) fn parse(payload: &str) -> Option<Notification> {
         let p: Payload = serde_json::from_str(payload).ok()?;
         let status = if p.steps > 0 || p.step_id.is_some() {
             StepStatus::from_label(&p.status)?.into()

@@ -1,0 +1,651 @@
+//! [`Notifier`]: the engine's notifications as an async [`Stream`], on a
+//! dedicated connection that reconnects by itself and says so.
+//!
+//! The triggers send a `NOTIFY` on [`CHANNEL`] when a transaction that
+//! changed executions or steps commits (see [`Notification`]). A notifier
+//! holds one tokio-postgres connection that has run `LISTEN` on it and
+//! yields a [`NotifierEvent`] for each notification, the moment the socket
+//! has it: a background task waits on the socket (no sleep or poll loop),
+//! so an idle notifier costs nothing but a health check every
+//! [`NotifierOptions::health_check_interval`] of silence.
+//!
+//! **A NOTIFY is a wake-up, not a record.** PostgreSQL delivers it only to
+//! sessions listening when the transaction commits: while the notifier is
+//! disconnected, notifications are lost. The stream says when that can have
+//! happened: [`NotifierEvent::Disconnected`] as soon as the connection is
+//! found broken, then [`NotifierEvent::Reconnected`] once a new connection
+//! listens again (after a capped, jittered exponential backoff; forever,
+//! until the notifier is dropped). On `Reconnected`, catch up from the
+//! record: claim (`engine::claim_steps`), or read the event feed
+//! (`engine::feed::next_events`). Everything committed after `Reconnected`
+//! was yielded is notified again, so catching up after it leaves no gap.
+//!
+//! **Never silently deaf.** A connection closed by the server (a
+//! terminated backend, a restart), a broken socket, or a connection that
+//! stops answering (a health check that gets no answer within
+//! [`NotifierOptions::health_check_timeout`]) is reported and replaced.
+//! The stream ends (`None`) only if its task stopped, which it does only
+//! when the [`Notifier`] is dropped.
+//!
+//! **Connection settings.** The notifier reads the same [`DatabaseUrl`] as
+//! the pool: host (or unix-socket directory, `hostaddr`, `PGHOST`), port
+//! (`PGPORT`), database, user (`PGUSER`), password (`PGPASSWORD`),
+//! `application_name` (the URL's, else [`NOTIFIER_APPLICATION_NAME`]),
+//! `connect_timeout` and `options`. TLS is not supported yet: `sslmode`
+//! `disable`, `allow` and `prefer` connect without it, `require`,
+//! `verify-ca` and `verify-full` are refused with
+//! [`Error::InvalidDatabaseUrl`], as are connection services (`service`,
+//! `PGSERVICE`). Other libpq parameters and `~/.pgpass` are not read. The
+//! password is never logged nor put in an error.
+
+use std::fmt;
+use std::future::{Future, poll_fn};
+use std::hash::{BuildHasher, Hasher};
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use futures_core::Stream;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tokio_postgres::tls::NoTlsStream;
+use tokio_postgres::{AsyncMessage, Client, Connection, NoTls, Socket};
+
+use crate::config::{Config, DEFAULT_CONNECT_TIMEOUT, DatabaseUrl, Host};
+use crate::engine::{CHANNEL, Notification};
+use crate::error::{Error, Result};
+
+/// The `application_name` of the notifier's connection, unless the URL sets one.
+pub const NOTIFIER_APPLICATION_NAME: &str = "workflow-db notifier";
+
+/// What the notifier's stream yields.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum NotifierEvent {
+    /// A committed transition (see [`Notification`] and `docs/engine.md`).
+    Notification(Notification),
+    /// The connection was lost: notifications committed from now until the
+    /// next [`NotifierEvent::Reconnected`] are not delivered. The notifier
+    /// is already reconnecting.
+    Disconnected {
+        /// Why (the driver's error chain, or "no answer to the health
+        /// check"); never the password.
+        reason: String,
+    },
+    /// A new connection listens again. Notifications may have been missed
+    /// since the last [`NotifierEvent::Disconnected`]: catch up now (claim,
+    /// or read `engine::feed`); whatever commits after this event is
+    /// notified.
+    Reconnected,
+}
+
+/// Settings of a [`Notifier`]; [`NotifierOptions::default`] then change fields.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct NotifierOptions {
+    /// `application_name` unless the URL sets one (default
+    /// [`NOTIFIER_APPLICATION_NAME`]).
+    pub application_name: String,
+    /// Limit for opening a connection and running `LISTEN`, unless the URL
+    /// sets `connect_timeout` (default 10 s).
+    pub connect_timeout: Duration,
+    /// Wait before the first reconnection attempt (default 100 ms); each
+    /// failed attempt doubles it up to [`NotifierOptions::reconnect_max`].
+    /// Waits are jittered (50–100 % of the value) so that many notifiers do
+    /// not reconnect in step after a failover.
+    pub reconnect_initial: Duration,
+    /// The longest wait between reconnection attempts (default 10 s). The
+    /// backoff starts again from `reconnect_initial` after a connection that
+    /// lasted at least this long.
+    pub reconnect_max: Duration,
+    /// After this long without any message from the server, the notifier
+    /// sends `SELECT 1` to prove the connection still works (default 30 s).
+    pub health_check_interval: Duration,
+    /// A health check not answered within this is a lost connection
+    /// (default 10 s).
+    pub health_check_timeout: Duration,
+    /// Events buffered for a slow consumer (default 1024). When the buffer
+    /// is full the notifier stops reading the socket until the consumer
+    /// catches up (PostgreSQL queues the notifications meanwhile); nothing
+    /// is dropped.
+    pub capacity: usize,
+}
+
+impl Default for NotifierOptions {
+    fn default() -> Self {
+        NotifierOptions {
+            application_name: NOTIFIER_APPLICATION_NAME.to_owned(),
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            reconnect_initial: Duration::from_millis(100),
+            reconnect_max: Duration::from_secs(10),
+            health_check_interval: Duration::from_secs(30),
+            health_check_timeout: Duration::from_secs(10),
+            capacity: 1024,
+        }
+    }
+}
+
+/// The engine's notifications as a [`Stream`] of [`NotifierEvent`]s, from a
+/// dedicated connection listening on [`CHANNEL`] (see the
+/// [module documentation](self)).
+///
+/// Needs a tokio runtime with timers (`#[tokio::main]` has them). Dropping
+/// the notifier stops its task and closes its connection.
+///
+/// ```no_run
+/// use futures_util::StreamExt;
+/// use workflow_db::runtime::{Notifier, NotifierEvent};
+///
+/// # async fn demo(url: &workflow_db::DatabaseUrl) -> workflow_db::Result<()> {
+/// let mut notifier = Notifier::connect(url).await?;
+/// while let Some(event) = notifier.next().await {
+///     match event {
+///         NotifierEvent::Notification(n) => { /* wake the workers for n.execution_id */ }
+///         NotifierEvent::Disconnected { reason } => eprintln!("notifier lost: {reason}"),
+///         NotifierEvent::Reconnected => { /* catch up: claim, or read engine::feed */ }
+///         _ => {}
+///     }
+/// }
+/// # Ok(())
+/// # }
+/// ```
+pub struct Notifier {
+    events: mpsc::Receiver<NotifierEvent>,
+    task: JoinHandle<()>,
+}
+
+impl fmt::Debug for Notifier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Notifier")
+            .field("buffered", &self.events.len())
+            .field("running", &!self.task.is_finished())
+            .finish()
+    }
+}
+
+impl Notifier {
+    /// Connects to `url` with [`NotifierOptions::default`], runs `LISTEN`
+    /// and starts the task that reads notifications. Fails (naming the
+    /// target, never the password) when this first connection cannot be
+    /// opened; after that it reconnects by itself.
+    pub async fn connect(url: &DatabaseUrl) -> Result<Notifier> {
+        Notifier::connect_with(url, NotifierOptions::default()).await
+    }
+
+    /// [`Notifier::connect`] to the configuration's `database_url`, with its
+    /// `connect_timeout`.
+    pub async fn from_config(config: &Config) -> Result<Notifier> {
+        let options = NotifierOptions {
+            connect_timeout: config.connect_timeout,
+            ..NotifierOptions::default()
+        };
+        Notifier::connect_with(&config.database_url, options).await
+    }
+
+    /// [`Notifier::connect`] with these options.
+    pub async fn connect_with(url: &DatabaseUrl, options: NotifierOptions) -> Result<Notifier> {
+        let mut options = options;
+        let config = pg_config(url, &options)?;
+        // The URL's connect_timeout, when it has one, bounds every attempt.
+        if let Some(t) = config.get_connect_timeout() {
+            options.connect_timeout = *t;
+        }
+        let target = url.target();
+        let live = open(&config, options.connect_timeout)
+            .await
+            .map_err(|reason| Error::Connection {
+                target: target.clone(),
+                source: diesel::ConnectionError::BadConnection(reason),
+            })?;
+        tracing::debug!(%target, "notifier listening");
+        let (tx, events) = mpsc::channel(options.capacity.max(1));
+        let task = tokio::spawn(supervise(live, config, options, target, tx));
+        Ok(Notifier { events, task })
+    }
+
+    /// The next event; `None` only if the notifier's task stopped. The
+    /// same as `StreamExt::next`.
+    pub async fn recv(&mut self) -> Option<NotifierEvent> {
+        self.events.recv().await
+    }
+}
+
+impl Stream for Notifier {
+    type Item = NotifierEvent;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<NotifierEvent>> {
+        self.get_mut().events.poll_recv(cx)
+    }
+}
+
+impl Drop for Notifier {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A connection that has run `LISTEN`.
+struct Live {
+    client: Client,
+    connection: Connection<Socket, NoTlsStream>,
+}
+
+/// Why a connection's loop ended.
+enum Ended {
+    /// The consumer dropped the notifier.
+    Closed,
+    /// The connection broke (the reason, for the event and the log).
+    Lost(String),
+}
+
+/// Keeps a connection listening for as long as the consumer is there:
+/// reads it, and replaces it when it breaks.
+async fn supervise(
+    mut live: Live,
+    config: tokio_postgres::Config,
+    options: NotifierOptions,
+    target: String,
+    tx: mpsc::Sender<NotifierEvent>,
+) {
+    // Failed attempts since the backoff was last reset.
+    let mut failures: u32 = 0;
+    loop {
+        let since = Instant::now();
+        let reason = match read(&mut live, &tx, &options).await {
+            Ended::Closed => return,
+            Ended::Lost(reason) => reason,
+        };
+        drop(live);
+        tracing::warn!(%target, %reason, "notifier connection lost; reconnecting");
+        if tx
+            .send(NotifierEvent::Disconnected { reason })
+            .await
+            .is_err()
+        {
+            return;
+        }
+        if since.elapsed() >= options.reconnect_max {
+            failures = 0;
+        }
+        live = loop {
+            let delay = jittered(backoff(
+                options.reconnect_initial,
+                options.reconnect_max,
+                failures,
+            ));
+            failures = failures.saturating_add(1);
+            tokio::select! {
+                () = tokio::time::sleep(delay) => {}
+                () = tx.closed() => return,
+            }
+            let attempt = tokio::select! {
+                r = open(&config, options.connect_timeout) => r,
+                () = tx.closed() => return,
+            };
+            match attempt {
+                Ok(live) => break live,
+                Err(error) => {
+                    tracing::warn!(%target, %error, attempt = failures, "notifier reconnection failed")
+                }
+            }
+        };
+        tracing::info!(%target, "notifier reconnected");
+        if tx.send(NotifierEvent::Reconnected).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Opens a connection and runs `LISTEN` on it, within `timeout`; the error
+/// is the driver's error chain.
+async fn open(
+    config: &tokio_postgres::Config,
+    timeout: Duration,
+) -> std::result::Result<Live, String> {
+    let attempt = async {
+        let (client, mut connection) = config.connect(NoTls).await.map_err(|e| chain(&e))?;
+        {
+            let listen = client.batch_execute(LISTEN);
+            tokio::pin!(listen);
+            // The connection must be driven for the LISTEN to be sent and answered.
+            loop {
+                tokio::select! {
+                    r = &mut listen => {
+                        r.map_err(|e| chain(&e))?;
+                        break;
+                    }
+                    m = poll_fn(|cx| connection.poll_message(cx)) => match m {
+                        // Nothing is notified before LISTEN has run; notices are logged.
+                        Some(Ok(message)) => log_message(&message),
+                        Some(Err(e)) => return Err(chain(&e)),
+                        None => return Err("the server closed the connection".to_owned()),
+                    },
+                }
+            }
+        }
+        Ok(Live { client, connection })
+    };
+    tokio::time::timeout(timeout, attempt)
+        .await
+        .unwrap_or_else(|_| Err(format!("no connection within {timeout:?}")))
+}
+
+const LISTEN: &str = "LISTEN workflow_db_events";
+
+/// Health check query.
+const PING: &str = "SELECT 1";
+
+type Ping<'a> = Pin<Box<dyn Future<Output = std::result::Result<(), String>> + Send + 'a>>;
+
+/// Reads `live` until it breaks or the consumer goes away, passing its
+/// notifications on; checks its health after a silence.
+async fn read(
+    live: &mut Live,
+    tx: &mpsc::Sender<NotifierEvent>,
+    options: &NotifierOptions,
+) -> Ended {
+    let Live { client, connection } = live;
+    let mut quiet_until = Instant::now() + options.health_check_interval;
+    let mut ping: Option<Ping<'_>> = None;
+    loop {
+        tokio::select! {
+            biased;
+            m = poll_fn(|cx| connection.poll_message(cx)) => {
+                let message = match m {
+                    Some(Ok(message)) => message,
+                    Some(Err(e)) => return Ended::Lost(chain(&e)),
+                    None => return Ended::Lost("the server closed the connection".to_owned()),
+                };
+                // Any message proves the connection alive.
+                quiet_until = Instant::now() + options.health_check_interval;
+                match &message {
+                    AsyncMessage::Notification(n) if n.channel() == CHANNEL => {
+                        match Notification::parse(n.payload()) {
+                            Some(parsed) => {
+                                if tx.send(NotifierEvent::Notification(parsed)).await.is_err() {
+                                    return Ended::Closed;
+                                }
+                            }
+                            None => tracing::warn!(channel = %n.channel(), "ignoring a malformed notification"),
+                        }
+                    }
+                    _ => log_message(&message),
+                }
+            }
+            r = async { ping.as_mut().expect("guarded by is_some").await }, if ping.is_some() => {
+                ping = None;
+                if let Err(reason) = r {
+                    return Ended::Lost(reason);
+                }
+                quiet_until = Instant::now() + options.health_check_interval;
+            }
+            () = tokio::time::sleep_until(quiet_until), if ping.is_none() => {
+                let timeout = options.health_check_timeout;
+                let check = client.simple_query(PING);
+                ping = Some(Box::pin(async move {
+                    match tokio::time::timeout(timeout, check).await {
+                        Ok(Ok(_)) => Ok(()),
+                        Ok(Err(e)) => Err(chain(&e)),
+                        Err(_) => Err(format!("no answer to the health check within {timeout:?}")),
+                    }
+                }));
+            }
+            () = tx.closed() => return Ended::Closed,
+        }
+    }
+}
+
+fn log_message(message: &AsyncMessage) {
+    match message {
+        AsyncMessage::Notice(n) => {
+            tracing::debug!(
+                severity = n.severity(),
+                message = n.message(),
+                "notifier: server notice"
+            )
+        }
+        AsyncMessage::Notification(n) => {
+            tracing::debug!(
+                channel = n.channel(),
+                "notifier: ignoring a notification on another channel"
+            )
+        }
+        _ => {}
+    }
+}
+
+/// An error with its sources, `a: b: c` (tokio-postgres puts the useful
+/// part, such as the server's message, in the source).
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let s_text = s.to_string();
+        if !text.ends_with(&s_text) {
+            text.push_str(": ");
+            text.push_str(&s_text);
+        }
+        source = s.source();
+    }
+    text
+}
+
+/// `initial * 2^failures`, at most `max`.
+fn backoff(initial: Duration, max: Duration, failures: u32) -> Duration {
+    initial
+        .checked_mul(1u32.checked_shl(failures.min(31)).unwrap_or(u32::MAX))
+        .map_or(max, |d| d.min(max))
+}
+
+/// 50 to 100 % of `d`, at random.
+fn jittered(d: Duration) -> Duration {
+    // A fresh RandomState is randomly keyed: enough randomness for jitter
+    // without a dependency.
+    let r = std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish();
+    d.mul_f64(0.5 + (r % 1_000_001) as f64 / 2_000_000.0)
+}
+
+/// The tokio-postgres settings for `url` (see the module documentation).
+fn pg_config(url: &DatabaseUrl, options: &NotifierOptions) -> Result<tokio_postgres::Config> {
+    pg_config_with(url, options, |var| std::env::var(var).ok())
+}
+
+fn pg_config_with(
+    url: &DatabaseUrl,
+    options: &NotifierOptions,
+    env: impl Fn(&str) -> Option<String>,
+) -> Result<tokio_postgres::Config> {
+    let env = |var: &str| env(var).filter(|v| !v.is_empty());
+    let invalid = |reason: String| Error::InvalidDatabaseUrl { reason };
+    // Parsed before, when the DatabaseUrl was made.
+    let raw = url::Url::parse(url.expose())
+        .map_err(|e| invalid(format!("{e} (the notifier could not read the URL)")))?;
+    let param = |key: &str| {
+        raw.query_pairs()
+            .filter(|(k, _)| k == key)
+            .map(|(_, v)| v.into_owned())
+            .last()
+            .filter(|v| !v.is_empty())
+    };
+
+    let mut config = tokio_postgres::Config::new();
+    match url.host_with(env) {
+        Host::Service(name) => {
+            return Err(invalid(format!(
+                "connection service {name:?}: the notifier does not read pg_service.conf; give host and port in the URL"
+            )));
+        }
+        Host::Socket(dir) if dir.starts_with('/') => {
+            config.host_path(dir);
+        }
+        Host::Socket(_) => {
+            // libpq's default socket directories.
+            config.host_path("/var/run/postgresql").host_path("/tmp");
+        }
+        Host::Tcp(host) => {
+            config.host(host);
+        }
+    }
+    config.port(url.port_with(env));
+    config.dbname(url.database());
+    if let Some(user) = url.user().or_else(|| env("PGUSER")) {
+        config.user(user);
+    }
+    let password = raw
+        .password()
+        .map(decode)
+        .or_else(|| param("password"))
+        .or_else(|| env("PGPASSWORD"));
+    if let Some(password) = password {
+        config.password(password);
+    }
+    match param("sslmode")
+        .or_else(|| env("PGSSLMODE"))
+        .as_deref()
+        .unwrap_or("prefer")
+    {
+        "disable" | "allow" | "prefer" => {
+            config.ssl_mode(tokio_postgres::config::SslMode::Disable);
+        }
+        mode => {
+            return Err(invalid(format!(
+                "sslmode={mode}: the notifier does not support TLS yet (use sslmode=disable or prefer)"
+            )));
+        }
+    }
+    config.application_name(
+        param("application_name").unwrap_or_else(|| options.application_name.clone()),
+    );
+    let connect_timeout = match param("connect_timeout") {
+        Some(secs) => secs
+            .trim()
+            .parse::<u64>()
+            .ok()
+            .filter(|s| *s > 0)
+            .map(Duration::from_secs)
+            .ok_or_else(|| {
+                invalid(format!(
+                    "connect_timeout={secs:?} is not a number of seconds"
+                ))
+            })?,
+        None => options.connect_timeout,
+    };
+    config.connect_timeout(connect_timeout);
+    if let Some(o) = param("options") {
+        config.options(o);
+    }
+    Ok(config)
+}
+
+fn decode(s: &str) -> String {
+    url::form_urlencoded::parse(format!("x={}", s.replace('+', "%2B")).as_bytes())
+        .next()
+        .map(|(_, v)| v.into_owned())
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(url: &str, env: &[(&str, &str)]) -> Result<tokio_postgres::Config> {
+        let url = DatabaseUrl::parse(url).unwrap();
+        pg_config_with(&url, &NotifierOptions::default(), |k| {
+            env.iter()
+                .find(|(n, _)| *n == k)
+                .map(|(_, v)| v.to_string())
+        })
+    }
+
+    #[test]
+    fn backoff_doubles_up_to_the_cap() {
+        let (i, m) = (Duration::from_millis(100), Duration::from_secs(10));
+        assert_eq!(backoff(i, m, 0), Duration::from_millis(100));
+        assert_eq!(backoff(i, m, 3), Duration::from_millis(800));
+        assert_eq!(backoff(i, m, 7), m);
+        assert_eq!(backoff(i, m, u32::MAX), m);
+        for _ in 0..100 {
+            let j = jittered(Duration::from_secs(1));
+            assert!(
+                j >= Duration::from_millis(500) && j <= Duration::from_secs(1),
+                "{j:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_url_becomes_a_tokio_postgres_config() {
+        let c = config(
+            "postgres://us%40er:p%40ss%2Fw@db.internal:6543/wf?sslmode=prefer&connect_timeout=3",
+            &[],
+        )
+        .unwrap();
+        assert_eq!(c.get_user(), Some("us@er"));
+        assert_eq!(c.get_password(), Some(&b"p@ss/w"[..]));
+        assert_eq!(c.get_dbname(), Some("wf"));
+        assert_eq!(c.get_ports(), &[6543]);
+        assert_eq!(
+            c.get_hosts(),
+            &[tokio_postgres::config::Host::Tcp("db.internal".into())]
+        );
+        assert_eq!(c.get_application_name(), Some(NOTIFIER_APPLICATION_NAME));
+        assert_eq!(c.get_connect_timeout(), Some(&Duration::from_secs(3)));
+        // The password is not in the config's Debug.
+        assert!(!format!("{c:?}").contains("p@ss"));
+
+        let c = config(
+            "postgres:///wf?application_name=mine",
+            &[
+                ("PGHOST", "/run/pg"),
+                ("PGUSER", "bob"),
+                ("PGPASSWORD", "pw"),
+                ("PGPORT", "5433"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.get_user(), Some("bob"));
+        assert_eq!(c.get_password(), Some(&b"pw"[..]));
+        assert_eq!(c.get_ports(), &[5433]);
+        assert_eq!(c.get_application_name(), Some("mine"));
+        assert_eq!(
+            c.get_hosts(),
+            &[tokio_postgres::config::Host::Unix("/run/pg".into())]
+        );
+    }
+
+    #[test]
+    fn tls_and_services_are_refused_without_the_password() {
+        for url in [
+            "postgres://u:SECRET@h/wf?sslmode=require",
+            "postgres://u:SECRET@h/wf?sslmode=verify-full",
+            "postgres://u:SECRET@h/wf?service=billing",
+        ] {
+            let err = config(url, &[]).unwrap_err();
+            assert!(matches!(err, Error::InvalidDatabaseUrl { .. }), "{err}");
+            assert!(!format!("{err} {err:?}").contains("SECRET"));
+        }
+        assert!(config("postgres://h/wf", &[("PGSSLMODE", "require")]).is_err());
+        assert!(config("postgres://h/wf?connect_timeout=x", &[]).is_err());
+    }
+
+    #[test]
+    fn error_chains_are_not_repeated() {
+        #[derive(Debug)]
+        struct E(&'static str, Option<Box<E>>);
+        impl fmt::Display for E {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.0)
+            }
+        }
+        impl std::error::Error for E {
+            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+                self.1.as_deref().map(|e| e as _)
+            }
+        }
+        let e = E("db error", Some(Box::new(E("FATAL: terminated", None))));
+        assert_eq!(chain(&e), "db error: FATAL: terminated");
+    }
+}
