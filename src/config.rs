@@ -338,7 +338,7 @@ impl DatabaseUrl {
     }
 
     /// A query parameter, unless empty.
-    fn param(&self, key: &str) -> Option<String> {
+    pub(crate) fn param(&self, key: &str) -> Option<String> {
         self.query(key).filter(|v| !v.is_empty())
     }
 
@@ -368,6 +368,16 @@ impl DatabaseUrl {
         self.query("user")
             .or_else(|| Some(Self::decoded(self.url.username())))
             .filter(|u| !u.is_empty())
+    }
+
+    /// The password the URL carries (user info, then `password` parameter),
+    /// for connecting; never to be printed.
+    #[cfg(feature = "runtime")]
+    pub(crate) fn password(&self) -> Option<String> {
+        self.url
+            .password()
+            .map(Self::decoded)
+            .or_else(|| self.param("password"))
     }
 
     /// Whether the URL carries a password (in the user info or as a parameter).

@@ -145,7 +145,11 @@ impl Session {
                 return State::Done;
             }
             let waiting = diesel::sql_query(
-                "SELECT coalesce(bool_or(wait_event_type = 'Lock' AND wait_event <> 'extend'), false) \
+                // `object` is the cluster-wide lock a committing NOTIFY takes:
+                // any notifying commit on the server (other tests) holds it a
+                // moment, so a wait on it is passing traffic, not the block
+                // a test is looking for.
+                "SELECT coalesce(bool_or(wait_event_type = 'Lock' AND wait_event NOT IN ('extend', 'object')), false) \
                  AS waiting FROM pg_stat_activity WHERE pid = $1",
             )
             .bind::<Integer, _>(self.pid)

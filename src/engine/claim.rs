@@ -98,7 +98,8 @@ macro_rules! leases_as_rows {
     };
 }
 
-/// [`held_by!`] for a batch: step `s` is held under lease row `x`.
+/// [`held_by!`] for a batch: step `s` is held under lease row `x`
+/// (`x(step_id, holder, held_attempt, ..)`).
 macro_rules! held_in_batch {
     () => {
         "s.id = x.step_id AND s.locked_by = x.holder AND s.attempt = x.held_attempt \
@@ -260,10 +261,9 @@ pub fn complete_steps(
         let done: Vec<ExecutionStep> = prepared(
             diesel::sql_query(concat!(
                 lock_executions_of!("SELECT unnest($1::uuid[])"),
-                "UPDATE execution_steps s SET status = 'completed', output = o.step_output \
-                 FROM ",
-                leases_as_rows!(),
-                " JOIN unnest($1::uuid[], $4::jsonb[]) AS o(step_id, step_output) USING (step_id) \
+                "UPDATE execution_steps s SET status = 'completed', output = x.step_output \
+                 FROM unnest($1::uuid[], $2::text[], $3::int4[], $4::jsonb[]) \
+                   AS x(step_id, holder, held_attempt, step_output) \
                  WHERE ",
                 held_in_batch!(),
                 " AND (SELECT count(*) FROM locked) > 0 RETURNING ",

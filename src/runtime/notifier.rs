@@ -460,16 +460,7 @@ fn pg_config_with(
 ) -> Result<tokio_postgres::Config> {
     let env = |var: &str| env(var).filter(|v| !v.is_empty());
     let invalid = |reason: String| Error::InvalidDatabaseUrl { reason };
-    // Parsed before, when the DatabaseUrl was made.
-    let raw = url::Url::parse(url.expose())
-        .map_err(|e| invalid(format!("{e} (the notifier could not read the URL)")))?;
-    let param = |key: &str| {
-        raw.query_pairs()
-            .filter(|(k, _)| k == key)
-            .map(|(_, v)| v.into_owned())
-            .last()
-            .filter(|v| !v.is_empty())
-    };
+    let param = |key: &str| url.param(key);
 
     let mut config = tokio_postgres::Config::new();
     match url.host_with(env) {
@@ -494,11 +485,7 @@ fn pg_config_with(
     if let Some(user) = url.user().or_else(|| env("PGUSER")) {
         config.user(user);
     }
-    let password = raw
-        .password()
-        .map(decode)
-        .or_else(|| param("password"))
-        .or_else(|| env("PGPASSWORD"));
+    let password = url.password().or_else(|| env("PGPASSWORD"));
     if let Some(password) = password {
         config.password(password);
     }
@@ -538,13 +525,6 @@ fn pg_config_with(
         config.options(o);
     }
     Ok(config)
-}
-
-fn decode(s: &str) -> String {
-    url::form_urlencoded::parse(format!("x={}", s.replace('+', "%2B")).as_bytes())
-        .next()
-        .map(|(_, v)| v.into_owned())
-        .unwrap_or_default()
 }
 
 #[cfg(test)]
