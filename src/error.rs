@@ -237,6 +237,16 @@ pub enum Error {
         /// What is wrong, naming the field.
         message: String,
     },
+
+    /// A setting given in code is out of range (a zero interval, a batch of
+    /// zero, ...); nothing was started.
+    #[error("invalid {option}: {reason}")]
+    InvalidOption {
+        /// The setting, as `Type::field` (`"MaintenanceOptions::interval"`).
+        option: &'static str,
+        /// What is wrong: the value given and what a valid one looks like.
+        reason: String,
+    },
 }
 
 /// Constraint names the status triggers report (`RAISE .. USING CONSTRAINT`).
@@ -274,6 +284,253 @@ impl Error {
             Error::Query(e) => Some(e),
             _ => None,
         }
+    }
+
+    /// The PostgreSQL SQLSTATE of a failed query, as far as it can be told
+    /// (see [`sqlstate`] for the codes and how each is recognised).
+    ///
+    /// Diesel 2.3 does not keep the SQLSTATE: its PostgreSQL backend reads it
+    /// only to choose a [`DatabaseErrorKind`], and the error information it
+    /// hands out has no accessor for it and cannot be downcast. So the code
+    /// is derived:
+    ///
+    /// - from the kind, where Diesel maps exactly one SQLSTATE to it
+    ///   (`UniqueViolation` is 23505, `SerializationFailure` 40001, ...);
+    /// - for errors Diesel calls `Unknown` (or `ClosedConnection`), from
+    ///   PostgreSQL's fixed primary message: `deadlock detected` is 40P01,
+    ///   `canceling statement due to lock timeout` and `could not obtain
+    ///   lock on ...` (`NOWAIT`) are 55P03, `canceling statement due to
+    ///   statement timeout` / `... due to user request` are 57014, `current
+    ///   transaction is aborted, ...` is 25P02, `terminating connection due
+    ///   to administrator command` is 57P01. Messages are matched only in
+    ///   English: where the server's `lc_messages` translates them, these
+    ///   codes are `None` (and [`is_retryable`](Self::is_retryable) false).
+    ///   The crate's connections warn once (through `tracing`) when they
+    ///   find a non-English `lc_messages` (see [`crate::pool`]).
+    ///
+    /// `None` for every other error: another SQLSTATE, a connection that
+    /// broke without a message naming the cause, and the variants that are
+    /// not query errors ([`Error::IllegalTransition`] is the trigger's
+    /// check violation, already decoded). A
+    /// [`RollbackErrorOnCommit`](diesel::result::Error::RollbackErrorOnCommit)
+    /// reports its commit error's code.
+    pub fn sqlstate(&self) -> Option<&'static str> {
+        self.as_query_error().and_then(diesel_sqlstate)
+    }
+
+    /// Whether running the same transaction again, from its start, is safe
+    /// and expected to succeed: PostgreSQL rolled it back because of
+    /// concurrent transactions, not because of what it does.
+    ///
+    /// True for a deadlock (40P01), a serialization failure (40001) and a
+    /// lock wait that timed out or was refused by `NOWAIT` (55P03); see
+    /// [`sqlstate`](Self::sqlstate) for how each is recognised. Retry the
+    /// whole transaction (the caller's own `conn.transaction(..)` if the
+    /// operation ran in one, not the failed statement), with a short
+    /// jittered backoff, a few times.
+    ///
+    /// False for everything else, and notably for:
+    /// - [`Error::LeaseLost`]: the step is no longer this worker's; retrying
+    ///   cannot make it so. Stop working on it.
+    /// - connection errors ([`is_connection_error`](Self::is_connection_error)):
+    ///   when a connection breaks after a statement was sent, and above all
+    ///   during `COMMIT`, whether the transaction took effect is unknown.
+    ///   Retry on a new connection only an operation that is idempotent or
+    ///   whose effect can be checked first (the engine's lease-fenced
+    ///   reports are: a repeated one is refused with `LeaseLost`).
+    /// - a statement timeout or cancel (57014): the same statement would
+    ///   most likely time out again.
+    /// - constraint violations, [`Error::IllegalTransition`],
+    ///   [`Error::TransitionConflict`], [`Error::VersionConflict`]: the same
+    ///   transaction would fail the same way; re-read and decide again.
+    pub fn is_retryable(&self) -> bool {
+        !self.is_connection_error()
+            && matches!(
+                self.sqlstate(),
+                Some(sqlstate::DEADLOCK_DETECTED)
+                    | Some(sqlstate::SERIALIZATION_FAILURE)
+                    | Some(sqlstate::LOCK_NOT_AVAILABLE)
+            )
+    }
+
+    /// Whether the failure is the connection's, not the operation's: no
+    /// connection could be opened ([`Error::Connection`]) or checked out
+    /// ([`Error::Pool`]), or the connection broke under the operation
+    /// (Diesel's `ClosedConnection`, a `BrokenTransactionManager`, or
+    /// libpq's English "no connection to the server", "server closed the
+    /// connection unexpectedly", ... that Diesel reports as
+    /// `UnableToSendCommand`: an administrator's `pg_terminate_backend`, a
+    /// server restart, a network failure). Reopen a single connection; call
+    /// [`crate::pool::ping`] on a pooled one before returning it, so that the
+    /// pool surely discards it (Diesel 2.3 does not flag a connection that
+    /// broke while a statement was being prepared, and the pool would hand
+    /// it out again).
+    ///
+    /// When the connection broke after the statement was sent, the outcome
+    /// is unknown (see [`is_retryable`](Self::is_retryable), which is false
+    /// here). Diesel detects a broken connection on a best-effort basis; the
+    /// crate's connections look up the types of their enums when they open
+    /// (see [`crate::pool`]), so that the first query binding a status after
+    /// the connection broke reports the broken connection rather than
+    /// "Failed to find a type oid".
+    pub fn is_connection_error(&self) -> bool {
+        match self {
+            Error::Connection { .. } | Error::Pool(_) => true,
+            Error::Query(e) => diesel_is_connection_error(e),
+            _ => false,
+        }
+    }
+}
+
+/// The SQLSTATE codes [`Error::sqlstate`] reports, with PostgreSQL's
+/// condition names. Compare with them rather than with string literals.
+pub mod sqlstate {
+    /// `unique_violation` (Diesel's `UniqueViolation`).
+    pub const UNIQUE_VIOLATION: &str = "23505";
+    /// `foreign_key_violation` (Diesel's `ForeignKeyViolation`).
+    pub const FOREIGN_KEY_VIOLATION: &str = "23503";
+    /// `not_null_violation` (Diesel's `NotNullViolation`).
+    pub const NOT_NULL_VIOLATION: &str = "23502";
+    /// `check_violation` (Diesel's `CheckViolation`).
+    pub const CHECK_VIOLATION: &str = "23514";
+    /// `restrict_violation` (Diesel's `RestrictViolation`).
+    pub const RESTRICT_VIOLATION: &str = "23001";
+    /// `exclusion_violation` (Diesel's `ExclusionViolation`).
+    pub const EXCLUSION_VIOLATION: &str = "23P01";
+    /// `read_only_sql_transaction` (Diesel's `ReadOnlyTransaction`).
+    pub const READ_ONLY_SQL_TRANSACTION: &str = "25006";
+    /// `in_failed_sql_transaction`: an earlier statement of the transaction
+    /// failed (English message `current transaction is aborted, ...`).
+    pub const IN_FAILED_SQL_TRANSACTION: &str = "25P02";
+    /// `serialization_failure` (Diesel's `SerializationFailure`). Retryable.
+    pub const SERIALIZATION_FAILURE: &str = "40001";
+    /// `deadlock_detected` (English message `deadlock detected`). Retryable.
+    pub const DEADLOCK_DETECTED: &str = "40P01";
+    /// `lock_not_available`: `lock_timeout` expired or `NOWAIT` found the
+    /// row or table locked (English messages `canceling statement due to
+    /// lock timeout`, `could not obtain lock on ...`). Retryable.
+    pub const LOCK_NOT_AVAILABLE: &str = "55P03";
+    /// `query_canceled`: `statement_timeout` expired or the statement was
+    /// cancelled (English messages `canceling statement due to statement
+    /// timeout` / `... due to user request`). Not retryable.
+    pub const QUERY_CANCELED: &str = "57014";
+    /// `admin_shutdown`: the backend was terminated (English message
+    /// `terminating connection due to administrator command`; often not
+    /// seen, when the socket closes before the message is read).
+    pub const ADMIN_SHUTDOWN: &str = "57P01";
+}
+
+/// PostgreSQL's primary messages for the codes Diesel reports as
+/// `Unknown`, in English (`lc_messages` C or en): (message, whether it is a
+/// prefix followed by an object name, SQLSTATE).
+const KNOWN_MESSAGES: &[(&str, bool, &str)] = &[
+    ("deadlock detected", false, sqlstate::DEADLOCK_DETECTED),
+    (
+        "canceling statement due to lock timeout",
+        false,
+        sqlstate::LOCK_NOT_AVAILABLE,
+    ),
+    (
+        "could not obtain lock on row in relation ",
+        true,
+        sqlstate::LOCK_NOT_AVAILABLE,
+    ),
+    (
+        "could not obtain lock on relation ",
+        true,
+        sqlstate::LOCK_NOT_AVAILABLE,
+    ),
+    (
+        "canceling statement due to statement timeout",
+        false,
+        sqlstate::QUERY_CANCELED,
+    ),
+    (
+        "canceling statement due to user request",
+        false,
+        sqlstate::QUERY_CANCELED,
+    ),
+    (
+        "current transaction is aborted, commands ignored until end of transaction block",
+        false,
+        sqlstate::IN_FAILED_SQL_TRANSACTION,
+    ),
+    (
+        "terminating connection due to administrator command",
+        false,
+        sqlstate::ADMIN_SHUTDOWN,
+    ),
+];
+
+fn sqlstate_from_message(message: &str) -> Option<&'static str> {
+    let message = message.trim_end();
+    KNOWN_MESSAGES
+        .iter()
+        .find(|(text, prefix, _)| {
+            if *prefix {
+                message.starts_with(text)
+            } else {
+                message == *text
+            }
+        })
+        .map(|&(_, _, code)| code)
+}
+
+/// See [`Error::sqlstate`].
+fn diesel_sqlstate(e: &DieselError) -> Option<&'static str> {
+    match e {
+        DieselError::DatabaseError(kind, info) => match kind {
+            DatabaseErrorKind::UniqueViolation => Some(sqlstate::UNIQUE_VIOLATION),
+            DatabaseErrorKind::ForeignKeyViolation => Some(sqlstate::FOREIGN_KEY_VIOLATION),
+            DatabaseErrorKind::NotNullViolation => Some(sqlstate::NOT_NULL_VIOLATION),
+            DatabaseErrorKind::CheckViolation => Some(sqlstate::CHECK_VIOLATION),
+            DatabaseErrorKind::RestrictViolation => Some(sqlstate::RESTRICT_VIOLATION),
+            DatabaseErrorKind::ExclusionViolation => Some(sqlstate::EXCLUSION_VIOLATION),
+            DatabaseErrorKind::ReadOnlyTransaction => Some(sqlstate::READ_ONLY_SQL_TRANSACTION),
+            DatabaseErrorKind::SerializationFailure => Some(sqlstate::SERIALIZATION_FAILURE),
+            // A client-side failure to send: no SQLSTATE.
+            DatabaseErrorKind::UnableToSendCommand => None,
+            // `Unknown`, `ClosedConnection` and kinds added later.
+            _ => sqlstate_from_message(info.message()),
+        },
+        DieselError::RollbackErrorOnCommit { commit_error, .. } => diesel_sqlstate(commit_error),
+        _ => None,
+    }
+}
+
+/// What libpq says when the connection is gone (client-side messages, in
+/// the client process's locale: English unless the program calls
+/// `setlocale`, which Rust programs do not by default).
+const LIBPQ_CONNECTION_LOST: &[&str] = &[
+    "no connection to the server",
+    "server closed the connection unexpectedly",
+    "SSL connection has been closed unexpectedly",
+    "SSL SYSCALL error: ",
+    "could not send data to server: ",
+    "could not receive data from server: ",
+    "write to server failed",
+    "connection not open",
+];
+
+/// See [`Error::is_connection_error`].
+fn diesel_is_connection_error(e: &DieselError) -> bool {
+    match e {
+        DieselError::DatabaseError(DatabaseErrorKind::ClosedConnection, _)
+        | DieselError::BrokenTransactionManager => true,
+        // Diesel reports a statement libpq could not send as
+        // `UnableToSendCommand`, whether the connection is gone ("no
+        // connection to the server") or the statement is at fault (too many
+        // bind parameters): only the former is matched.
+        DieselError::DatabaseError(_, info) => {
+            let message = info.message();
+            LIBPQ_CONNECTION_LOST.iter().any(|m| message.contains(m))
+                || sqlstate_from_message(message) == Some(sqlstate::ADMIN_SHUTDOWN)
+        }
+        DieselError::RollbackErrorOnCommit {
+            rollback_error,
+            commit_error,
+        } => diesel_is_connection_error(rollback_error) || diesel_is_connection_error(commit_error),
+        _ => false,
     }
 }
 
@@ -349,5 +606,76 @@ impl GuardRule {
 impl fmt::Display for GuardRule {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.name())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn db(kind: DatabaseErrorKind, message: &str) -> Error {
+        Error::Query(DieselError::DatabaseError(
+            kind,
+            Box::new(message.to_owned()),
+        ))
+    }
+
+    #[test]
+    fn codes_come_from_the_kind_or_the_english_message() {
+        let unique = db(DatabaseErrorKind::UniqueViolation, "anything");
+        assert_eq!(unique.sqlstate(), Some(sqlstate::UNIQUE_VIOLATION));
+        let deadlock = db(DatabaseErrorKind::Unknown, "deadlock detected");
+        assert_eq!(deadlock.sqlstate(), Some(sqlstate::DEADLOCK_DETECTED));
+        assert!(deadlock.is_retryable());
+        let nowait = db(
+            DatabaseErrorKind::Unknown,
+            "could not obtain lock on row in relation \"executions\"",
+        );
+        assert_eq!(nowait.sqlstate(), Some(sqlstate::LOCK_NOT_AVAILABLE));
+        // Translated (lc_messages = de): not recognised, so not retried.
+        let german = db(
+            DatabaseErrorKind::Unknown,
+            "Verklemmung (Deadlock) entdeckt",
+        );
+        assert_eq!(german.sqlstate(), None);
+        assert!(!german.is_retryable());
+        // A message merely containing the text is not the server's.
+        let other = db(
+            DatabaseErrorKind::Unknown,
+            "deadlock detected in my trigger",
+        );
+        assert_eq!(other.sqlstate(), None);
+    }
+
+    #[test]
+    fn a_commit_that_failed_reports_its_own_code() {
+        let e = Error::Query(DieselError::RollbackErrorOnCommit {
+            rollback_error: Box::new(DieselError::BrokenTransactionManager),
+            commit_error: Box::new(DieselError::DatabaseError(
+                DatabaseErrorKind::SerializationFailure,
+                Box::new("could not serialize access".to_owned()),
+            )),
+        });
+        assert_eq!(e.sqlstate(), Some(sqlstate::SERIALIZATION_FAILURE));
+        // The rollback failed too: the connection is not to be trusted.
+        assert!(e.is_connection_error());
+        assert!(!e.is_retryable());
+    }
+
+    #[test]
+    fn only_a_lost_connection_counts_as_a_connection_error() {
+        let gone = db(
+            DatabaseErrorKind::UnableToSendCommand,
+            "no connection to the server\n",
+        );
+        assert!(gone.is_connection_error());
+        let too_many = db(
+            DatabaseErrorKind::UnableToSendCommand,
+            "number of parameters must be between 0 and 65535\n",
+        );
+        assert!(!too_many.is_connection_error());
+        assert!(db(DatabaseErrorKind::ClosedConnection, "").is_connection_error());
+        assert!(Error::Query(DieselError::BrokenTransactionManager).is_connection_error());
+        assert!(!Error::Query(DieselError::NotFound).is_connection_error());
     }
 }

@@ -38,7 +38,9 @@ pub const MIGRATIONS: EmbeddedMigrations = embed_migrations!("migrations");
 
 /// Advisory lock keys `(namespace, id)`: the namespace is "WFDB" in ASCII.
 pub(crate) const LOCK_NAMESPACE: i32 = 0x5746_4442;
-/// The migration lock, taken on the target database.
+/// The migration lock, taken on the target database. (Ids in this
+/// namespace: 1 migrations, 2 the test template (`testing`), 3 the
+/// maintenance leader (`runtime::maintenance`).)
 pub(crate) const MIGRATION_LOCK: i32 = 1;
 
 /// Default time to wait for another migrator to finish.
@@ -164,8 +166,15 @@ pub struct Migrator {
 /// Default `lock_timeout` of the statements inside migrations.
 pub const DEFAULT_DDL_LOCK_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Applies pending migrations to the database of `config`, stamping its
-/// environment: the call an engine service makes at boot.
+/// Creates the database of `config` when it does not exist, then applies
+/// the pending migrations, stamping its environment: the call an engine
+/// service makes at boot, doing what `db-migrate` does.
+///
+/// When the database exists this costs one connection more than
+/// [`Migrator::run`]. When it does not, it is created from the server's
+/// `postgres` database (or `template1`), which needs a role allowed to
+/// create databases; without that right the error is PostgreSQL's
+/// refusal. See [`create_database_if_missing`].
 ///
 /// ```no_run
 /// let config = workflow_db::Config::from_env()?;
@@ -174,9 +183,34 @@ pub const DEFAULT_DDL_LOCK_TIMEOUT: Duration = Duration::from_secs(10);
 /// # Ok::<(), workflow_db::Error>(())
 /// ```
 pub fn run_pending_migrations(config: &crate::Config) -> Result<Vec<AppliedMigration>> {
+    ensure_database(&config.database_url)?;
     Migrator::new(config.database_url.clone())
         .environment(config.environment.clone())
         .run(|event| tracing::info!(?event, "migration"))
+}
+
+/// Makes sure the database of `url` exists: connects to it, and only when
+/// that fails tries [`create_database_if_missing`] (so the boot of a
+/// service whose database exists never needs the `postgres` database nor
+/// the right to create one). Whatever the reason of the first failure, the
+/// database being there afterwards settles it; otherwise the more telling
+/// error is returned: the creation's (no right to create databases), or the
+/// first connection's when the server could not be reached at all.
+fn ensure_database(url: &DatabaseUrl) -> Result<()> {
+    let Err(first) = connect(url) else {
+        return Ok(());
+    };
+    match create_database_if_missing(url) {
+        Ok(true) => {
+            tracing::info!(target = %url.target(), "created database");
+            Ok(())
+        }
+        // It exists (perhaps created meanwhile by another instance): the
+        // migrator reports whatever prevents connecting to it.
+        Ok(false) => Ok(()),
+        Err(Error::Connection { .. }) => Err(first),
+        Err(e) => Err(e),
+    }
 }
 
 #[derive(QueryableByName)]

@@ -26,7 +26,7 @@ macro_rules! step_columns {
     () => {
         "id, execution_id, node_id, status, input, output, validation, retry_count, error, \
          started_at, completed_at, created_at, updated_at, upstream_pending, downstream, \
-         max_retries, run_after, locked_by, locked_until, parked, attempt"
+         max_retries, run_after, locked_by, locked_until, parked, attempt, node_type, reclaims"
     };
 }
 pub(crate) use step_columns;

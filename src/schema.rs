@@ -105,6 +105,10 @@ diesel::table! {
         parked -> Bool,
         /// How many times the step was started (pending -> running), set by the transition trigger whoever writes: the lease token of the current run, which reports must present.
         attempt -> Int4,
+        /// Type of the step's workflow node (which handler runs it), copied from the workflow at insert (by the crate, or by the insert trigger when left NULL); NULL when the node is not in the workflow's graph. Typed claims take only the types a worker serves.
+        node_type -> Nullable<Text>,
+        /// How many times a run of this step ended because its lease expired and it was reclaimed (engine::reclaim_expired). Does not count against max_retries unless the reclaim policy says so.
+        reclaims -> Int4,
     }
 }
 

@@ -654,7 +654,7 @@ fn expected(e: &Error) -> Option<&'static str> {
 }
 
 fn is_deadlock(e: &Error) -> bool {
-    matches!(e, Error::Query(DieselError::DatabaseError(_, info)) if info.message() == "deadlock detected")
+    e.sqlstate() == Some(crate::error::sqlstate::DEADLOCK_DETECTED)
 }
 
 /// An error as one line, with the database's details where it gave them.

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use diesel::prelude::*;
 use workflow_db::Lease;
-use workflow_db::engine::{self, Backoff};
+use workflow_db::engine::{self, Backoff, ReclaimPolicy};
 use workflow_db::schema::execution_steps;
 use workflow_db::testing::TestDatabase;
 use workflow_db::{Error, Execution, ExecutionStatus, ExecutionStep, LeaseLostReason, StepStatus};
@@ -171,7 +171,7 @@ fn a_step_is_not_claimable_until_its_upstream_steps_are_done() {
 }
 
 #[test]
-fn an_expired_lease_makes_the_step_reclaimable_with_one_more_retry() {
+fn an_expired_lease_counted_as_a_failure_spends_a_retry() {
     let db = TestDatabase::new();
     let mut conn = db.connect();
     let wf = workflow(&mut conn, &["a"], &[]);
@@ -192,11 +192,16 @@ fn an_expired_lease_makes_the_step_reclaimable_with_one_more_retry() {
     diesel::sql_query("UPDATE execution_steps SET locked_until = now() - interval '1 second'")
         .execute(&mut conn)
         .unwrap();
-    let reclaimed = engine::reclaim_expired(&mut conn, 10).unwrap();
+    let reclaimed =
+        engine::reclaim_expired_with(&mut conn, 10, ReclaimPolicy::CountAsFailure).unwrap();
     assert_eq!(reclaimed.len(), 1);
     assert_eq!(
-        (reclaimed[0].status, reclaimed[0].retry_count),
-        (StepStatus::Pending, 1)
+        (
+            reclaimed[0].status,
+            reclaimed[0].retry_count,
+            reclaimed[0].reclaims
+        ),
+        (StepStatus::Pending, 1, 1)
     );
     assert!(
         reclaimed[0]
@@ -245,7 +250,8 @@ fn an_expired_lease_makes_the_step_reclaimable_with_one_more_retry() {
         .unwrap();
     engine::claim_steps(&mut conn, "w1", 1, Duration::ZERO).unwrap();
     std::thread::sleep(Duration::from_millis(5));
-    let failed = engine::reclaim_expired(&mut conn, 10).unwrap();
+    let failed =
+        engine::reclaim_expired_with(&mut conn, 10, ReclaimPolicy::CountAsFailure).unwrap();
     assert_eq!(failed[0].status, StepStatus::Failed);
     assert_eq!(
         Execution::find(&mut conn, ex.id).unwrap().status,
@@ -751,5 +757,67 @@ fn release_steps_hands_steps_back_without_spending_a_retry() {
     assert_eq!(
         Execution::find(&mut conn, ex.id).unwrap().status,
         ExecutionStatus::Completed
+    );
+}
+
+#[test]
+fn by_default_a_crash_spends_no_retry_until_the_step_was_reclaimed_too_often() {
+    let db = TestDatabase::new();
+    let mut conn = db.connect();
+    let wf = workflow(&mut conn, &["a"], &[]);
+    let ex = start(&mut conn, &wf);
+    let expire = |conn: &mut PgConnection| {
+        diesel::sql_query(
+            "UPDATE execution_steps SET locked_until = now() - interval '1 second' WHERE status = 'running'",
+        )
+        .execute(conn)
+        .unwrap();
+    };
+    // max_retries is 0 here: under CountAsFailure the first crash would fail it.
+    for n in 1..=engine::DEFAULT_MAX_RECLAIMS {
+        let s = engine::claim_steps(&mut conn, "w", 1, LEASE)
+            .unwrap()
+            .remove(0);
+        assert_eq!(s.attempt, n);
+        expire(&mut conn);
+        let r = engine::reclaim_expired(&mut conn, 10).unwrap().remove(0);
+        assert_eq!(
+            (r.status, r.retry_count, r.reclaims),
+            (StepStatus::Pending, 0, n),
+            "reclaim {n}: back to pending, no retry spent"
+        );
+        assert!(r.locked_by.is_none() && r.locked_until.is_none());
+    }
+    // One crash too many: the step itself is the problem.
+    engine::claim_steps(&mut conn, "w", 1, LEASE).unwrap();
+    expire(&mut conn);
+    let r = engine::reclaim_expired(&mut conn, 10).unwrap().remove(0);
+    assert_eq!(
+        (r.status, r.reclaims),
+        (StepStatus::Failed, engine::DEFAULT_MAX_RECLAIMS + 1)
+    );
+    assert!(
+        r.error
+            .as_deref()
+            .unwrap()
+            .contains("lease of worker w expired"),
+        "{r:?}"
+    );
+    assert_eq!(
+        Execution::find(&mut conn, ex.id).unwrap().status,
+        ExecutionStatus::Failed
+    );
+
+    // A policy of its own: no reclaim allowed.
+    let ex = start(&mut conn, &wf);
+    engine::claim_steps(&mut conn, "w", 1, LEASE).unwrap();
+    expire(&mut conn);
+    let r = engine::reclaim_expired_with(&mut conn, 10, ReclaimPolicy::Requeue { max_reclaims: 0 })
+        .unwrap()
+        .remove(0);
+    assert_eq!(r.status, StepStatus::Failed);
+    assert_eq!(
+        Execution::find(&mut conn, ex.id).unwrap().status,
+        ExecutionStatus::Failed
     );
 }

@@ -729,7 +729,7 @@ fn concurrent_reclaims_in_transactions_do_not_deadlock() {
     }
 
     let reclaim_one = |c: &mut PgConnection| {
-        engine::reclaim_expired(c, 1).map(|steps| {
+        engine::reclaim_expired_with(c, 1, engine::ReclaimPolicy::CountAsFailure).map(|steps| {
             steps
                 .iter()
                 .map(|s| (s.node_id.clone(), s.status))
@@ -753,7 +753,10 @@ fn concurrent_reclaims_in_transactions_do_not_deadlock() {
     let (a, b) = (a.finish(), b.finish());
     assert_all_ok("two concurrent reclaimers", &[("A", &a), ("B", &b)]);
     // Whatever is left (a reaper runs again) settles without error too.
-    while !engine::reclaim_expired(&mut conn, 10).unwrap().is_empty() {}
+    while !engine::reclaim_expired_with(&mut conn, 10, engine::ReclaimPolicy::CountAsFailure)
+        .unwrap()
+        .is_empty()
+    {}
     assert_eq!(
         status(&mut conn, ex.id),
         ExecutionStatus::Failed,
@@ -816,7 +819,7 @@ fn concurrent_reclaim_statements_over_one_execution_do_not_deadlock() {
     }
     let mut gate = gate(&db, &mut conn, [ex_x, ex_y]);
     let reclaim_three = |c: &mut PgConnection| {
-        engine::reclaim_expired(c, 3).map(|steps| {
+        engine::reclaim_expired_with(c, 3, engine::ReclaimPolicy::CountAsFailure).map(|steps| {
             steps
                 .iter()
                 .map(|s| (s.node_id.clone(), s.status))

@@ -368,3 +368,64 @@ fn bookkeeping_is_found_whatever_the_search_path() {
         "nothing is pending, whatever the search_path"
     );
 }
+
+/// Drops a database by name when the test ends, passed or not.
+struct DropDatabase {
+    admin: workflow_db::DatabaseUrl,
+    name: String,
+}
+
+impl Drop for DropDatabase {
+    fn drop(&mut self) {
+        if let Ok(mut conn) = workflow_db::pool::connect(&self.admin) {
+            let _ = conn.batch_execute(&format!(
+                "DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)",
+                self.name
+            ));
+        }
+    }
+}
+
+/// `run_pending_migrations`, the call a service makes at boot, creates a
+/// database that does not exist yet, as `db-migrate` does, then migrates
+/// it; the next boot finds it there and does nothing.
+#[test]
+fn run_pending_migrations_creates_a_missing_database() {
+    let admin = workflow_db::testing::server_url()
+        .unwrap()
+        .with_database("postgres");
+    let name = workflow_db::testing::throwaway_name("test");
+    let _cleanup = DropDatabase {
+        admin: admin.clone(),
+        name: name.clone(),
+    };
+    let mut server = workflow_db::pool::connect(&admin).unwrap();
+    let exists = |conn: &mut PgConnection| {
+        count(
+            conn,
+            &format!("SELECT count(*) AS n FROM pg_database WHERE datname = '{name}'"),
+        ) == 1
+    };
+    assert!(!exists(&mut server), "{name} must not exist yet");
+    let mut config = workflow_db::Config::new(admin.with_database(&name));
+    config.environment = Environment::Test;
+
+    let applied = workflow_db::run_pending_migrations(&config).unwrap();
+    assert!(exists(&mut server), "{name} was not created");
+    assert_eq!(applied.len() as i64, total());
+    let mut conn = workflow_db::pool::connect(&config.database_url).unwrap();
+    assert_eq!(
+        count(
+            &mut conn,
+            "SELECT count(*) AS n FROM public.__diesel_schema_migrations"
+        ),
+        total()
+    );
+    assert_eq!(
+        migrate::environment_stamp(&mut conn).unwrap().as_deref(),
+        Some("test")
+    );
+
+    let again = workflow_db::run_pending_migrations(&config).unwrap();
+    assert!(again.is_empty(), "second boot applied {again:?}");
+}

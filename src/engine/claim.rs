@@ -1,5 +1,6 @@
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
 use diesel::pg::data_types::PgInterval;
 use diesel::prelude::*;
 use diesel::sql_types::{Array, BigInt, Double, Integer, Interval, Text, Uuid as SqlUuid};
@@ -88,6 +89,115 @@ pub fn claim_steps(
             .bind::<Interval, _>(interval(lease)),
     )
     .load(conn)
+}
+
+/// [`CLAIM`] for some node types: per type, the first `{limit}` ready steps
+/// of `execution_steps_ready_type_idx` (`node_type, run_after, id`), then the
+/// first `{limit}` of those in claim order. Each type's scan reads only that
+/// type's ready steps, so steps of types this worker does not serve are
+/// never scanned past, however many wait. Candidates locked but not taken
+/// are released when the statement's transaction ends.
+const CLAIM_OF: &str = concat!("\
+UPDATE execution_steps SET status = 'running', locked_by = $1, locked_until = statement_timestamp() + $2
+WHERE id = ANY(ARRAY(
+    SELECT c.id FROM unnest($3::text[]) AS t(node_type)
+    CROSS JOIN LATERAL (
+        SELECT s.id, s.run_after FROM execution_steps s
+        WHERE s.node_type = t.node_type
+          AND s.status = 'pending' AND s.upstream_pending = 0 AND NOT s.parked
+          AND s.run_after <= statement_timestamp()
+        ORDER BY s.run_after, s.id
+        LIMIT {limit}
+        FOR UPDATE SKIP LOCKED) c
+    ORDER BY c.run_after, c.id
+    LIMIT {limit}))
+RETURNING ", step_columns!());
+
+/// [`claim_steps`] restricted to steps whose [`node_type`] is one of
+/// `node_types` (the types a worker has handlers for): up to `limit` runnable
+/// steps of those types, oldest `run_after` first across the types, in one
+/// statement over `execution_steps_ready_type_idx`. Steps of other types,
+/// and steps without a node type, are left alone. An empty `node_types`
+/// claims nothing.
+///
+/// [`node_type`]: ExecutionStep::node_type
+#[tracing::instrument(skip(conn))]
+pub fn claim_steps_of(
+    conn: &mut PgConnection,
+    worker: &str,
+    node_types: &[String],
+    limit: i64,
+    lease: Duration,
+) -> QueryResult<Vec<ExecutionStep>> {
+    if node_types.is_empty() {
+        return Ok(Vec::new());
+    }
+    let limit = limit.clamp(1, MAX_PAGE_SIZE);
+    prepared(
+        diesel::sql_query(CLAIM_OF.replace("{limit}", &limit.to_string()))
+            .bind::<Text, _>(worker)
+            .bind::<Interval, _>(interval(lease))
+            .bind::<Array<Text>, _>(node_types),
+    )
+    .load(conn)
+}
+
+#[derive(QueryableByName)]
+struct NextRun {
+    #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Timestamptz>)]
+    at: Option<DateTime<Utc>>,
+}
+
+/// When the next step of one of `node_types` becomes claimable by time:
+/// the earliest `run_after` of the steps that wait for nothing else (pending,
+/// upstream done, execution running), which may be in the past when some are
+/// claimable now. `None` when no such step exists (the next work then comes
+/// with a notification: see `docs/engine.md`). One index probe per type. A
+/// worker that found nothing to claim sleeps until this time (or a
+/// notification), instead of polling.
+#[tracing::instrument(skip(conn))]
+pub fn next_claimable_at(
+    conn: &mut PgConnection,
+    node_types: &[String],
+) -> QueryResult<Option<DateTime<Utc>>> {
+    Ok(prepared(
+        diesel::sql_query(
+            "SELECT min(c.run_after) AS at FROM unnest($1::text[]) AS t(node_type) \
+             CROSS JOIN LATERAL (SELECT s.run_after FROM execution_steps s \
+                 WHERE s.node_type = t.node_type \
+                   AND s.status = 'pending' AND s.upstream_pending = 0 AND NOT s.parked \
+                 ORDER BY s.run_after, s.id LIMIT 1) c",
+        )
+        .bind::<Array<Text>, _>(node_types),
+    )
+    .get_result::<NextRun>(conn)?
+    .at)
+}
+
+#[derive(QueryableByName)]
+struct TypeCount {
+    #[diesel(sql_type = diesel::sql_types::Nullable<Text>)]
+    node_type: Option<String>,
+    #[diesel(sql_type = BigInt)]
+    steps: i64,
+}
+
+/// The queue depth: steps claimable now (pending, upstream done, execution
+/// running, `run_after` come), by node type, largest first. Reads the ready
+/// steps' index, so it costs in proportion to the ready steps; the
+/// maintenance leader publishes it as a gauge every few seconds.
+#[tracing::instrument(skip(conn))]
+pub fn ready_steps_by_type(conn: &mut PgConnection) -> QueryResult<Vec<(Option<String>, i64)>> {
+    Ok(diesel::sql_query(
+        "SELECT s.node_type, count(*) AS steps FROM execution_steps s \
+          WHERE s.status = 'pending' AND s.upstream_pending = 0 AND NOT s.parked \
+            AND s.run_after <= statement_timestamp() \
+          GROUP BY s.node_type ORDER BY steps DESC, s.node_type",
+    )
+    .load::<TypeCount>(conn)?
+    .into_iter()
+    .map(|r| (r.node_type, r.steps))
+    .collect())
 }
 
 /// The leases `$1` (ids), `$2` (workers), `$3` (attempts) as rows
@@ -205,34 +315,96 @@ macro_rules! retry_or_fail {
     };
 }
 
-/// Returns running steps whose lease expired before now to `pending` (retry
-/// count + 1, claimable at once) or, with no retries left, marks them
-/// `failed`; at most `limit` per call, skipping rows being written. Call it
-/// periodically (any worker, or a reaper). Returns the changed steps.
+/// What [`reclaim_expired_with`] does with a step whose lease expired.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReclaimPolicy {
+    /// A crash is not the step's own failure: the step goes back to
+    /// `pending`, claimable at once, without spending a retry
+    /// (`retry_count` unchanged; `reclaims` + 1). A step reclaimed more
+    /// than `max_reclaims` times fails for good: a step that kills every
+    /// worker that runs it (an input that runs it out of memory) must not
+    /// loop for ever.
+    Requeue {
+        /// Reclaims allowed before the next one fails the step.
+        max_reclaims: i32,
+    },
+    /// An expired lease counts as a failed attempt: a retry is spent
+    /// (claimable at once), and the step fails for good when none is left.
+    CountAsFailure,
+}
+
+/// Reclaims a step allowed by [`ReclaimPolicy::default`].
+pub const DEFAULT_MAX_RECLAIMS: i32 = 3;
+
+impl Default for ReclaimPolicy {
+    /// [`ReclaimPolicy::Requeue`] with [`DEFAULT_MAX_RECLAIMS`]: a deploy
+    /// or a crash does not eat a step's retries, which are for its own
+    /// errors; three crashes in a row say the step itself is the problem.
+    fn default() -> Self {
+        ReclaimPolicy::Requeue {
+            max_reclaims: DEFAULT_MAX_RECLAIMS,
+        }
+    }
+}
+
+/// [`reclaim_expired_with`] under [`ReclaimPolicy::default`]: a crash does
+/// not spend a retry.
 #[tracing::instrument(skip(conn))]
 pub fn reclaim_expired(conn: &mut PgConnection, limit: i64) -> QueryResult<Vec<ExecutionStep>> {
-    prepared(
-        diesel::sql_query(concat!(
-            lock_executions_of!(
-                "SELECT x.id FROM execution_steps x \
-             WHERE x.status = 'running' AND x.locked_until < statement_timestamp() \
-             ORDER BY x.locked_until LIMIT $1"
-            ),
-            "UPDATE execution_steps SET ",
-            retry_or_fail!("statement_timestamp()"),
-            ", error = format('lease of worker %s expired at %s', locked_by, locked_until) \
-         WHERE id = ANY(ARRAY(SELECT id FROM execution_steps \
-                      WHERE status = 'running' AND locked_until < statement_timestamp() \
-                        AND execution_id IN (SELECT id FROM locked) \
-                        AND (SELECT count(*) FROM locked) > 0 \
-                      ORDER BY locked_until LIMIT $1 FOR UPDATE SKIP LOCKED)) \
-           AND status = 'running' AND locked_until < statement_timestamp() \
-         RETURNING ",
-            step_columns!()
-        ))
-        .bind::<BigInt, _>(limit.max(1)),
-    )
-    .load(conn)
+    reclaim_expired_with(conn, limit, ReclaimPolicy::default())
+}
+
+/// Returns running steps whose lease expired before now to `pending`
+/// (claimable at once) or marks them `failed`, as `policy` says; at most
+/// `limit` per call, oldest lease first, skipping rows being written. Call
+/// it periodically ([`crate::runtime::maintenance`] does). The step's
+/// `error` says whose lease expired when. Returns the changed steps.
+#[tracing::instrument(skip(conn))]
+pub fn reclaim_expired_with(
+    conn: &mut PgConnection,
+    limit: i64,
+    policy: ReclaimPolicy,
+) -> QueryResult<Vec<ExecutionStep>> {
+    macro_rules! reclaim {
+        ($set:expr) => {
+            concat!(
+                lock_executions_of!(
+                    "SELECT x.id FROM execution_steps x \
+                 WHERE x.status = 'running' AND x.locked_until < statement_timestamp() \
+                 ORDER BY x.locked_until LIMIT $1"
+                ),
+                "UPDATE execution_steps SET ",
+                $set,
+                ", reclaims = reclaims + 1\
+                 , error = format('lease of worker %s expired at %s', locked_by, locked_until) \
+             WHERE id = ANY(ARRAY(SELECT id FROM execution_steps \
+                          WHERE status = 'running' AND locked_until < statement_timestamp() \
+                            AND execution_id IN (SELECT id FROM locked) \
+                            AND (SELECT count(*) FROM locked) > 0 \
+                          ORDER BY locked_until LIMIT $1 FOR UPDATE SKIP LOCKED)) \
+               AND status = 'running' AND locked_until < statement_timestamp() \
+             RETURNING ",
+                step_columns!()
+            )
+        };
+    }
+    let limit = limit.max(1);
+    match policy {
+        ReclaimPolicy::Requeue { max_reclaims } => prepared(
+            diesel::sql_query(reclaim!(
+                "status = CASE WHEN reclaims < $2 THEN 'pending' ELSE 'failed' END::step_status, \
+                 run_after = CASE WHEN reclaims < $2 THEN statement_timestamp() ELSE run_after END"
+            ))
+            .bind::<BigInt, _>(limit)
+            .bind::<Integer, _>(max_reclaims.max(0)),
+        )
+        .load(conn),
+        ReclaimPolicy::CountAsFailure => prepared(
+            diesel::sql_query(reclaim!(retry_or_fail!("statement_timestamp()")))
+                .bind::<BigInt, _>(limit),
+        )
+        .load(conn),
+    }
 }
 
 /// Completes several held steps, storing each one's output, in ONE

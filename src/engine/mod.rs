@@ -58,12 +58,14 @@ pub use check::{
     check_invariants, check_invariants_with_progress,
 };
 pub use claim::{
-    Backoff, claim_steps, complete_step, complete_steps, fail_step, heartbeat, reclaim_expired,
-    release_steps,
+    Backoff, DEFAULT_MAX_RECLAIMS, ReclaimPolicy, claim_steps, claim_steps_of, complete_step,
+    complete_steps, fail_step, heartbeat, next_claimable_at, ready_steps_by_type, reclaim_expired,
+    reclaim_expired_with, release_steps,
 };
 pub use lifecycle::{cancel, pause, resume, transition_execution, transition_step};
 pub use notify::{
-    CHANNEL, Notification, listen, poll_notifications, unlisten, wait_for_notifications,
+    CHANNEL, CLAIMABLE_CHANNEL, Claimable, Notification, listen, poll_notifications, unlisten,
+    wait_for_notifications,
 };
 pub use query::{
     ExecutionFilter, ExecutionPage, ancestors, count_by_status, descendants,

@@ -1,5 +1,6 @@
 use std::time::{Duration, Instant};
 
+use chrono::{DateTime, Utc};
 use diesel::connection::SimpleConnection;
 use diesel::prelude::*;
 use serde::Deserialize;
@@ -9,6 +10,10 @@ use crate::enums::{AnyStatus, ExecutionStatus, StepStatus};
 
 /// The channel every committed transition is notified on.
 pub const CHANNEL: &str = "workflow_db_events";
+
+/// The channel on which the database says that steps became claimable (see
+/// [`Claimable`]).
+pub const CLAIMABLE_CHANNEL: &str = "workflow_db_claimable";
 
 /// How often [`wait_for_notifications`] looks at the socket.
 const POLL_INTERVAL: Duration = Duration::from_millis(5);
@@ -30,6 +35,32 @@ pub struct Notification {
     pub steps: u32,
 }
 
+/// Steps became claimable: sent by the database (whoever wrote) once per
+/// statement and node type when steps become pending with every upstream
+/// step done under a running execution — a start, an upstream step
+/// finishing, a resume, a retry scheduled, a release or a reclaim. It means
+/// "claim now" when `run_after` has come, and "claimable at `run_after`"
+/// for a retry with a backoff. A wake-up, not a promise: another worker may
+/// claim them first, and a retry under an execution paused or finished in
+/// the same statement is parked or skipped after the notification was
+/// queued.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct Claimable {
+    /// The steps' node type (`None` for steps whose node is not in their
+    /// workflow's graph).
+    pub node_type: Option<String>,
+    /// How many steps of that type became claimable in the statement.
+    pub steps: u32,
+    /// The earliest time one of them may be claimed.
+    pub run_after: DateTime<Utc>,
+}
+
+impl Claimable {
+    pub(crate) fn parse(payload: &str) -> Option<Claimable> {
+        serde_json::from_str(payload).ok()
+    }
+}
+
 #[derive(Deserialize)]
 struct Payload {
     execution_id: Uuid,
@@ -40,6 +71,25 @@ struct Payload {
 }
 
 impl Notification {
+    /// The notification the triggers sent for an event of the feed (one
+    /// step, or the execution itself); `None` for an unknown status.
+    pub(crate) fn from_event(
+        execution_id: Uuid,
+        step_id: Option<Uuid>,
+        status: &str,
+    ) -> Option<Notification> {
+        let status = match step_id {
+            Some(_) => StepStatus::from_label(status)?.into(),
+            None => ExecutionStatus::from_label(status)?.into(),
+        };
+        Some(Notification {
+            execution_id,
+            step_id,
+            status,
+            steps: u32::from(step_id.is_some()),
+        })
+    }
+
     pub(crate) fn parse(payload: &str) -> Option<Notification> {
         let p: Payload = serde_json::from_str(payload).ok()?;
         let status = if p.steps > 0 || p.step_id.is_some() {

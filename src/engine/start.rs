@@ -131,6 +131,7 @@ fn plan_steps(execution_id: uuid::Uuid, plan: Vec<NodePlan<'_>>) -> Vec<NewExecu
             downstream: p.downstream,
             max_retries: p.node.max_retries().unwrap_or(DEFAULT_MAX_RETRIES),
             status: StepStatus::Pending,
+            node_type: Some(p.node.r#type.clone()),
             ..NewExecutionStep::new(execution_id, p.node.id.clone())
         })
         .collect()

@@ -269,12 +269,12 @@ macro_rules! execution_with_steps_cte {
            (id, workflow_id, status, user_id, data, workflow_version, idempotency_key, parent_execution_id) \
          VALUES ($1, $2, $3::execution_status, $4, $5, $6, $7, $8) RETURNING *), \
          s AS (INSERT INTO execution_steps \
-           (id, execution_id, node_id, status, input, upstream_pending, downstream, max_retries, parked) \
+           (id, execution_id, node_id, status, input, upstream_pending, downstream, max_retries, parked, node_type) \
          SELECT s.id, $1, s.node_id, s.status::step_status, s.input, s.upstream, \
                 ARRAY(SELECT jsonb_array_elements_text(s.downstream)), s.retries, \
-                $3::execution_status <> 'running' \
-         FROM unnest($9::uuid[], $10::text[], $11::text[], $12::jsonb[], $13::int4[], $14::jsonb[], $15::int4[]) \
-           AS s(id, node_id, status, input, upstream, downstream, retries)) "
+                $3::execution_status <> 'running', s.node_type \
+         FROM unnest($9::uuid[], $10::text[], $11::text[], $12::jsonb[], $13::int4[], $14::jsonb[], $15::int4[], $16::text[]) \
+           AS s(id, node_id, status, input, upstream, downstream, retries, node_type)) "
     };
 }
 
@@ -307,6 +307,7 @@ fn with_steps_bound<'a>(
         .map(|s| Value::from(s.downstream.clone()))
         .collect();
     let retries: Vec<i32> = steps.iter().map(|s| s.max_retries).collect();
+    let node_types: Vec<Option<String>> = steps.iter().map(|s| s.node_type.clone()).collect();
     diesel::sql_query(sql)
         .into_boxed()
         .bind::<SqlUuid, _>(execution.id)
@@ -324,6 +325,7 @@ fn with_steps_bound<'a>(
         .bind::<Array<Integer>, _>(upstream)
         .bind::<Array<Jsonb>, _>(downstream)
         .bind::<Array<Integer>, _>(retries)
+        .bind::<Array<Nullable<Text>>, _>(node_types)
 }
 
 fn consumed() -> diesel::result::Error {

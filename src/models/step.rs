@@ -65,6 +65,13 @@ pub struct ExecutionStep {
     /// How many times the step was started; the current run's lease token
     /// (see [`Lease`]). Numbered by the database on every `pending -> running`.
     pub attempt: i32,
+    /// The type of the step's workflow node: which handler runs it (see
+    /// [`crate::engine::claim_steps_of`]). `None` when the node is not in
+    /// its workflow's graph.
+    pub node_type: Option<String>,
+    /// How many runs ended with the lease expired and the step reclaimed
+    /// (see [`crate::engine::ReclaimPolicy`]).
+    pub reclaims: i32,
 }
 
 /// The right to report on one run of a step: what a claim hands out
@@ -117,6 +124,9 @@ pub struct NewExecutionStep {
     pub downstream: Vec<String>,
     /// Retries a failure may schedule (default 0).
     pub max_retries: i32,
+    /// The node's type; `None` lets the database copy it from the workflow's
+    /// graph at insert (the engine's start sets it).
+    pub node_type: Option<String>,
 }
 
 /// Changes to a step; `None` leaves a column as it is.
@@ -153,6 +163,7 @@ impl NewExecutionStep {
             upstream_pending: 0,
             downstream: Vec::new(),
             max_retries: 0,
+            node_type: None,
         }
     }
 

@@ -63,8 +63,18 @@
 //! [`NotifierEvent::Reconnected`] when it lost notifications and when to
 //! catch up. See [`notifier`].
 
+pub mod maintenance;
 pub mod notifier;
 pub mod pool;
+pub mod worker;
 
+pub use maintenance::{
+    MAINTENANCE_APPLICATION_NAME, MAINTENANCE_LOCK, Maintenance, MaintenanceHandle,
+    MaintenanceOptions, MaintenanceStats,
+};
 pub use notifier::{NOTIFIER_APPLICATION_NAME, Notifier, NotifierEvent, NotifierOptions};
 pub use pool::{AsyncPool, TaskFailed};
+pub use worker::{
+    HandlerError, HandlerResult, RetryPolicy, StepContext, Worker, WorkerHandle, WorkerHealth,
+    WorkerOptions, WorkerReport, worker_id,
+};

@@ -2,12 +2,13 @@
 //! dedicated connection that reconnects by itself and says so.
 //!
 //! The triggers send a `NOTIFY` on [`CHANNEL`] when a transaction that
-//! changed executions or steps commits (see [`Notification`]). A notifier
-//! holds one tokio-postgres connection that has run `LISTEN` on it and
-//! yields a [`NotifierEvent`] for each notification, the moment the socket
-//! has it: a background task waits on the socket (no sleep or poll loop),
-//! so an idle notifier costs nothing but a health check every
-//! [`NotifierOptions::health_check_interval`] of silence.
+//! changed executions or steps commits (see [`Notification`]), and one on
+//! [`CLAIMABLE_CHANNEL`] when steps became claimable (see [`Claimable`]). A
+//! notifier holds one tokio-postgres connection that has run `LISTEN` on
+//! both and yields a [`NotifierEvent`] for each notification, the moment
+//! the socket has it: a background task waits on the socket (no sleep or
+//! poll loop), so an idle notifier costs one small query every
+//! [`NotifierOptions::catch_up_interval`].
 //!
 //! **A NOTIFY is a wake-up, not a record.** PostgreSQL delivers it only to
 //! sessions listening when the transaction commits: while the notifier is
@@ -15,10 +16,22 @@
 //! happened: [`NotifierEvent::Disconnected`] as soon as the connection is
 //! found broken, then [`NotifierEvent::Reconnected`] once a new connection
 //! listens again (after a capped, jittered exponential backoff; forever,
-//! until the notifier is dropped). On `Reconnected`, catch up from the
-//! record: claim (`engine::claim_steps`), or read the event feed
-//! (`engine::feed::next_events`). Everything committed after `Reconnected`
-//! was yielded is notified again, so catching up after it leaves no gap.
+//! until the notifier is dropped).
+//!
+//! **Catching up from the feed.** The record is the event feed
+//! ([`crate::engine::feed`]): every transition's event, ordered by the
+//! writing transaction. The notifier notes, every
+//! [`NotifierOptions::catch_up_interval`], how far the feed has been
+//! notified (every event of a transaction older than the snapshot's xmin
+//! committed while it listened). After a reconnection it replays the feed
+//! from there as [`NotifierEvent::Notification`]s: the first batch before
+//! `Reconnected`, the rest (events of transactions that were still running
+//! elsewhere on the server, which hold the feed's horizon back) shortly
+//! after, until every transaction that committed before the new `LISTEN`
+//! is covered. So a [`Notification`] stream has duplicates (the replay
+//! starts a little before the disconnection), never gaps. Claimable
+//! notifications are not in the feed: on `Reconnected` a worker claims,
+//! which finds whatever became claimable meanwhile.
 //!
 //! **Never silently deaf.** A connection closed by the server (a
 //! terminated backend, a restart), a broken socket, or a connection that
@@ -53,7 +66,8 @@ use tokio_postgres::tls::NoTlsStream;
 use tokio_postgres::{AsyncMessage, Client, Connection, NoTls, Socket};
 
 use crate::config::{Config, DEFAULT_CONNECT_TIMEOUT, DatabaseUrl, Host};
-use crate::engine::{CHANNEL, Notification};
+use crate::engine::feed::FeedPosition;
+use crate::engine::{CHANNEL, CLAIMABLE_CHANNEL, Claimable, Notification};
 use crate::error::{Error, Result};
 
 /// The `application_name` of the notifier's connection, unless the URL sets one.
@@ -65,6 +79,8 @@ pub const NOTIFIER_APPLICATION_NAME: &str = "workflow-db notifier";
 pub enum NotifierEvent {
     /// A committed transition (see [`Notification`] and `docs/engine.md`).
     Notification(Notification),
+    /// Steps became claimable (see [`Claimable`]): what wakes a worker.
+    Claimable(Claimable),
     /// The connection was lost: notifications committed from now until the
     /// next [`NotifierEvent::Reconnected`] are not delivered. The notifier
     /// is already reconnecting.
@@ -73,10 +89,11 @@ pub enum NotifierEvent {
         /// check"); never the password.
         reason: String,
     },
-    /// A new connection listens again. Notifications may have been missed
-    /// since the last [`NotifierEvent::Disconnected`]: catch up now (claim,
-    /// or read `engine::feed`); whatever commits after this event is
-    /// notified.
+    /// A new connection listens again; whatever commits after this event is
+    /// notified. The [`Notification`]s missed since the last
+    /// [`NotifierEvent::Disconnected`] are replayed from the event feed
+    /// (unless [`NotifierOptions::catch_up`] is off); [`Claimable`]s are
+    /// not: claim now.
     Reconnected,
 }
 
@@ -105,6 +122,14 @@ pub struct NotifierOptions {
     /// A health check not answered within this is a lost connection
     /// (default 10 s).
     pub health_check_timeout: Duration,
+    /// After a reconnection, replay the event feed from where the last
+    /// connection had delivered it, as notifications (default true). See
+    /// [the module documentation](self).
+    pub catch_up: bool,
+    /// How often the notifier notes how far the feed was delivered (default
+    /// 5 s): a catch-up also replays up to this much from before the
+    /// disconnection (duplicates, not gaps).
+    pub catch_up_interval: Duration,
     /// Events buffered for a slow consumer (default 1024). When the buffer
     /// is full the notifier stops reading the socket until the consumer
     /// catches up (PostgreSQL queues the notifications meanwhile); nothing
@@ -121,13 +146,15 @@ impl Default for NotifierOptions {
             reconnect_max: Duration::from_secs(10),
             health_check_interval: Duration::from_secs(30),
             health_check_timeout: Duration::from_secs(10),
+            catch_up: true,
+            catch_up_interval: Duration::from_secs(5),
             capacity: 1024,
         }
     }
 }
 
 /// The engine's notifications as a [`Stream`] of [`NotifierEvent`]s, from a
-/// dedicated connection listening on [`CHANNEL`] (see the
+/// dedicated connection listening on [`CHANNEL`] and [`CLAIMABLE_CHANNEL`] (see the
 /// [module documentation](self)).
 ///
 /// Needs a tokio runtime with timers (`#[tokio::main]` has them). Dropping
@@ -250,11 +277,27 @@ async fn supervise(
 ) {
     // Failed attempts since the backoff was last reset.
     let mut failures: u32 = 0;
+    // How far the feed was notified, and what is left to replay.
+    let mut feed = FeedState::default();
+    let mut reconnected = false;
     loop {
         let since = Instant::now();
-        let reason = match read(&mut live, &tx, &options).await {
-            Ended::Closed => return,
-            Ended::Lost(reason) => reason,
+        let mut held = Vec::new();
+        let reason = match ready(&mut live, &mut feed, reconnected, &options, &tx, &mut held).await
+        {
+            Err(reason) => reason,
+            Ok(false) => return,
+            Ok(true) => {
+                for message in &held {
+                    if !dispatch(message, &tx).await {
+                        return;
+                    }
+                }
+                match read(&mut live, &tx, &options, &mut feed).await {
+                    Ended::Closed => return,
+                    Ended::Lost(reason) => reason,
+                }
+            }
         };
         drop(live);
         tracing::warn!(%target, %reason, "notifier connection lost; reconnecting");
@@ -291,10 +334,57 @@ async fn supervise(
             }
         };
         tracing::info!(%target, "notifier reconnected");
-        if tx.send(NotifierEvent::Reconnected).await.is_err() {
-            return;
+        reconnected = true;
+    }
+}
+
+/// Makes a new connection ready (it has run `LISTEN`): notes where the
+/// feed stands; after a reconnection, replays the first batch of what was
+/// missed as notifications (the rest follows in [`read`]) and says
+/// [`NotifierEvent::Reconnected`]. `Ok(false)`: the consumer is gone;
+/// `Err`: the connection broke.
+async fn ready(
+    live: &mut Live,
+    feed: &mut FeedState,
+    reconnected: bool,
+    options: &NotifierOptions,
+    tx: &mpsc::Sender<NotifierEvent>,
+    held: &mut Vec<AsyncMessage>,
+) -> std::result::Result<bool, String> {
+    let Live { client, connection } = live;
+    let row = driven(connection, client.query_one(HORIZON, &[]), held).await?;
+    let (xmin, xmax): (i64, i64) = (row.get(0), row.get(1));
+    let horizon = FeedPosition {
+        txid: xmin - 1,
+        event_id: i64::MAX,
+    };
+    if !reconnected || !options.catch_up || feed.head.is_none() {
+        // Nothing owed from before this connection (or no catch-up asked).
+        *feed = FeedState {
+            head: Some(horizon),
+            until: None,
+        };
+    } else {
+        // Transactions that committed before LISTEN are below xmax: replay
+        // the feed from the head until its horizon passes xmax.
+        feed.until = Some(feed.until.map_or(xmax, |u| u.max(xmax)));
+        let (notes, next) = driven(connection, replay(client, *feed, REPLAY_BATCH), held).await?;
+        *feed = next;
+        tracing::info!(
+            replayed = notes.len(),
+            done = feed.until.is_none(),
+            "notifier: catching up from the event feed"
+        );
+        for n in notes {
+            if tx.send(NotifierEvent::Notification(n)).await.is_err() {
+                return Ok(false);
+            }
         }
     }
+    if reconnected && tx.send(NotifierEvent::Reconnected).await.is_err() {
+        return Ok(false);
+    }
+    Ok(true)
 }
 
 /// Opens a connection and runs `LISTEN` on it, within `timeout`; the error
@@ -331,23 +421,24 @@ async fn open(
         .unwrap_or_else(|_| Err(format!("no connection within {timeout:?}")))
 }
 
-const LISTEN: &str = "LISTEN workflow_db_events";
-
-/// Health check query.
-const PING: &str = "SELECT 1";
-
-type Ping<'a> = Pin<Box<dyn Future<Output = std::result::Result<(), String>> + Send + 'a>>;
+const LISTEN: &str = "LISTEN workflow_db_events; LISTEN workflow_db_claimable";
 
 /// Reads `live` until it breaks or the consumer goes away, passing its
-/// notifications on; checks its health after a silence.
+/// notifications on. Every [`NotifierOptions::catch_up_interval`] (and after
+/// [`NotifierOptions::health_check_interval`] of silence) one query both
+/// proves the connection alive and moves the feed's head; while a replay
+/// is unfinished, a replay step every [`REPLAY_INTERVAL`] instead.
 async fn read(
     live: &mut Live,
     tx: &mpsc::Sender<NotifierEvent>,
     options: &NotifierOptions,
+    feed: &mut FeedState,
 ) -> Ended {
     let Live { client, connection } = live;
+    let client: &Client = client;
     let mut quiet_until = Instant::now() + options.health_check_interval;
-    let mut ping: Option<Ping<'_>> = None;
+    let mut head_due = Instant::now() + next_check(options, feed);
+    let mut check: Option<Check<'_>> = None;
     loop {
         tokio::select! {
             biased;
@@ -359,41 +450,191 @@ async fn read(
                 };
                 // Any message proves the connection alive.
                 quiet_until = Instant::now() + options.health_check_interval;
-                match &message {
-                    AsyncMessage::Notification(n) if n.channel() == CHANNEL => {
-                        match Notification::parse(n.payload()) {
-                            Some(parsed) => {
-                                if tx.send(NotifierEvent::Notification(parsed)).await.is_err() {
-                                    return Ended::Closed;
-                                }
+                if !dispatch(&message, tx).await {
+                    return Ended::Closed;
+                }
+            }
+            r = async { check.as_mut().expect("guarded by is_some").await }, if check.is_some() => {
+                check = None;
+                match r {
+                    Ok(Checked::Horizon(xmin)) => feed.head = Some(FeedPosition { txid: xmin - 1, event_id: i64::MAX }),
+                    Ok(Checked::Replayed(notes, next)) => {
+                        *feed = next;
+                        for n in notes {
+                            if tx.send(NotifierEvent::Notification(n)).await.is_err() {
+                                return Ended::Closed;
                             }
-                            None => tracing::warn!(channel = %n.channel(), "ignoring a malformed notification"),
                         }
                     }
-                    _ => log_message(&message),
-                }
-            }
-            r = async { ping.as_mut().expect("guarded by is_some").await }, if ping.is_some() => {
-                ping = None;
-                if let Err(reason) = r {
-                    return Ended::Lost(reason);
+                    Err(reason) => return Ended::Lost(reason),
                 }
                 quiet_until = Instant::now() + options.health_check_interval;
+                head_due = Instant::now() + next_check(options, feed);
             }
-            () = tokio::time::sleep_until(quiet_until), if ping.is_none() => {
+            () = tokio::time::sleep_until(quiet_until.min(head_due)), if check.is_none() => {
                 let timeout = options.health_check_timeout;
-                let check = client.simple_query(PING);
-                ping = Some(Box::pin(async move {
-                    match tokio::time::timeout(timeout, check).await {
-                        Ok(Ok(_)) => Ok(()),
-                        Ok(Err(e)) => Err(chain(&e)),
-                        Err(_) => Err(format!("no answer to the health check within {timeout:?}")),
-                    }
+                let state = *feed;
+                check = Some(Box::pin(async move {
+                    let step = async {
+                        if state.until.is_some() {
+                            let (notes, next) = replay(client, state, REPLAY_BATCH).await.map_err(|e| chain(&e))?;
+                            Ok(Checked::Replayed(notes, next))
+                        } else {
+                            let row = client.query_one(HORIZON, &[]).await.map_err(|e| chain(&e))?;
+                            Ok(Checked::Horizon(row.get(0)))
+                        }
+                    };
+                    tokio::time::timeout(timeout, step)
+                        .await
+                        .unwrap_or_else(|_| Err(format!("no answer to the health check within {timeout:?}")))
                 }));
             }
             () = tx.closed() => return Ended::Closed,
         }
     }
+}
+
+/// Replay steps while a replay is unfinished come this often.
+const REPLAY_INTERVAL: Duration = Duration::from_millis(200);
+
+/// Events per replay step.
+const REPLAY_BATCH: u32 = 1000;
+
+fn next_check(options: &NotifierOptions, feed: &FeedState) -> Duration {
+    if feed.until.is_some() {
+        REPLAY_INTERVAL
+    } else {
+        options.catch_up_interval
+    }
+}
+
+/// Passes a notification on (false when the consumer is gone).
+async fn dispatch(message: &AsyncMessage, tx: &mpsc::Sender<NotifierEvent>) -> bool {
+    let event = match message {
+        AsyncMessage::Notification(n) if n.channel() == CHANNEL => {
+            Notification::parse(n.payload()).map(NotifierEvent::Notification)
+        }
+        AsyncMessage::Notification(n) if n.channel() == CLAIMABLE_CHANNEL => {
+            Claimable::parse(n.payload()).map(NotifierEvent::Claimable)
+        }
+        _ => {
+            log_message(message);
+            return true;
+        }
+    };
+    match event {
+        Some(event) => tx.send(event).await.is_ok(),
+        None => {
+            tracing::warn!("ignoring a malformed notification");
+            true
+        }
+    }
+}
+
+/// How far the feed was notified to the consumer, and what is left to
+/// replay after a reconnection.
+#[derive(Debug, Clone, Copy, Default)]
+struct FeedState {
+    /// Every event at or before this position was notified (live, or
+    /// replayed); `None` before the first connection said where the feed
+    /// stood.
+    head: Option<FeedPosition>,
+    /// While replaying: every transaction that committed before the current
+    /// connection's `LISTEN` has a txid below this (the `xmax` of a snapshot
+    /// taken after it). The replay is complete once the feed's horizon has
+    /// passed it.
+    until: Option<i64>,
+}
+
+/// The events after `($1, $2)` below the feed's horizon (the
+/// `engine::feed` order: `txid` below the snapshot's xmin), at most `$3`,
+/// and that horizon (on a row of its own when there is no event).
+const REPLAY: &str = "WITH h AS (SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint AS xmin) \
+     SELECT h.xmin, e.execution_id, e.step_id, e.to_status, e.txid, e.id FROM h \
+     LEFT JOIN LATERAL (SELECT x.execution_id, x.step_id, x.to_status, x.txid, x.id \
+                          FROM execution_events x \
+                         WHERE (x.txid, x.id) > ($1, $2) AND x.txid < h.xmin \
+                         ORDER BY x.txid, x.id LIMIT $3) e ON true \
+     ORDER BY e.txid, e.id";
+
+/// The feed's horizon now (`txid`s below it committed), and the `xmax` of
+/// this snapshot (every transaction committed so far is below it).
+const HORIZON: &str = "SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint, \
+     pg_snapshot_xmax(pg_current_snapshot())::text::bigint";
+
+type Check<'a> = Pin<Box<dyn Future<Output = std::result::Result<Checked, String>> + Send + 'a>>;
+
+/// What a periodic check found.
+enum Checked {
+    /// The horizon (normal operation).
+    Horizon(i64),
+    /// A replay step: the notifications, and the new state.
+    Replayed(Vec<Notification>, FeedState),
+}
+
+/// Runs `query` on `live` while reading its connection; messages that
+/// arrive meanwhile are kept in `held`, in order.
+async fn driven<T>(
+    connection: &mut Connection<Socket, NoTlsStream>,
+    query: impl Future<Output = std::result::Result<T, tokio_postgres::Error>>,
+    held: &mut Vec<AsyncMessage>,
+) -> std::result::Result<T, String> {
+    tokio::pin!(query);
+    loop {
+        tokio::select! {
+            r = &mut query => return r.map_err(|e| chain(&e)),
+            m = poll_fn(|cx| connection.poll_message(cx)) => match m {
+                Some(Ok(message)) => held.push(message),
+                Some(Err(e)) => return Err(chain(&e)),
+                None => return Err("the server closed the connection".to_owned()),
+            },
+        }
+    }
+}
+
+/// One replay step from `state.head`: the missed events as notifications
+/// (at most `limit`), and the state after them.
+async fn replay(
+    client: &Client,
+    state: FeedState,
+    limit: u32,
+) -> std::result::Result<(Vec<Notification>, FeedState), tokio_postgres::Error> {
+    let from = state.head.unwrap_or(FeedPosition::START);
+    let rows = client
+        .query(
+            REPLAY,
+            &[&from.txid, &from.event_id, &i64::from(limit.max(1))],
+        )
+        .await?;
+    let xmin: i64 = rows.first().map_or(0, |r| r.get(0));
+    let mut notes = Vec::new();
+    let mut head = from;
+    for row in &rows {
+        let Some(txid) = row.get::<_, Option<i64>>(4) else {
+            continue; // the horizon's own row: no event
+        };
+        head = FeedPosition {
+            txid,
+            event_id: row.get(5),
+        };
+        let status: String = row.get(3);
+        notes.extend(Notification::from_event(row.get(1), row.get(2), &status));
+    }
+    let mut next = FeedState {
+        head: Some(head),
+        until: state.until,
+    };
+    if notes.len() < limit.max(1) as usize {
+        // Everything below the horizon was replayed.
+        next.head = Some(head.max(FeedPosition {
+            txid: xmin - 1,
+            event_id: i64::MAX,
+        }));
+        if state.until.is_some_and(|until| xmin >= until) {
+            next.until = None;
+        }
+    }
+    Ok((notes, next))
 }
 
 fn log_message(message: &AsyncMessage) {
@@ -417,7 +658,7 @@ fn log_message(message: &AsyncMessage) {
 
 /// An error with its sources, `a: b: c` (tokio-postgres puts the useful
 /// part, such as the server's message, in the source).
-fn chain(e: &dyn std::error::Error) -> String {
+pub(super) fn chain(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();
     let mut source = e.source();
     while let Some(s) = source {
@@ -450,12 +691,27 @@ fn jittered(d: Duration) -> Duration {
 
 /// The tokio-postgres settings for `url` (see the module documentation).
 fn pg_config(url: &DatabaseUrl, options: &NotifierOptions) -> Result<tokio_postgres::Config> {
-    pg_config_with(url, options, |var| std::env::var(var).ok())
+    dedicated_config(url, &options.application_name, options.connect_timeout)
+}
+
+/// The tokio-postgres settings of one of the runtime's dedicated
+/// connections (the notifier's, the maintenance lock's) for `url`, read as
+/// the module documentation says; `application_name` and `connect_timeout`
+/// apply unless the URL sets its own.
+pub(super) fn dedicated_config(
+    url: &DatabaseUrl,
+    application_name: &str,
+    connect_timeout: Duration,
+) -> Result<tokio_postgres::Config> {
+    pg_config_with(url, application_name, connect_timeout, |var| {
+        std::env::var(var).ok()
+    })
 }
 
 fn pg_config_with(
     url: &DatabaseUrl,
-    options: &NotifierOptions,
+    application_name: &str,
+    connect_timeout: Duration,
     env: impl Fn(&str) -> Option<String>,
 ) -> Result<tokio_postgres::Config> {
     let env = |var: &str| env(var).filter(|v| !v.is_empty());
@@ -466,7 +722,7 @@ fn pg_config_with(
     match url.host_with(env) {
         Host::Service(name) => {
             return Err(invalid(format!(
-                "connection service {name:?}: the notifier does not read pg_service.conf; give host and port in the URL"
+                "connection service {name:?}: the runtime's dedicated connections (notifier, maintenance) do not read pg_service.conf; give host and port in the URL"
             )));
         }
         Host::Socket(dir) if dir.starts_with('/') => {
@@ -499,13 +755,12 @@ fn pg_config_with(
         }
         mode => {
             return Err(invalid(format!(
-                "sslmode={mode}: the notifier does not support TLS yet (use sslmode=disable or prefer)"
+                "sslmode={mode}: the runtime's dedicated connections (notifier, maintenance) do not support TLS yet (use sslmode=disable or prefer)"
             )));
         }
     }
-    config.application_name(
-        param("application_name").unwrap_or_else(|| options.application_name.clone()),
-    );
+    config
+        .application_name(param("application_name").unwrap_or_else(|| application_name.to_owned()));
     let connect_timeout = match param("connect_timeout") {
         Some(secs) => secs
             .trim()
@@ -518,7 +773,7 @@ fn pg_config_with(
                     "connect_timeout={secs:?} is not a number of seconds"
                 ))
             })?,
-        None => options.connect_timeout,
+        None => connect_timeout,
     };
     config.connect_timeout(connect_timeout);
     if let Some(o) = param("options") {
@@ -533,11 +788,17 @@ mod tests {
 
     fn config(url: &str, env: &[(&str, &str)]) -> Result<tokio_postgres::Config> {
         let url = DatabaseUrl::parse(url).unwrap();
-        pg_config_with(&url, &NotifierOptions::default(), |k| {
-            env.iter()
-                .find(|(n, _)| *n == k)
-                .map(|(_, v)| v.to_string())
-        })
+        let defaults = NotifierOptions::default();
+        pg_config_with(
+            &url,
+            &defaults.application_name,
+            defaults.connect_timeout,
+            |k| {
+                env.iter()
+                    .find(|(n, _)| *n == k)
+                    .map(|(_, v)| v.to_string())
+            },
+        )
     }
 
     #[test]

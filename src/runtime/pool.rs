@@ -140,6 +140,11 @@ impl AsyncPool {
             };
             let mut conn = pool.get_timeout(checkout)?;
             let out = f(&mut conn);
+            if out.as_ref().is_err_and(Error::is_connection_error) {
+                // Flags the connection broken so the pool discards it
+                // (Diesel misses a break during a statement's preparation).
+                let _ = crate::pool::ping(&mut conn);
+            }
             drop(conn);
             drop(permit);
             out
@@ -183,7 +188,7 @@ impl From<TaskFailed> for Error {
     }
 }
 
-fn task_error(e: JoinError) -> Error {
+pub(super) fn task_error(e: JoinError) -> Error {
     let failed = match e.try_into_panic() {
         Ok(payload) => TaskFailed::Panicked {
             message: panic_message(payload.as_ref()),
@@ -194,7 +199,7 @@ fn task_error(e: JoinError) -> Error {
     failed.into()
 }
 
-fn panic_message(payload: &(dyn Any + Send)) -> String {
+pub(super) fn panic_message(payload: &(dyn Any + Send)) -> String {
     payload
         .downcast_ref::<&str>()
         .map(|s| (*s).to_owned())

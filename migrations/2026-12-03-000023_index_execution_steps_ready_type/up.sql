@@ -1,0 +1,6 @@
+-- The claim order per node type, over the steps a claim may take (as
+-- execution_steps_ready_idx): a worker that serves some node types reads,
+-- per type, only that type's ready steps.
+-- Built CONCURRENTLY: writes to the table go on while it builds.
+CREATE INDEX CONCURRENTLY IF NOT EXISTS execution_steps_ready_type_idx ON execution_steps (node_type, run_after, id)
+    WHERE status = 'pending' AND upstream_pending = 0 AND NOT parked;

@@ -1,0 +1,1099 @@
+//! [`Worker`]: runs the steps of the node types it has handlers for, with
+//! leases kept alive, results reported in batches, retries with jitter, and a
+//! graceful shutdown that hands unfinished work back.
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use serde_json::json;
+//! use workflow_db::runtime::{AsyncPool, Worker, WorkerOptions};
+//! use workflow_db::Config;
+//!
+//! # async fn demo() -> workflow_db::Result<()> {
+//! let config = Config::from_env()?;
+//! let pool = AsyncPool::from_config(&config).await?;
+//! let worker = Worker::new(pool, WorkerOptions::default())
+//!     .notifications(config.database_url.clone())
+//!     .handle("http", |step| async move {
+//!         let url = step.input().and_then(|i| i["url"].as_str()).unwrap_or_default().to_owned();
+//!         // ... fetch `url`; `step.cancelled()` resolves if the lease is lost ...
+//!         Ok(Some(json!({ "fetched": url })))
+//!     })
+//!     .spawn();
+//! // ... on SIGTERM:
+//! let report = worker.shutdown().await?;
+//! println!("{} step(s) completed", report.completed);
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # What a worker does
+//!
+//! - **Claims** only steps whose `node_type` it has a handler for
+//!   ([`engine::claim_steps_of`]), as many as it has free slots
+//!   ([`WorkerOptions::concurrency`]), in one statement.
+//! - **Wakes** on the database's claimable notifications
+//!   ([`crate::engine::Claimable`], when given a URL with
+//!   [`Worker::notifications`]) for its node types, at the time of the next
+//!   scheduled retry ([`engine::next_claimable_at`]), when a slot frees up
+//!   after a full claim, and at the latest every
+//!   [`WorkerOptions::poll_interval`] (a safety net: notifications are lost
+//!   while the listener reconnects, and a reconnection triggers a claim).
+//! - **Runs** each step's handler as its own tokio task, inside a tracing
+//!   span `step` (step, execution, node, type, attempt; never payloads),
+//!   with a [`StepContext`] that holds the step and a cancellation token.
+//! - **Keeps leases alive**: every [`WorkerOptions::heartbeat_interval`] one
+//!   statement extends the leases of every running handler. A lease the
+//!   database no longer honours (expired and reclaimed, the step cancelled,
+//!   pruned) cancels that handler's token, and its result is dropped: the
+//!   step is someone else's now. So does a lease that could not be renewed
+//!   before it expired (database unreachable).
+//! - **Reports** results in batches: every completion ready at a moment goes
+//!   in one [`engine::complete_steps`] statement; a failure is one
+//!   [`engine::fail_step`] (the step's retry budget decides between a retry
+//!   after the node type's [`RetryPolicy`] backoff and a failure for good).
+//!   A handler that returns an error, panics or runs past its
+//!   [`RetryPolicy::timeout`] is a failed attempt; the worker carries on.
+//! - **Shuts down** gracefully ([`WorkerHandle::shutdown`]): no new claims;
+//!   running handlers get until [`WorkerOptions::shutdown_timeout`] to finish
+//!   (heartbeats and reports go on); then the rest are cancelled and their
+//!   steps released to `pending` ([`engine::release_steps`]) without
+//!   spending a retry, claimable at once by another worker.
+//!
+//! # Crashes
+//!
+//! A worker that dies without shutting down (kill -9, OOM, a lost host)
+//! leaves its steps `running` under leases that stop being renewed. Once a
+//! lease expires, [`crate::runtime::maintenance`] (or any call of
+//! [`engine::reclaim_expired`]) sends the step back to `pending`; with the
+//! default [`WorkerOptions::lease`] of 30 s and a maintenance interval of
+//! 1 s, such a step runs again within about 31 s. A step's handler can
+//! therefore run more than once (at least once, never concurrently with a
+//! live lease): make handlers idempotent, or key their side effects on the
+//! step id and [`StepContext::attempt`].
+
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use serde_json::Value;
+use tokio::task::{Id as TaskId, JoinSet};
+use tokio::time::sleep_until;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+use uuid::Uuid;
+
+use super::notifier::{Notifier, NotifierEvent};
+use super::pool::AsyncPool;
+use crate::config::DatabaseUrl;
+use crate::engine::{self, Backoff};
+use crate::error::{Error, Result};
+use crate::models::{ExecutionStep, Lease};
+
+/// The error a handler returns: anything that converts into a boxed error
+/// (`?` on most error types, `"message".into()`, `anyhow::Error::into()`).
+/// Its `Display` (with its sources) becomes the step's `error`.
+pub type HandlerError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// What a handler returns: the step's output (stored as JSON), or why the
+/// attempt failed.
+pub type HandlerResult = std::result::Result<Option<Value>, HandlerError>;
+
+type BoxedHandler =
+    Arc<dyn Fn(StepContext) -> Pin<Box<dyn Future<Output = HandlerResult> + Send>> + Send + Sync>;
+
+/// A unique worker id: `host-pid-xxxx` (host name, process id, four random
+/// hex digits), so that two processes, or two workers of one process, never
+/// share an id. A lease names its worker; the attempt number fences a
+/// restarted process even if it reused an id, and the unique id keeps the
+/// history readable (`execution_events.payload->>'worker'`).
+pub fn worker_id() -> String {
+    let host = gethostname::gethostname();
+    let host = host.to_string_lossy();
+    let host = if host.is_empty() { "host" } else { &host };
+    format!("{host}-{}-{:04x}", std::process::id(), fastrand::u16(..))
+}
+
+/// How a node type's failed attempts are retried: the step's retry budget
+/// (`max_retries`, from the node's `config.max_retries`) says how many; this
+/// says when, and how long an attempt may take.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RetryPolicy {
+    /// Delay of retry `n`: `base * 2^n`, at most `max`.
+    pub backoff: Backoff,
+    /// Fraction of each delay taken off at random (0 = none, 0.5 = the
+    /// delay is 50–100 % of the backoff): retries of many steps that failed
+    /// together (an outage) spread out instead of coming back in step.
+    pub jitter: f64,
+    /// An attempt running longer is cancelled and counted as failed; `None`
+    /// lets it run as long as its lease is renewed.
+    pub timeout: Option<Duration>,
+}
+
+impl Default for RetryPolicy {
+    /// [`Backoff::default`] (1 s doubling up to 5 min), 50 % jitter, no timeout.
+    fn default() -> Self {
+        RetryPolicy {
+            backoff: Backoff::default(),
+            jitter: 0.5,
+            timeout: None,
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// The backoff of one failure, jittered.
+    fn jittered(&self) -> Backoff {
+        let jitter = self.jitter.clamp(0.0, 1.0);
+        let keep = 1.0 - jitter * fastrand::f64();
+        Backoff {
+            base: self.backoff.base.mul_f64(keep),
+            max: self.backoff.max.mul_f64(keep),
+        }
+    }
+}
+
+/// Settings of a [`Worker`]; [`WorkerOptions::default`] then change fields.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub struct WorkerOptions {
+    /// The worker's id, recorded on its leases and in the history (default
+    /// [`worker_id`]: unique per process and worker).
+    pub id: String,
+    /// Handlers running at once (default 10).
+    pub concurrency: usize,
+    /// Length of each lease (default 30 s). A step of a crashed worker is
+    /// reclaimed at most this long (plus the maintenance interval) after its
+    /// last heartbeat.
+    pub lease: Duration,
+    /// How often the leases of running handlers are renewed (default 10 s,
+    /// a third of the lease: two heartbeats may fail before a lease is lost).
+    pub heartbeat_interval: Duration,
+    /// The longest a worker with free slots waits without a notification
+    /// before it looks for work (default 5 s).
+    pub poll_interval: Duration,
+    /// How long [`WorkerHandle::shutdown`] lets running handlers finish
+    /// before it releases their steps (default 30 s).
+    pub shutdown_timeout: Duration,
+}
+
+impl Default for WorkerOptions {
+    fn default() -> Self {
+        WorkerOptions {
+            id: worker_id(),
+            concurrency: 10,
+            lease: Duration::from_secs(30),
+            heartbeat_interval: Duration::from_secs(10),
+            poll_interval: Duration::from_secs(5),
+            shutdown_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+impl WorkerOptions {
+    fn validate(&self) -> Result<()> {
+        let invalid =
+            |option: &'static str, reason: String| Err(Error::InvalidOption { option, reason });
+        if self.id.is_empty() {
+            return invalid("WorkerOptions::id", "empty".into());
+        }
+        let max = crate::models::MAX_PAGE_SIZE;
+        if self.concurrency == 0 || self.concurrency as i64 > max {
+            return invalid(
+                "WorkerOptions::concurrency",
+                format!("{} is not in 1..={max}", self.concurrency),
+            );
+        }
+        if self.lease < Duration::from_millis(100) {
+            return invalid(
+                "WorkerOptions::lease",
+                format!("{:?} is shorter than 100ms", self.lease),
+            );
+        }
+        if self.heartbeat_interval.is_zero() || self.heartbeat_interval >= self.lease {
+            return invalid(
+                "WorkerOptions::heartbeat_interval",
+                format!(
+                    "{:?} must be above zero and below the lease ({:?})",
+                    self.heartbeat_interval, self.lease
+                ),
+            );
+        }
+        if self.poll_interval.is_zero() {
+            return invalid("WorkerOptions::poll_interval", "zero".into());
+        }
+        Ok(())
+    }
+}
+
+/// What a handler gets: the claimed step, and a token cancelled when the
+/// step is no longer this worker's (lease lost), when its attempt timed out,
+/// or when a shutdown gave up waiting for it.
+#[derive(Clone)]
+pub struct StepContext {
+    step: Arc<ExecutionStep>,
+    lease: Lease,
+    cancel: CancellationToken,
+}
+
+impl fmt::Debug for StepContext {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StepContext")
+            .field("step_id", &self.step.id)
+            .field("node_id", &self.step.node_id)
+            .field("attempt", &self.lease.attempt)
+            .finish_non_exhaustive()
+    }
+}
+
+impl StepContext {
+    /// The step as claimed (status `running`).
+    pub fn step(&self) -> &ExecutionStep {
+        &self.step
+    }
+
+    /// The step's input.
+    pub fn input(&self) -> Option<&Value> {
+        self.step.input.as_ref()
+    }
+
+    /// The step's id.
+    pub fn step_id(&self) -> Uuid {
+        self.step.id
+    }
+
+    /// The step's execution.
+    pub fn execution_id(&self) -> Uuid {
+        self.step.execution_id
+    }
+
+    /// The run of the step (1 for the first; a retry or a reclaim counts
+    /// up): with [`StepContext::step_id`], a key for idempotent side effects.
+    pub fn attempt(&self) -> i32 {
+        self.lease.attempt
+    }
+
+    /// The lease this run holds.
+    pub fn lease(&self) -> &Lease {
+        &self.lease
+    }
+
+    /// The token cancelled when this run should stop (see [`StepContext`]).
+    pub fn token(&self) -> &CancellationToken {
+        &self.cancel
+    }
+
+    /// Resolves when this run should stop; `select!` on it around long work.
+    pub async fn cancelled(&self) {
+        self.cancel.cancelled().await;
+    }
+
+    /// Whether this run should stop.
+    pub fn is_cancelled(&self) -> bool {
+        self.cancel.is_cancelled()
+    }
+}
+
+struct Registered {
+    handler: BoxedHandler,
+    policy: RetryPolicy,
+}
+
+/// A worker being configured: [`Worker::new`], handlers, then
+/// [`Worker::spawn`] (or [`Worker::run`]). See the [module documentation](self).
+pub struct Worker {
+    pool: AsyncPool,
+    options: WorkerOptions,
+    url: Option<DatabaseUrl>,
+    handlers: HashMap<String, Registered>,
+}
+
+impl fmt::Debug for Worker {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut types: Vec<&String> = self.handlers.keys().collect();
+        types.sort();
+        f.debug_struct("Worker")
+            .field("options", &self.options)
+            .field("node_types", &types)
+            .field("notifications", &self.url.is_some())
+            .finish()
+    }
+}
+
+impl Worker {
+    /// A worker running its handlers' steps through `pool`.
+    pub fn new(pool: AsyncPool, options: WorkerOptions) -> Worker {
+        Worker {
+            pool,
+            options,
+            url: None,
+            handlers: HashMap::new(),
+        }
+    }
+
+    /// Listens for the database's claimable notifications on a dedicated
+    /// connection to `url` (a [`Notifier`]): work is picked up the moment it
+    /// becomes claimable instead of at the next poll.
+    pub fn notifications(mut self, url: DatabaseUrl) -> Worker {
+        self.url = Some(url);
+        self
+    }
+
+    /// Runs `handler` for the steps of `node_type`, with the default
+    /// [`RetryPolicy`]. A second registration for a type replaces the first.
+    pub fn handle<F, Fut>(self, node_type: impl Into<String>, handler: F) -> Worker
+    where
+        F: Fn(StepContext) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = HandlerResult> + Send + 'static,
+    {
+        self.handle_with(node_type, RetryPolicy::default(), handler)
+    }
+
+    /// [`Worker::handle`] with a retry policy for this node type.
+    pub fn handle_with<F, Fut>(
+        mut self,
+        node_type: impl Into<String>,
+        policy: RetryPolicy,
+        handler: F,
+    ) -> Worker
+    where
+        F: Fn(StepContext) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = HandlerResult> + Send + 'static,
+    {
+        let handler: BoxedHandler = Arc::new(move |ctx| Box::pin(handler(ctx)));
+        self.handlers
+            .insert(node_type.into(), Registered { handler, policy });
+        self
+    }
+
+    /// Starts the worker on the current tokio runtime; the handle stops it.
+    /// Invalid options (or no handler) end the task at once with
+    /// [`Error::InvalidOption`], returned by [`WorkerHandle::shutdown`] and
+    /// [`WorkerHandle::wait`].
+    pub fn spawn(self) -> WorkerHandle {
+        let stop = CancellationToken::new();
+        let health = Arc::new(Mutex::new(Health::default()));
+        let id = self.options.id.clone();
+        let task = tokio::spawn(self.run_inner(stop.clone(), Arc::clone(&health)));
+        WorkerHandle {
+            id,
+            stop,
+            health,
+            task,
+        }
+    }
+
+    /// Runs the worker until `shutdown` resolves, then shuts it down
+    /// gracefully (see [`WorkerHandle::shutdown`]).
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<WorkerReport> {
+        let handle = self.spawn();
+        let stop = handle.stop.clone();
+        let stopped = handle.stopped();
+        tokio::pin!(stopped);
+        tokio::select! {
+            r = &mut stopped => r,
+            () = shutdown => {
+                stop.cancel();
+                stopped.await
+            }
+        }
+    }
+
+    async fn run_inner(
+        self,
+        stop: CancellationToken,
+        health: Arc<Mutex<Health>>,
+    ) -> Result<WorkerReport> {
+        self.options.validate()?;
+        if self.handlers.is_empty() {
+            return Err(Error::InvalidOption {
+                option: "Worker::handle",
+                reason: "the worker has no handler".into(),
+            });
+        }
+        let notifier = match &self.url {
+            Some(url) => Some(Notifier::connect(url).await?),
+            None => None,
+        };
+        health.lock().expect("health lock").listening = notifier.is_some();
+        let mut types: Vec<String> = self.handlers.keys().cloned().collect();
+        types.sort();
+        let mut run = Run {
+            pool: self.pool,
+            options: self.options,
+            handlers: self.handlers,
+            types,
+            notifier,
+            tasks: JoinSet::new(),
+            running: HashMap::new(),
+            done: Vec::new(),
+            by_task: HashMap::new(),
+            report: WorkerReport::default(),
+            health,
+        };
+        run.main(stop).await
+    }
+}
+
+/// Counts of what a worker did, returned when it stops.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct WorkerReport {
+    /// Steps claimed.
+    pub claimed: u64,
+    /// Steps completed.
+    pub completed: u64,
+    /// Failed attempts reported (a retry scheduled, or the step failed for good).
+    pub failed: u64,
+    /// Runs abandoned because the lease was lost (results dropped).
+    pub lost: u64,
+    /// Steps released back to `pending` at shutdown.
+    pub released: u64,
+}
+
+/// A running worker's state, for a health endpoint.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct WorkerHealth {
+    /// The worker's task is running.
+    pub running: bool,
+    /// Handlers running now.
+    pub in_flight: usize,
+    /// The worker listens for notifications (and is connected: false while
+    /// its listener reconnects).
+    pub listening: bool,
+    /// Time since the last database call that succeeded (claim, heartbeat,
+    /// report); `None` before the first.
+    pub since_last_success: Option<Duration>,
+    /// The last database error, until a later call succeeds.
+    pub last_error: Option<String>,
+}
+
+impl WorkerHealth {
+    /// Running, and the database answered within `max_silence` (the last
+    /// call was not an error): what a readiness probe should check, with a
+    /// `max_silence` of a few poll intervals.
+    pub fn is_healthy(&self, max_silence: Duration) -> bool {
+        self.running
+            && self.last_error.is_none()
+            && self.since_last_success.is_some_and(|d| d <= max_silence)
+    }
+}
+
+#[derive(Debug, Default)]
+struct Health {
+    in_flight: usize,
+    listening: bool,
+    last_success: Option<Instant>,
+    last_error: Option<String>,
+}
+
+/// A running [`Worker`]: stop it, or ask how it is.
+#[derive(Debug)]
+pub struct WorkerHandle {
+    id: String,
+    stop: CancellationToken,
+    health: Arc<Mutex<Health>>,
+    task: tokio::task::JoinHandle<Result<WorkerReport>>,
+}
+
+impl WorkerHandle {
+    /// The worker's id.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// The worker's health now.
+    pub fn health(&self) -> WorkerHealth {
+        let h = self.health.lock().expect("health lock");
+        WorkerHealth {
+            running: !self.task.is_finished(),
+            in_flight: h.in_flight,
+            listening: h.listening,
+            since_last_success: h.last_success.map(|t| t.elapsed()),
+            last_error: h.last_error.clone(),
+        }
+    }
+
+    /// Stops claiming, lets running handlers finish until
+    /// [`WorkerOptions::shutdown_timeout`], cancels and releases the rest,
+    /// and returns what the worker did.
+    pub async fn shutdown(self) -> Result<WorkerReport> {
+        self.stop.cancel();
+        self.stopped().await
+    }
+
+    /// Waits for the worker to stop (after [`WorkerHandle::shutdown`] from
+    /// a clone of its token, or an error that ended it).
+    pub async fn wait(self) -> Result<WorkerReport> {
+        self.stopped().await
+    }
+
+    async fn stopped(self) -> Result<WorkerReport> {
+        match self.task.await {
+            Ok(r) => r,
+            Err(e) => Err(super::pool::task_error(e)),
+        }
+    }
+}
+
+/// A run in progress.
+struct Running {
+    lease: Lease,
+    node_type: String,
+    cancel: CancellationToken,
+    /// When the lease expires unless renewed (as far as this worker knows).
+    expires: Instant,
+    started: Instant,
+    /// The lease was lost: the result is dropped.
+    lost: bool,
+}
+
+/// How a handler's task ended.
+enum Outcome {
+    Output(Option<Value>),
+    Failed(String),
+}
+
+struct Run {
+    pool: AsyncPool,
+    options: WorkerOptions,
+    handlers: HashMap<String, Registered>,
+    types: Vec<String>,
+    notifier: Option<Notifier>,
+    tasks: JoinSet<(Uuid, Outcome)>,
+    running: HashMap<Uuid, Running>,
+    /// Finished runs not reported yet.
+    done: Vec<(Uuid, Outcome)>,
+    by_task: HashMap<TaskId, Uuid>,
+    report: WorkerReport,
+    health: Arc<Mutex<Health>>,
+}
+
+impl Run {
+    async fn main(&mut self, stop: CancellationToken) -> Result<WorkerReport> {
+        let worker = self.options.id.clone();
+        tracing::info!(%worker, node_types = ?self.types, "worker started");
+        let mut wake = true; // look for work at once
+        let mut next_look = Instant::now() + self.options.poll_interval;
+        let mut next_heartbeat = Instant::now() + self.options.heartbeat_interval;
+        loop {
+            if wake && self.running.len() < self.options.concurrency {
+                wake = false;
+                next_look = self.claim().await;
+            }
+            let listening = self.notifier.is_some();
+            tokio::select! {
+                () = stop.cancelled() => break,
+                Some(joined) = self.tasks.join_next_with_id(), if !self.tasks.is_empty() => {
+                    let full = self.running.len() >= self.options.concurrency;
+                    self.finished(joined);
+                    self.report_ready().await;
+                    // A slot freed after a full claim: there may be more.
+                    wake |= full;
+                }
+                event = recv(&mut self.notifier), if listening => {
+                    wake |= self.notified(event, &mut next_look);
+                }
+                () = sleep_until(next_heartbeat.into()) => {
+                    self.heartbeat().await;
+                    next_heartbeat = Instant::now() + self.options.heartbeat_interval;
+                }
+                () = sleep_until(next_look.into()) => {
+                    wake = true;
+                    next_look = Instant::now() + self.options.poll_interval;
+                }
+            }
+        }
+        self.shut_down().await;
+        tracing::info!(%worker, report = ?self.report, "worker stopped");
+        Ok(self.report.clone())
+    }
+
+    /// Claims for the free slots and starts the handlers; returns when to
+    /// look again if nothing more comes.
+    async fn claim(&mut self) -> Instant {
+        let free = self.options.concurrency - self.running.len();
+        let (worker, types, lease) = (
+            self.options.id.clone(),
+            self.types.clone(),
+            self.options.lease,
+        );
+        let started = Instant::now();
+        let claimed = self
+            .db(move |c| {
+                let steps = engine::claim_steps_of(c, &worker, &types, free as i64, lease)?;
+                // Nothing (or not all) claimed: when is the next step due?
+                let next = if steps.len() < free {
+                    engine::next_claimable_at(c, &types)?
+                } else {
+                    None
+                };
+                Ok((steps, next))
+            })
+            .await;
+        metrics::histogram!("workflow_db_claim_seconds").record(started.elapsed().as_secs_f64());
+        let poll = Instant::now() + self.options.poll_interval;
+        let Some((steps, next)) = claimed else {
+            return poll; // logged; try again at the next poll
+        };
+        let full = steps.len() == free;
+        metrics::counter!("workflow_db_steps_claimed_total").increment(steps.len() as u64);
+        self.report.claimed += steps.len() as u64;
+        for step in steps {
+            self.start(step, started);
+        }
+        if full {
+            // More may be waiting: look again as soon as a slot frees up.
+            return poll;
+        }
+        match next {
+            None => poll,
+            Some(at) => {
+                let wait = (at - Utc::now()).to_std().unwrap_or(Duration::ZERO);
+                // Claimable now but not claimed: rows other workers were
+                // taking (SKIP LOCKED). Look again shortly, not in a spin.
+                let wait = wait.max(Duration::from_millis(10 + fastrand::u64(..20)));
+                poll.min(Instant::now() + wait)
+            }
+        }
+    }
+
+    fn start(&mut self, step: ExecutionStep, claimed_at: Instant) {
+        let Some(lease) = step.lease() else {
+            return;
+        };
+        let node_type = step.node_type.clone().unwrap_or_default();
+        let Some(registered) = self.handlers.get(&node_type) else {
+            return; // claim_steps_of only returns our types
+        };
+        let handler = Arc::clone(&registered.handler);
+        let timeout = registered.policy.timeout;
+        let cancel = CancellationToken::new();
+        let span = tracing::info_span!(
+            "step",
+            step.id = %step.id,
+            execution.id = %step.execution_id,
+            node.id = %step.node_id,
+            node.r#type = %node_type,
+            attempt = lease.attempt,
+        );
+        let ctx = StepContext {
+            step: Arc::new(step),
+            lease: lease.clone(),
+            cancel: cancel.clone(),
+        };
+        let step_id = ctx.step.id;
+        let token = cancel.clone();
+        let abort = self.tasks.spawn(
+            async move {
+                let run = handler(ctx);
+                let outcome = match timeout {
+                    None => run.await,
+                    Some(limit) => match tokio::time::timeout(limit, run).await {
+                        Ok(r) => r,
+                        Err(_) => {
+                            token.cancel();
+                            Err(format!("timed out after {limit:?}").into())
+                        }
+                    },
+                };
+                let outcome = match outcome {
+                    Ok(output) => Outcome::Output(output),
+                    Err(e) => Outcome::Failed(error_chain(e.as_ref())),
+                };
+                (step_id, outcome)
+            }
+            .instrument(span),
+        );
+        self.by_task.insert(abort.id(), step_id);
+        self.running.insert(
+            step_id,
+            Running {
+                lease,
+                node_type,
+                cancel,
+                expires: claimed_at + self.options.lease,
+                started: Instant::now(),
+                lost: false,
+            },
+        );
+        self.set_in_flight();
+    }
+
+    /// Records a finished task's outcome (reported by [`Run::report_ready`]).
+    fn finished(
+        &mut self,
+        joined: std::result::Result<(TaskId, (Uuid, Outcome)), tokio::task::JoinError>,
+    ) {
+        let (step_id, outcome) = match joined {
+            Ok((task, done)) => {
+                self.by_task.remove(&task);
+                done
+            }
+            Err(e) => {
+                let Some(step_id) = self.by_task.remove(&e.id()) else {
+                    return;
+                };
+                let reason = if e.is_panic() {
+                    format!(
+                        "the handler panicked: {}",
+                        super::pool::panic_message(e.into_panic().as_ref())
+                    )
+                } else {
+                    "the handler was cancelled".to_owned()
+                };
+                (step_id, Outcome::Failed(reason))
+            }
+        };
+        self.done.push((step_id, outcome));
+    }
+
+    /// Reports every finished run: the completions in one statement, each
+    /// failure in its own. Runs whose lease was lost are dropped.
+    async fn report_ready(&mut self) {
+        while let Some(joined) = self.tasks.try_join_next_with_id() {
+            self.finished(joined);
+        }
+        let mut completions: Vec<(Lease, Option<Value>)> = Vec::new();
+        let mut failures: Vec<(Lease, String, Backoff, String)> = Vec::new();
+        for (step_id, outcome) in std::mem::take(&mut self.done) {
+            let Some(run) = self.running.remove(&step_id) else {
+                continue;
+            };
+            metrics::histogram!("workflow_db_step_seconds", "node_type" => run.node_type.clone())
+                .record(run.started.elapsed().as_secs_f64());
+            if run.lost {
+                continue; // counted when the lease was found lost
+            }
+            match outcome {
+                Outcome::Output(output) => completions.push((run.lease, output)),
+                Outcome::Failed(error) => {
+                    let backoff = self
+                        .handlers
+                        .get(&run.node_type)
+                        .map(|h| h.policy.jittered())
+                        .unwrap_or_default();
+                    tracing::info!(step.id = %step_id, %error, "step attempt failed");
+                    failures.push((run.lease, error, backoff, run.node_type));
+                }
+            }
+        }
+        self.set_in_flight();
+        if !completions.is_empty() {
+            self.complete(completions).await;
+        }
+        if !failures.is_empty() {
+            self.fail(failures).await;
+        }
+    }
+
+    /// Completes a batch; a lease lost since (the batch is all or nothing)
+    /// is taken out and the rest completed again.
+    async fn complete(&mut self, mut batch: Vec<(Lease, Option<Value>)>) {
+        while !batch.is_empty() {
+            let attempt = batch.clone();
+            let outcome = self
+                .pool
+                .run(move |c| engine::complete_steps(c, &attempt).map(|done| done.len()))
+                .await;
+            match outcome {
+                Ok(n) => {
+                    self.succeeded();
+                    self.count_by_type(&batch, "workflow_db_steps_completed_total");
+                    self.report.completed += n as u64;
+                    return;
+                }
+                Err(Error::LeaseLost {
+                    step_id, reason, ..
+                }) => {
+                    tracing::warn!(step.id = %step_id, %reason, "lease lost before the result was reported; result dropped");
+                    self.lease_lost(1);
+                    batch.retain(|(lease, _)| lease.step_id != step_id);
+                }
+                Err(error) => {
+                    // The leases run out and maintenance hands the steps
+                    // out again: their results are lost, not their steps.
+                    self.failed_call("complete", &error);
+                    return;
+                }
+            }
+        }
+    }
+
+    async fn fail(&mut self, failures: Vec<(Lease, String, Backoff, String)>) {
+        let attempt: Vec<(Lease, String, Backoff)> = failures
+            .iter()
+            .map(|(l, e, b, _)| (l.clone(), e.clone(), *b))
+            .collect();
+        let outcome = self
+            .pool
+            .run(move |c| {
+                let mut lost = 0u64;
+                let mut reported = Vec::new();
+                for (lease, error, backoff) in &attempt {
+                    match engine::fail_step(c, lease, error, backoff) {
+                        Ok(_) => reported.push(lease.step_id),
+                        Err(Error::LeaseLost { .. }) => lost += 1,
+                        Err(e) => return Err(e),
+                    }
+                }
+                Ok((reported, lost))
+            })
+            .await;
+        match outcome {
+            Ok((reported, lost)) => {
+                self.succeeded();
+                self.lease_lost(lost);
+                self.report.failed += reported.len() as u64;
+                for (lease, _, _, node_type) in &failures {
+                    if reported.contains(&lease.step_id) {
+                        metrics::counter!("workflow_db_steps_failed_total", "node_type" => node_type.clone())
+                            .increment(1);
+                    }
+                }
+            }
+            Err(error) => self.failed_call("fail", &error),
+        }
+    }
+
+    /// Renews the leases of the running handlers; cancels those lost.
+    async fn heartbeat(&mut self) {
+        let leases: Vec<Lease> = self
+            .running
+            .values()
+            .filter(|r| !r.lost)
+            .map(|r| r.lease.clone())
+            .collect();
+        if leases.is_empty() {
+            return;
+        }
+        let lease = self.options.lease;
+        let sent = Instant::now();
+        let asked = leases.clone();
+        match self
+            .pool
+            .run(move |c| Ok(engine::heartbeat(c, &asked, lease)?))
+            .await
+        {
+            Ok(kept) => {
+                self.succeeded();
+                let kept: HashSet<Uuid> = kept.into_iter().collect();
+                let mut lost = 0;
+                for l in &leases {
+                    let Some(run) = self.running.get_mut(&l.step_id) else {
+                        continue;
+                    };
+                    if kept.contains(&l.step_id) {
+                        run.expires = sent + lease;
+                    } else if !run.lost {
+                        tracing::warn!(step.id = %l.step_id, "lease lost; cancelling the handler");
+                        run.lost = true;
+                        run.cancel.cancel();
+                        lost += 1;
+                    }
+                }
+                self.lease_lost(lost);
+            }
+            Err(error) => {
+                self.failed_call("heartbeat", &error);
+                // A lease that ran out while the database was unreachable is
+                // someone else's to run now.
+                let now = Instant::now();
+                let mut lost = 0;
+                for run in self.running.values_mut() {
+                    if !run.lost && run.expires <= now {
+                        run.lost = true;
+                        run.cancel.cancel();
+                        lost += 1;
+                    }
+                }
+                self.lease_lost(lost);
+            }
+        }
+    }
+
+    /// Whether a notifier event calls for a claim now; a claimable retry
+    /// in the future moves the next look earlier instead.
+    fn notified(&mut self, event: Option<NotifierEvent>, next_look: &mut Instant) -> bool {
+        match event {
+            Some(NotifierEvent::Claimable(c)) => {
+                let ours = c
+                    .node_type
+                    .as_ref()
+                    .is_some_and(|t| self.handlers.contains_key(t));
+                if !ours {
+                    return false;
+                }
+                let wait = (c.run_after - Utc::now())
+                    .to_std()
+                    .unwrap_or(Duration::ZERO);
+                if wait.is_zero() {
+                    return true;
+                }
+                *next_look = (*next_look).min(Instant::now() + wait);
+                false
+            }
+            Some(NotifierEvent::Disconnected { reason }) => {
+                tracing::warn!(%reason, "worker: notifications lost; polling until reconnected");
+                self.health.lock().expect("health lock").listening = false;
+                false
+            }
+            Some(NotifierEvent::Reconnected) => {
+                self.health.lock().expect("health lock").listening = true;
+                true // catch up on what was notified meanwhile
+            }
+            Some(_) => false,
+            None => {
+                // The notifier's task ended: poll from now on.
+                tracing::error!("worker: the notifier stopped; polling");
+                self.notifier = None;
+                self.health.lock().expect("health lock").listening = false;
+                true
+            }
+        }
+    }
+
+    /// Graceful stop: wait for the running handlers until the deadline,
+    /// reporting as they finish; then cancel and release the rest.
+    async fn shut_down(&mut self) {
+        let deadline = Instant::now() + self.options.shutdown_timeout;
+        let mut next_heartbeat = Instant::now() + self.options.heartbeat_interval;
+        tracing::info!(
+            in_flight = self.running.len(),
+            "worker stopping: no new claims"
+        );
+        while !self.tasks.is_empty() {
+            tokio::select! {
+                Some(joined) = self.tasks.join_next_with_id() => {
+                    self.finished(joined);
+                    self.report_ready().await;
+                }
+                () = sleep_until(next_heartbeat.into()) => {
+                    self.heartbeat().await;
+                    next_heartbeat = Instant::now() + self.options.heartbeat_interval;
+                }
+                () = sleep_until(deadline.into()) => break,
+            }
+        }
+        self.report_ready().await;
+        if self.running.is_empty() {
+            return;
+        }
+        // Past the deadline: stop the handlers and hand their steps back.
+        for run in self.running.values() {
+            run.cancel.cancel();
+        }
+        self.tasks.abort_all();
+        while self.tasks.join_next().await.is_some() {}
+        let leases: Vec<Lease> = self
+            .running
+            .drain()
+            .filter(|(_, r)| !r.lost)
+            .map(|(_, r)| r.lease)
+            .collect();
+        self.done.clear();
+        self.by_task.clear();
+        self.set_in_flight();
+        if leases.is_empty() {
+            return;
+        }
+        match self
+            .pool
+            .run(move |c| engine::release_steps(c, &leases))
+            .await
+        {
+            Ok(released) => {
+                self.report.released += released.len() as u64;
+                metrics::counter!("workflow_db_steps_released_total")
+                    .increment(released.len() as u64);
+                tracing::info!(
+                    released = released.len(),
+                    "worker released its unfinished steps"
+                );
+            }
+            Err(error) => self.failed_call("release", &error),
+        }
+    }
+
+    /// Runs `f` on a pooled connection; an error is logged and recorded in
+    /// the health, and `None` returned.
+    async fn db<T: Send + 'static>(
+        &mut self,
+        f: impl FnOnce(&mut diesel::PgConnection) -> Result<T> + Send + 'static,
+    ) -> Option<T> {
+        match self.pool.run(f).await {
+            Ok(v) => {
+                self.succeeded();
+                Some(v)
+            }
+            Err(error) => {
+                self.failed_call("claim", &error);
+                None
+            }
+        }
+    }
+
+    fn succeeded(&self) {
+        let mut h = self.health.lock().expect("health lock");
+        h.last_success = Some(Instant::now());
+        h.last_error = None;
+    }
+
+    fn failed_call(&self, what: &str, error: &Error) {
+        tracing::error!(%error, call = what, "worker: database call failed");
+        metrics::counter!("workflow_db_worker_errors_total", "call" => what.to_owned())
+            .increment(1);
+        self.health.lock().expect("health lock").last_error = Some(format!("{what}: {error}"));
+    }
+
+    fn lease_lost(&mut self, n: u64) {
+        if n > 0 {
+            self.report.lost += n;
+            metrics::counter!("workflow_db_leases_lost_total").increment(n);
+        }
+    }
+
+    fn count_by_type(&self, batch: &[(Lease, Option<Value>)], name: &'static str) {
+        let mut by_type: HashMap<&str, u64> = HashMap::new();
+        for (lease, _) in batch {
+            let t = self
+                .running
+                .get(&lease.step_id)
+                .map_or("", |r| r.node_type.as_str());
+            *by_type.entry(t).or_default() += 1;
+        }
+        for (t, n) in by_type {
+            metrics::counter!(name, "node_type" => t.to_owned()).increment(n);
+        }
+    }
+
+    fn set_in_flight(&self) {
+        self.health.lock().expect("health lock").in_flight = self.running.len();
+        metrics::gauge!("workflow_db_steps_in_flight").set(self.running.len() as f64);
+    }
+}
+
+/// The notifier's next event (pending for ever without a notifier; the
+/// `select!` guard keeps it from being polled then).
+async fn recv(notifier: &mut Option<Notifier>) -> Option<NotifierEvent> {
+    match notifier {
+        Some(n) => n.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// An error with its sources, `a: b: c`.
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}
