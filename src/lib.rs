@@ -77,4 +77,7 @@ mod guides {
     struct Development;
     #[doc = include_str!("../docs/benchmarks.md")]
     struct Benchmarks;
+    #[cfg(feature = "runtime")]
+    #[doc = include_str!("../docs/runtime.md")]
+    struct Runtime;
 }

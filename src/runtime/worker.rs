@@ -758,7 +758,7 @@ impl Run {
         while let Some(joined) = self.tasks.try_join_next_with_id() {
             self.finished(joined);
         }
-        let mut completions: Vec<(Lease, Option<Value>)> = Vec::new();
+        let mut completions: Vec<(Lease, Option<Value>, String)> = Vec::new();
         let mut failures: Vec<(Lease, String, Backoff, String)> = Vec::new();
         for (step_id, outcome) in std::mem::take(&mut self.done) {
             let Some(run) = self.running.remove(&step_id) else {
@@ -770,7 +770,7 @@ impl Run {
                 continue; // counted when the lease was found lost
             }
             match outcome {
-                Outcome::Output(output) => completions.push((run.lease, output)),
+                Outcome::Output(output) => completions.push((run.lease, output, run.node_type)),
                 Outcome::Failed(error) => {
                     let backoff = self
                         .handlers
@@ -791,11 +791,15 @@ impl Run {
         }
     }
 
-    /// Completes a batch; a lease lost since (the batch is all or nothing)
-    /// is taken out and the rest completed again.
-    async fn complete(&mut self, mut batch: Vec<(Lease, Option<Value>)>) {
+    /// Completes a batch (lease, output, node type); a lease lost since
+    /// (the batch is all or nothing) is taken out and the rest completed
+    /// again.
+    async fn complete(&mut self, mut batch: Vec<(Lease, Option<Value>, String)>) {
         while !batch.is_empty() {
-            let attempt = batch.clone();
+            let attempt: Vec<(Lease, Option<Value>)> = batch
+                .iter()
+                .map(|(l, o, _)| (l.clone(), o.clone()))
+                .collect();
             let outcome = self
                 .pool
                 .run(move |c| engine::complete_steps(c, &attempt).map(|done| done.len()))
@@ -803,7 +807,14 @@ impl Run {
             match outcome {
                 Ok(n) => {
                     self.succeeded();
-                    self.count_by_type(&batch, "workflow_db_steps_completed_total");
+                    let mut by_type: HashMap<&str, u64> = HashMap::new();
+                    for (_, _, node_type) in &batch {
+                        *by_type.entry(node_type.as_str()).or_default() += 1;
+                    }
+                    for (t, k) in by_type {
+                        metrics::counter!("workflow_db_steps_completed_total", "node_type" => t.to_owned())
+                            .increment(k);
+                    }
                     self.report.completed += n as u64;
                     return;
                 }
@@ -812,7 +823,7 @@ impl Run {
                 }) => {
                     tracing::warn!(step.id = %step_id, %reason, "lease lost before the result was reported; result dropped");
                     self.lease_lost(1);
-                    batch.retain(|(lease, _)| lease.step_id != step_id);
+                    batch.retain(|(lease, _, _)| lease.step_id != step_id);
                 }
                 Err(error) => {
                     // The leases run out and maintenance hands the steps
@@ -1054,20 +1065,6 @@ impl Run {
         if n > 0 {
             self.report.lost += n;
             metrics::counter!("workflow_db_leases_lost_total").increment(n);
-        }
-    }
-
-    fn count_by_type(&self, batch: &[(Lease, Option<Value>)], name: &'static str) {
-        let mut by_type: HashMap<&str, u64> = HashMap::new();
-        for (lease, _) in batch {
-            let t = self
-                .running
-                .get(&lease.step_id)
-                .map_or("", |r| r.node_type.as_str());
-            *by_type.entry(t).or_default() += 1;
-        }
-        for (t, n) in by_type {
-            metrics::counter!(name, "node_type" => t.to_owned()).increment(n);
         }
     }
 
