@@ -35,7 +35,7 @@ pub use models::{
     ExecutionWithSteps, Lease, NewExecution, NewExecutionStep, NewWorkflow, Workflow,
     WorkflowChanges, WorkflowWithExecutions,
 };
-pub use pool::{PgPool, PooledConn, build_pool};
+pub use pool::{PgPool, PooledConn, build_pool, connect};
 
 /// What an engine needs to write its own queries against these tables:
 /// the tables, the row and enum types, and Diesel's query DSL (`eq`, `and`,
