@@ -108,7 +108,9 @@ async fn the_worker_and_maintenance_report_their_work() {
         .handle_with("flaky", RetryPolicy::default(), |_| async {
             Err("no".into())
         })
-        .spawn();
+        .spawn()
+        .await
+        .unwrap();
 
     // (A snapshot resets what it reads: one snapshot, at the end.)
     let deadline = Instant::now() + Duration::from_secs(20);

@@ -36,7 +36,7 @@ fn options(concurrency: usize) -> WorkerOptions {
     let mut o = WorkerOptions::default();
     o.concurrency = concurrency;
     o.lease = Duration::from_secs(5);
-    o.heartbeat_interval = Duration::from_millis(200);
+    o.heartbeat_interval = Some(Duration::from_millis(200));
     o.poll_interval = Duration::from_millis(300);
     o.shutdown_timeout = Duration::from_secs(5);
     o
@@ -123,7 +123,9 @@ async fn a_worker_runs_a_diamond_to_completion_with_handlers_by_node_type() {
         })
         .handle("sql", |_| async { Ok(Some(json!("rows"))) })
         .handle("llm", |_| async { Ok(None) })
-        .spawn();
+        .spawn()
+        .await
+        .unwrap();
     for id in &ids {
         let id = *id;
         eventually(&db, "every execution completed", |c| {
@@ -169,7 +171,9 @@ async fn a_worker_runs_at_most_its_concurrency_and_only_its_node_types() {
                 Ok(None)
             }
         })
-        .spawn();
+        .spawn()
+        .await
+        .unwrap();
     eventually(&db, "the twelve slow steps completed", |c| {
         let done = steps(c, id)
             .iter()
@@ -227,7 +231,9 @@ async fn each_kind_of_failure_fails_its_own_execution() {
         .handle_with("errs", fast, |s| async move {
             Err(format!("refused on attempt {}", s.attempt()).into())
         })
-        .spawn();
+        .spawn()
+        .await
+        .unwrap();
     for id in [p, t, e] {
         eventually(&db, "failed", |c| {
             (status(c, id) == ExecutionStatus::Failed).then_some(())
@@ -268,7 +274,9 @@ async fn a_lost_lease_cancels_the_handler_and_drops_its_result() {
                 Ok(Some(json!("fresh result")))
             }
         })
-        .spawn();
+        .spawn()
+        .await
+        .unwrap();
     eventually(&db, "the step runs", |c| {
         (steps(c, id)[0].status == StepStatus::Running).then_some(())
     })
@@ -316,7 +324,9 @@ async fn shutdown_lets_running_handlers_finish_then_releases_the_rest() {
             tokio::time::sleep(Duration::from_secs(3600)).await;
             Ok(None)
         })
-        .spawn();
+        .spawn()
+        .await
+        .unwrap();
     eventually(&db, "both steps run", |c| {
         steps(c, id)
             .iter()
@@ -350,7 +360,7 @@ async fn notifications_wake_an_idle_worker_and_retries_wake_it_on_time() {
     let mut o = options(2);
     o.poll_interval = Duration::from_secs(3600); // only notifications and retry times wake it
     let worker = Worker::new(pool(&db), o)
-        .notifications(db.url().clone())
+        .notifications(db.url())
         .handle_with(
             "flaky",
             RetryPolicy {
@@ -368,7 +378,9 @@ async fn notifications_wake_an_idle_worker_and_retries_wake_it_on_time() {
                 Ok(Some(json!(s.attempt())))
             },
         )
-        .spawn();
+        .spawn()
+        .await
+        .unwrap();
     // Idle now (its first look found nothing); a start must wake it.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let id = start(&mut conn, &wf);
@@ -396,7 +408,6 @@ async fn invalid_options_and_a_worker_without_handlers_are_refused() {
     let err = Worker::new(pool(&db), o.clone())
         .handle("x", |_| async { Ok(None) })
         .spawn()
-        .wait()
         .await
         .unwrap_err();
     assert!(
@@ -414,23 +425,39 @@ async fn invalid_options_and_a_worker_without_handlers_are_refused() {
         "invalid WorkerOptions::concurrency: 0 is not in 1..=1000"
     );
     o.concurrency = 2;
-    o.heartbeat_interval = o.lease;
+    o.heartbeat_interval = Some(o.lease);
     let err = Worker::new(pool(&db), o.clone())
         .handle("x", |_| async { Ok(None) })
         .spawn()
-        .wait()
         .await
         .unwrap_err();
     assert!(err.to_string().contains("below the lease"), "{err}");
+    // A short lease alone is fine: the heartbeat defaults to a third of it.
+    o.heartbeat_interval = None;
+    o.lease = Duration::from_millis(600);
+    let ok = Worker::new(pool(&db), o.clone())
+        .handle("x", |_| async { Ok(None) })
+        .spawn()
+        .await
+        .unwrap();
+    ok.shutdown().await.unwrap();
     let err = Worker::new(pool(&db), options(1))
         .spawn()
-        .wait()
         .await
         .unwrap_err();
     assert_eq!(
         err.to_string(),
         "invalid Worker::handle: the worker has no handler"
     );
+    // A listener that cannot connect: refused at start, nothing running.
+    let nowhere = workflow_db::DatabaseUrl::parse("postgres://postgres@127.0.0.1:1/none").unwrap();
+    let err = Worker::new(pool(&db), options(1))
+        .notifications(&nowhere)
+        .handle("x", |_| async { Ok(None) })
+        .spawn()
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Connection { .. }), "{err}");
 }
 
 #[test]
@@ -446,4 +473,111 @@ fn worker_ids_are_unique_and_name_host_and_process() {
         ids.len()
     );
     drop(b);
+}
+
+/// A step reclaimed and claimed again by the same worker while its first
+/// run is still going: the first run's late result must not complete the
+/// step under the second run's lease (runs are told apart by attempt).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_result_of_an_earlier_attempt_never_completes_the_step() {
+    let db = TestDatabase::new();
+    let mut conn = db.connect();
+    let wf = typed_workflow(&mut conn, &[("a", "slow", 3)], &[]);
+    let id = start(&mut conn, &wf);
+    let gates: Arc<[tokio::sync::Notify; 2]> =
+        Arc::new([tokio::sync::Notify::new(), tokio::sync::Notify::new()]);
+    let g = Arc::clone(&gates);
+    let mut o = options(2);
+    o.heartbeat_interval = Some(Duration::from_secs(4)); // no heartbeat finds the loss first
+    let worker = Worker::new(pool(&db), o)
+        .handle("slow", move |s| {
+            let g = Arc::clone(&g);
+            async move {
+                let n = s.attempt();
+                g[(n - 1) as usize].notified().await; // ignores its token on purpose
+                Ok(Some(json!(format!("result of attempt {n}"))))
+            }
+        })
+        .spawn()
+        .await
+        .unwrap();
+    eventually(&db, "attempt 1 runs", |c| {
+        let s = &steps(c, id)[0];
+        (s.status == StepStatus::Running && s.attempt == 1).then_some(())
+    })
+    .await;
+    conn.batch_execute(&format!(
+        "UPDATE execution_steps SET locked_until = now() - interval '1 second' WHERE execution_id = '{id}'"
+    ))
+    .unwrap();
+    assert_eq!(engine::reclaim_expired(&mut conn, 10).unwrap().len(), 1);
+    eventually(&db, "attempt 2 runs on the same worker", |c| {
+        let s = &steps(c, id)[0];
+        (s.status == StepStatus::Running && s.attempt == 2).then_some(())
+    })
+    .await;
+    assert_eq!(worker.health().in_flight, 2, "two runs, two slots");
+    gates[0].notify_one(); // attempt 1 finishes late
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let s = &steps(&mut conn, id)[0];
+    assert_eq!((s.status, s.attempt), (StepStatus::Running, 2), "{s:?}");
+    gates[1].notify_one();
+    eventually(&db, "completed by attempt 2", |c| {
+        (status(c, id) == ExecutionStatus::Completed).then_some(())
+    })
+    .await;
+    let report = worker.shutdown().await.unwrap();
+    assert_eq!(
+        steps(&mut conn, id)[0].output,
+        Some(json!("result of attempt 2"))
+    );
+    assert_eq!((report.completed, report.lost), (1, 1));
+}
+
+/// A report that waits (another session holds its execution's row) must
+/// not delay the heartbeats of other running steps: they run on their own
+/// task.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blocked_report_does_not_starve_the_heartbeats() {
+    let db = TestDatabase::new();
+    let mut conn = db.connect();
+    let quick = typed_workflow(&mut conn, &[("q", "quick", 0)], &[]);
+    let long = typed_workflow(&mut conn, &[("l", "long", 0)], &[]);
+    let (e1, e2) = (start(&mut conn, &quick), start(&mut conn, &long));
+    // Another session holds e1's row as the engine's own writers do (a
+    // pause, a cancel): completing q waits for it; claims do not.
+    let mut holder = db.connect();
+    holder.batch_execute("BEGIN").unwrap();
+    holder
+        .batch_execute(&format!(
+            "SELECT 1 FROM executions WHERE id = '{e1}' FOR NO KEY UPDATE"
+        ))
+        .unwrap();
+    let mut o = options(2);
+    o.lease = Duration::from_millis(1000);
+    o.heartbeat_interval = Some(Duration::from_millis(250));
+    let worker = Worker::new(pool(&db), o)
+        .handle("quick", |_| async { Ok(None) })
+        .handle("long", |s| async move {
+            tokio::select! {
+                () = tokio::time::sleep(Duration::from_millis(2500)) => Ok(Some(json!("done"))),
+                () = s.cancelled() => Err("cancelled: lease lost".into()),
+            }
+        })
+        .spawn()
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(3000)).await;
+    holder.batch_execute("COMMIT").unwrap();
+    for id in [e1, e2] {
+        eventually(&db, "both completed", |c| {
+            (status(c, id) == ExecutionStatus::Completed).then_some(())
+        })
+        .await;
+    }
+    let report = worker.shutdown().await.unwrap();
+    assert_eq!(report.lost, 0, "{report:?}");
+    let l = &steps(&mut conn, e2)[0];
+    assert_eq!((l.attempt, l.reclaims), (1, 0), "{l:?}");
+    assert_eq!(l.output, Some(json!("done")));
 }

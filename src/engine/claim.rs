@@ -91,26 +91,34 @@ pub fn claim_steps(
     .load(conn)
 }
 
-/// [`CLAIM`] for some node types: per type, the first `{limit}` ready steps
-/// of `execution_steps_ready_type_idx` (`node_type, run_after, id`), then the
-/// first `{limit}` of those in claim order. Each type's scan reads only that
-/// type's ready steps, so steps of types this worker does not serve are
-/// never scanned past, however many wait. Candidates locked but not taken
-/// are released when the statement's transaction ends.
+/// [`CLAIM`] for some node types: per type, the first `{over}` ready steps
+/// of `execution_steps_ready_type_idx` (`node_type, run_after, id`), the
+/// first `{over}` of those in claim order as candidates (nothing locked so
+/// far), then the first `{limit}` candidates still ready, locked with SKIP
+/// LOCKED (so at most `{limit}` rows are locked, whatever the number of
+/// types). Each type's scan reads only that type's ready steps: steps of
+/// types this worker does not serve are never scanned past. `{over}` is
+/// twice the limit, so that candidates other workers are taking at the
+/// same moment seldom leave a claim short.
 const CLAIM_OF: &str = concat!("\
 UPDATE execution_steps SET status = 'running', locked_by = $1, locked_until = statement_timestamp() + $2
 WHERE id = ANY(ARRAY(
-    SELECT c.id FROM unnest($3::text[]) AS t(node_type)
-    CROSS JOIN LATERAL (
-        SELECT s.id, s.run_after FROM execution_steps s
-        WHERE s.node_type = t.node_type
-          AND s.status = 'pending' AND s.upstream_pending = 0 AND NOT s.parked
-          AND s.run_after <= statement_timestamp()
-        ORDER BY s.run_after, s.id
-        LIMIT {limit}
-        FOR UPDATE SKIP LOCKED) c
-    ORDER BY c.run_after, c.id
-    LIMIT {limit}))
+    SELECT s.id FROM execution_steps s
+    WHERE s.id = ANY(ARRAY(
+        SELECT c.id FROM unnest($3::text[]) AS t(node_type)
+        CROSS JOIN LATERAL (
+            SELECT x.id, x.run_after FROM execution_steps x
+            WHERE x.node_type = t.node_type
+              AND x.status = 'pending' AND x.upstream_pending = 0 AND NOT x.parked
+              AND x.run_after <= statement_timestamp()
+            ORDER BY x.run_after, x.id
+            LIMIT {over}) c
+        ORDER BY c.run_after, c.id
+        LIMIT {over}))
+      AND s.status = 'pending' AND s.upstream_pending = 0 AND NOT s.parked
+    ORDER BY s.run_after, s.id
+    LIMIT {limit}
+    FOR UPDATE SKIP LOCKED))
 RETURNING ", step_columns!());
 
 /// [`claim_steps`] restricted to steps whose [`node_type`] is one of
@@ -134,10 +142,14 @@ pub fn claim_steps_of(
     }
     let limit = limit.clamp(1, MAX_PAGE_SIZE);
     prepared(
-        diesel::sql_query(CLAIM_OF.replace("{limit}", &limit.to_string()))
-            .bind::<Text, _>(worker)
-            .bind::<Interval, _>(interval(lease))
-            .bind::<Array<Text>, _>(node_types),
+        diesel::sql_query(
+            CLAIM_OF
+                .replace("{limit}", &limit.to_string())
+                .replace("{over}", &(2 * limit).to_string()),
+        )
+        .bind::<Text, _>(worker)
+        .bind::<Interval, _>(interval(lease))
+        .bind::<Array<Text>, _>(node_types),
     )
     .load(conn)
 }

@@ -29,7 +29,12 @@
 //! elsewhere on the server, which hold the feed's horizon back) shortly
 //! after, until every transaction that committed before the new `LISTEN`
 //! is covered. So a [`Notification`] stream has duplicates (the replay
-//! starts a little before the disconnection), never gaps. Claimable
+//! starts a little before the disconnection). It is a best effort: the
+//! noted position trails the horizon by one check, because PostgreSQL makes
+//! a commit visible a moment before it signals listeners, but a
+//! notification held in the server's queue for longer (a commit stuck on a
+//! synchronous standby) can still be missed; a consumer that must see every
+//! transition reads the feed with a cursor. Claimable
 //! notifications are not in the feed: on `Reconnected` a worker claims,
 //! which finds whatever became claimable meanwhile.
 //!
@@ -122,6 +127,10 @@ pub struct NotifierOptions {
     /// A health check not answered within this is a lost connection
     /// (default 10 s).
     pub health_check_timeout: Duration,
+    /// Listen to the transitions ([`CHANNEL`]) as well as to claimable work
+    /// ([`CLAIMABLE_CHANNEL`]) (default true). A worker needs only the
+    /// latter: without transitions there is nothing to catch up either.
+    pub transitions: bool,
     /// After a reconnection, replay the event feed from where the last
     /// connection had delivered it, as notifications (default true). See
     /// [the module documentation](self).
@@ -146,6 +155,7 @@ impl Default for NotifierOptions {
             reconnect_max: Duration::from_secs(10),
             health_check_interval: Duration::from_secs(30),
             health_check_timeout: Duration::from_secs(10),
+            transitions: true,
             catch_up: true,
             catch_up_interval: Duration::from_secs(5),
             capacity: 1024,
@@ -219,7 +229,7 @@ impl Notifier {
             options.connect_timeout = *t;
         }
         let target = url.target();
-        let live = open(&config, options.connect_timeout)
+        let live = open(&config, options.connect_timeout, listen_sql(&options))
             .await
             .map_err(|reason| Error::Connection {
                 target: target.clone(),
@@ -235,6 +245,12 @@ impl Notifier {
     /// same as `StreamExt::next`.
     pub async fn recv(&mut self) -> Option<NotifierEvent> {
         self.events.recv().await
+    }
+
+    /// The next event if one is buffered, without waiting (to handle a
+    /// burst of notifications as one).
+    pub fn try_recv(&mut self) -> Option<NotifierEvent> {
+        self.events.try_recv().ok()
     }
 }
 
@@ -323,7 +339,7 @@ async fn supervise(
                 () = tx.closed() => return,
             }
             let attempt = tokio::select! {
-                r = open(&config, options.connect_timeout) => r,
+                r = open(&config, options.connect_timeout, listen_sql(&options)) => r,
                 () = tx.closed() => return,
             };
             match attempt {
@@ -358,7 +374,7 @@ async fn ready(
         txid: xmin - 1,
         event_id: i64::MAX,
     };
-    if !reconnected || !options.catch_up || feed.head.is_none() {
+    if !reconnected || !options.catch_up || !options.transitions || feed.head.is_none() {
         // Nothing owed from before this connection (or no catch-up asked).
         *feed = FeedState {
             head: Some(horizon),
@@ -392,11 +408,12 @@ async fn ready(
 async fn open(
     config: &tokio_postgres::Config,
     timeout: Duration,
+    listen: &str,
 ) -> std::result::Result<Live, String> {
     let attempt = async {
         let (client, mut connection) = config.connect(NoTls).await.map_err(|e| chain(&e))?;
         {
-            let listen = client.batch_execute(LISTEN);
+            let listen = client.batch_execute(listen);
             tokio::pin!(listen);
             // The connection must be driven for the LISTEN to be sent and answered.
             loop {
@@ -421,7 +438,14 @@ async fn open(
         .unwrap_or_else(|_| Err(format!("no connection within {timeout:?}")))
 }
 
-const LISTEN: &str = "LISTEN workflow_db_events; LISTEN workflow_db_claimable";
+/// The channels a notifier listens to.
+fn listen_sql(options: &NotifierOptions) -> &'static str {
+    if options.transitions {
+        "LISTEN workflow_db_events; LISTEN workflow_db_claimable"
+    } else {
+        "LISTEN workflow_db_claimable"
+    }
+}
 
 /// Reads `live` until it breaks or the consumer goes away, passing its
 /// notifications on. Every [`NotifierOptions::catch_up_interval`] (and after
@@ -439,6 +463,9 @@ async fn read(
     let mut quiet_until = Instant::now() + options.health_check_interval;
     let mut head_due = Instant::now() + next_check(options, feed);
     let mut check: Option<Check<'_>> = None;
+    // The horizon of the previous check: the head moves there, one check
+    // behind (see FeedState::head).
+    let mut previous: Option<FeedPosition> = None;
     loop {
         tokio::select! {
             biased;
@@ -457,7 +484,12 @@ async fn read(
             r = async { check.as_mut().expect("guarded by is_some").await }, if check.is_some() => {
                 check = None;
                 match r {
-                    Ok(Checked::Horizon(xmin)) => feed.head = Some(FeedPosition { txid: xmin - 1, event_id: i64::MAX }),
+                    Ok(Checked::Horizon(xmin)) => {
+                        let now = FeedPosition { txid: xmin - 1, event_id: i64::MAX };
+                        if let Some(p) = previous.replace(now) {
+                            feed.head = feed.head.max(Some(p));
+                        }
+                    }
                     Ok(Checked::Replayed(notes, next)) => {
                         *feed = next;
                         for n in notes {
@@ -537,7 +569,12 @@ async fn dispatch(message: &AsyncMessage, tx: &mpsc::Sender<NotifierEvent>) -> b
 struct FeedState {
     /// Every event at or before this position was notified (live, or
     /// replayed); `None` before the first connection said where the feed
-    /// stood.
+    /// stood. In normal operation it trails the feed's horizon by one check
+    /// ([`NotifierOptions::catch_up_interval`]): a transaction can be
+    /// finished in every snapshot a little before its NOTIFY reaches
+    /// listeners (PostgreSQL signals them after the commit is visible, and
+    /// a listener reads its queue only up to the oldest entry whose
+    /// transaction is still committing).
     head: Option<FeedPosition>,
     /// While replaying: every transaction that committed before the current
     /// connection's `LISTEN` has a txid below this (the `xmax` of a snapshot

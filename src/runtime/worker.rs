@@ -12,7 +12,7 @@
 //! let config = Config::from_env()?;
 //! let pool = AsyncPool::from_config(&config).await?;
 //! let worker = Worker::new(pool, WorkerOptions::default())
-//!     .notifications(config.database_url.clone())
+//!     .notifications(&config.database_url)
 //!     .handle("http", |step| async move {
 //!         let url = step.input().and_then(|i| i["url"].as_str()).unwrap_or_default().to_owned();
 //!         // ... fetch `url`; `step.cancelled()` resolves if the lease is lost ...
@@ -86,7 +86,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use uuid::Uuid;
 
-use super::notifier::{Notifier, NotifierEvent};
+use super::notifier::{Notifier, NotifierEvent, NotifierOptions};
 use super::pool::AsyncPool;
 use crate::config::DatabaseUrl;
 use crate::engine::{self, Backoff};
@@ -161,17 +161,19 @@ impl RetryPolicy {
 #[non_exhaustive]
 pub struct WorkerOptions {
     /// The worker's id, recorded on its leases and in the history (default
-    /// [`worker_id`]: unique per process and worker).
-    pub id: String,
+    /// `None`: a fresh [`worker_id`] per worker, so options cloned for
+    /// several workers still give each its own id).
+    pub id: Option<String>,
     /// Handlers running at once (default 10).
     pub concurrency: usize,
     /// Length of each lease (default 30 s). A step of a crashed worker is
     /// reclaimed at most this long (plus the maintenance interval) after its
     /// last heartbeat.
     pub lease: Duration,
-    /// How often the leases of running handlers are renewed (default 10 s,
-    /// a third of the lease: two heartbeats may fail before a lease is lost).
-    pub heartbeat_interval: Duration,
+    /// How often the leases of running handlers are renewed (default
+    /// `None`: a third of the lease, so two heartbeats may fail before a
+    /// lease is lost). Must be below the lease.
+    pub heartbeat_interval: Option<Duration>,
     /// The longest a worker with free slots waits without a notification
     /// before it looks for work (default 5 s).
     pub poll_interval: Duration,
@@ -183,21 +185,33 @@ pub struct WorkerOptions {
 impl Default for WorkerOptions {
     fn default() -> Self {
         WorkerOptions {
-            id: worker_id(),
+            id: None,
             concurrency: 10,
             lease: Duration::from_secs(30),
-            heartbeat_interval: Duration::from_secs(10),
+            heartbeat_interval: None,
             poll_interval: Duration::from_secs(5),
             shutdown_timeout: Duration::from_secs(30),
         }
     }
 }
 
+/// [`WorkerOptions`] checked, with the defaults that depend on others filled in.
+#[derive(Debug, Clone)]
+struct Settings {
+    id: String,
+    concurrency: usize,
+    lease: Duration,
+    heartbeat_interval: Duration,
+    poll_interval: Duration,
+    shutdown_timeout: Duration,
+}
+
 impl WorkerOptions {
-    fn validate(&self) -> Result<()> {
+    fn settings(&self) -> Result<Settings> {
         let invalid =
             |option: &'static str, reason: String| Err(Error::InvalidOption { option, reason });
-        if self.id.is_empty() {
+        let id = self.id.clone().unwrap_or_else(worker_id);
+        if id.is_empty() {
             return invalid("WorkerOptions::id", "empty".into());
         }
         let max = crate::models::MAX_PAGE_SIZE;
@@ -213,19 +227,27 @@ impl WorkerOptions {
                 format!("{:?} is shorter than 100ms", self.lease),
             );
         }
-        if self.heartbeat_interval.is_zero() || self.heartbeat_interval >= self.lease {
+        let heartbeat_interval = self.heartbeat_interval.unwrap_or(self.lease / 3);
+        if heartbeat_interval.is_zero() || heartbeat_interval >= self.lease {
             return invalid(
                 "WorkerOptions::heartbeat_interval",
                 format!(
-                    "{:?} must be above zero and below the lease ({:?})",
-                    self.heartbeat_interval, self.lease
+                    "{heartbeat_interval:?} must be above zero and below the lease ({:?})",
+                    self.lease
                 ),
             );
         }
         if self.poll_interval.is_zero() {
             return invalid("WorkerOptions::poll_interval", "zero".into());
         }
-        Ok(())
+        Ok(Settings {
+            id,
+            concurrency: self.concurrency,
+            lease: self.lease,
+            heartbeat_interval,
+            poll_interval: self.poll_interval,
+            shutdown_timeout: self.shutdown_timeout,
+        })
     }
 }
 
@@ -237,6 +259,7 @@ pub struct StepContext {
     step: Arc<ExecutionStep>,
     lease: Lease,
     cancel: CancellationToken,
+    pool: AsyncPool,
 }
 
 impl fmt::Debug for StepContext {
@@ -295,6 +318,15 @@ impl StepContext {
     pub fn is_cancelled(&self) -> bool {
         self.cancel.is_cancelled()
     }
+
+    /// The worker's pool, for what a handler reads or writes in the
+    /// database (its execution's data, upstream outputs: see
+    /// `ExecutionStep::list_for_execution`). The worker itself holds at
+    /// most one connection at a time; size the pool for the handlers' use
+    /// on top of that.
+    pub fn pool(&self) -> &AsyncPool {
+        &self.pool
+    }
 }
 
 struct Registered {
@@ -337,8 +369,8 @@ impl Worker {
     /// Listens for the database's claimable notifications on a dedicated
     /// connection to `url` (a [`Notifier`]): work is picked up the moment it
     /// becomes claimable instead of at the next poll.
-    pub fn notifications(mut self, url: DatabaseUrl) -> Worker {
-        self.url = Some(url);
+    pub fn notifications(mut self, url: &DatabaseUrl) -> Worker {
+        self.url = Some(url.clone());
         self
     }
 
@@ -370,44 +402,12 @@ impl Worker {
     }
 
     /// Starts the worker on the current tokio runtime; the handle stops it.
-    /// Invalid options (or no handler) end the task at once with
-    /// [`Error::InvalidOption`], returned by [`WorkerHandle::shutdown`] and
-    /// [`WorkerHandle::wait`].
-    pub fn spawn(self) -> WorkerHandle {
-        let stop = CancellationToken::new();
-        let health = Arc::new(Mutex::new(Health::default()));
-        let id = self.options.id.clone();
-        let task = tokio::spawn(self.run_inner(stop.clone(), Arc::clone(&health)));
-        WorkerHandle {
-            id,
-            stop,
-            health,
-            task,
-        }
-    }
-
-    /// Runs the worker until `shutdown` resolves, then shuts it down
-    /// gracefully (see [`WorkerHandle::shutdown`]).
-    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<WorkerReport> {
-        let handle = self.spawn();
-        let stop = handle.stop.clone();
-        let stopped = handle.stopped();
-        tokio::pin!(stopped);
-        tokio::select! {
-            r = &mut stopped => r,
-            () = shutdown => {
-                stop.cancel();
-                stopped.await
-            }
-        }
-    }
-
-    async fn run_inner(
-        self,
-        stop: CancellationToken,
-        health: Arc<Mutex<Health>>,
-    ) -> Result<WorkerReport> {
-        self.options.validate()?;
+    /// Fails, with nothing started, on invalid options or no handler
+    /// ([`Error::InvalidOption`]) and when the notifications' connection
+    /// cannot be opened ([`Error::Connection`]). After that, database errors
+    /// are retried (and shown in [`WorkerHandle::health`]), never fatal.
+    pub async fn spawn(self) -> Result<WorkerHandle> {
+        let settings = self.options.settings()?;
         if self.handlers.is_empty() {
             return Err(Error::InvalidOption {
                 option: "Worker::handle",
@@ -415,26 +415,59 @@ impl Worker {
             });
         }
         let notifier = match &self.url {
-            Some(url) => Some(Notifier::connect(url).await?),
+            // Claimable work only: transitions (and their catch-up) are not
+            // a worker's business.
+            Some(url) => Some(
+                Notifier::connect_with(
+                    url,
+                    NotifierOptions {
+                        transitions: false,
+                        catch_up: false,
+                        ..NotifierOptions::default()
+                    },
+                )
+                .await?,
+            ),
             None => None,
         };
-        health.lock().expect("health lock").listening = notifier.is_some();
+        let stop = CancellationToken::new();
+        let health = Arc::new(Mutex::new(Health {
+            listening: notifier.is_some(),
+            ..Health::default()
+        }));
         let mut types: Vec<String> = self.handlers.keys().cloned().collect();
         types.sort();
+        let id = settings.id.clone();
         let mut run = Run {
             pool: self.pool,
-            options: self.options,
+            options: settings,
             handlers: self.handlers,
             types,
             notifier,
             tasks: JoinSet::new(),
             running: HashMap::new(),
+            leases: Arc::default(),
             done: Vec::new(),
             by_task: HashMap::new(),
             report: WorkerReport::default(),
-            health,
+            health: Arc::clone(&health),
         };
-        run.main(stop).await
+        let token = stop.clone();
+        let task = tokio::spawn(async move { Ok(run.main(token).await) });
+        Ok(WorkerHandle {
+            id,
+            stop,
+            health,
+            task,
+        })
+    }
+
+    /// Runs the worker until `shutdown` resolves, then shuts it down
+    /// gracefully (see [`WorkerHandle::shutdown`]).
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<WorkerReport> {
+        let handle = self.spawn().await?;
+        shutdown.await;
+        handle.shutdown().await
     }
 }
 
@@ -452,6 +485,25 @@ pub struct WorkerReport {
     pub lost: u64,
     /// Steps released back to `pending` at shutdown.
     pub released: u64,
+}
+
+impl std::ops::AddAssign for WorkerReport {
+    fn add_assign(&mut self, other: WorkerReport) {
+        self.claimed += other.claimed;
+        self.completed += other.completed;
+        self.failed += other.failed;
+        self.lost += other.lost;
+        self.released += other.released;
+    }
+}
+
+impl std::iter::Sum for WorkerReport {
+    fn sum<I: Iterator<Item = WorkerReport>>(iter: I) -> WorkerReport {
+        iter.fold(WorkerReport::default(), |mut total, r| {
+            total += r;
+            total
+        })
+    }
 }
 
 /// A running worker's state, for a health endpoint.
@@ -508,7 +560,7 @@ impl WorkerHandle {
 
     /// The worker's health now.
     pub fn health(&self) -> WorkerHealth {
-        let h = self.health.lock().expect("health lock");
+        let h = lock(&self.health);
         WorkerHealth {
             running: !self.task.is_finished(),
             in_flight: h.in_flight,
@@ -526,8 +578,14 @@ impl WorkerHandle {
         self.stopped().await
     }
 
-    /// Waits for the worker to stop (after [`WorkerHandle::shutdown`] from
-    /// a clone of its token, or an error that ended it).
+    /// Begins the graceful shutdown without waiting for it (to stop many
+    /// workers at once: [`WorkerHandle::stop`] each, then
+    /// [`WorkerHandle::wait`] each).
+    pub fn stop(&self) {
+        self.stop.cancel();
+    }
+
+    /// Waits for the worker to stop (after [`WorkerHandle::stop`]).
     pub async fn wait(self) -> Result<WorkerReport> {
         self.stopped().await
     }
@@ -540,16 +598,28 @@ impl WorkerHandle {
     }
 }
 
-/// A run in progress.
-struct Running {
+/// A run: its step and attempt (a step reclaimed and claimed again by the
+/// same worker is another run, while the first may still be finishing).
+type RunKey = (Uuid, i32);
+
+/// The leases of the running handlers, shared by the main loop (which
+/// adds and removes them) and the heartbeat task (which renews them, and
+/// marks and cancels the lost ones).
+type Leases = Arc<Mutex<HashMap<RunKey, Held>>>;
+
+struct Held {
     lease: Lease,
-    node_type: String,
     cancel: CancellationToken,
     /// When the lease expires unless renewed (as far as this worker knows).
     expires: Instant,
-    started: Instant,
-    /// The lease was lost: the result is dropped.
+    /// The lease was lost: the run's result is dropped.
     lost: bool,
+}
+
+/// A run in progress, as the main loop sees it.
+struct Running {
+    node_type: String,
+    started: Instant,
 }
 
 /// How a handler's task ended.
@@ -558,28 +628,133 @@ enum Outcome {
     Failed(String),
 }
 
+/// Locks a mutex, ignoring poisoning (the data are plain bookkeeping).
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Renews the leases every `interval` until `stop`, on its own task: a
+/// claim or a report that waits (a lock, a slow pool) never delays a
+/// heartbeat. Returns how many leases it found lost.
+async fn beat(
+    pool: AsyncPool,
+    leases: Leases,
+    health: Arc<Mutex<Health>>,
+    lease: Duration,
+    interval: Duration,
+    stop: CancellationToken,
+) -> u64 {
+    let mut lost_total = 0;
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(interval) => {}
+            () = stop.cancelled() => return lost_total,
+        }
+        let held: Vec<Lease> = lock(&leases)
+            .values()
+            .filter(|h| !h.lost)
+            .map(|h| h.lease.clone())
+            .collect();
+        if held.is_empty() {
+            continue;
+        }
+        let sent = Instant::now();
+        let asked = held.clone();
+        let renewed = pool
+            .run(move |c| Ok(engine::heartbeat(c, &asked, lease)?))
+            .await;
+        let mut lost = 0;
+        {
+            let mut table = lock(&leases);
+            match &renewed {
+                Ok(kept) => {
+                    let kept: HashSet<Uuid> = kept.iter().copied().collect();
+                    for l in &held {
+                        let Some(h) = table.get_mut(&(l.step_id, l.attempt)) else {
+                            continue; // finished meanwhile
+                        };
+                        if kept.contains(&l.step_id) {
+                            h.expires = sent + lease;
+                        } else if !h.lost {
+                            tracing::warn!(step.id = %l.step_id, attempt = l.attempt, "lease lost; cancelling the handler");
+                            h.lost = true;
+                            h.cancel.cancel();
+                            lost += 1;
+                        }
+                    }
+                }
+                Err(_) => {
+                    // A lease that ran out while the database was
+                    // unreachable is someone else's to run now.
+                    let now = Instant::now();
+                    for h in table.values_mut() {
+                        if !h.lost && h.expires <= now {
+                            h.lost = true;
+                            h.cancel.cancel();
+                            lost += 1;
+                        }
+                    }
+                }
+            }
+        }
+        match renewed {
+            Ok(_) => note_success(&health),
+            Err(error) => note_failure(&health, "heartbeat", &error),
+        }
+        if lost > 0 {
+            lost_total += lost;
+            metrics::counter!("workflow_db_leases_lost_total").increment(lost);
+        }
+    }
+}
+
+fn note_success(health: &Mutex<Health>) {
+    let mut h = lock(health);
+    h.last_success = Some(Instant::now());
+    h.last_error = None;
+}
+
+fn note_failure(health: &Mutex<Health>, what: &str, error: &Error) {
+    tracing::error!(%error, call = what, "worker: database call failed");
+    metrics::counter!("workflow_db_worker_errors_total", "call" => what.to_owned()).increment(1);
+    lock(health).last_error = Some(format!("{what}: {error}"));
+}
+
+/// How often a report that failed on a deadlock or a serialization
+/// failure is tried again.
+const REPORT_ATTEMPTS: u32 = 3;
+
 struct Run {
     pool: AsyncPool,
-    options: WorkerOptions,
+    options: Settings,
     handlers: HashMap<String, Registered>,
     types: Vec<String>,
     notifier: Option<Notifier>,
-    tasks: JoinSet<(Uuid, Outcome)>,
-    running: HashMap<Uuid, Running>,
+    tasks: JoinSet<(RunKey, Outcome)>,
+    running: HashMap<RunKey, Running>,
+    leases: Leases,
     /// Finished runs not reported yet.
-    done: Vec<(Uuid, Outcome)>,
-    by_task: HashMap<TaskId, Uuid>,
+    done: Vec<(RunKey, Outcome)>,
+    by_task: HashMap<TaskId, RunKey>,
     report: WorkerReport,
     health: Arc<Mutex<Health>>,
 }
 
 impl Run {
-    async fn main(&mut self, stop: CancellationToken) -> Result<WorkerReport> {
+    async fn main(&mut self, stop: CancellationToken) -> WorkerReport {
         let worker = self.options.id.clone();
         tracing::info!(%worker, node_types = ?self.types, "worker started");
+        let beats_stop = CancellationToken::new();
+        let beats = tokio::spawn(beat(
+            self.pool.clone(),
+            Arc::clone(&self.leases),
+            Arc::clone(&self.health),
+            self.options.lease,
+            self.options.heartbeat_interval,
+            beats_stop.clone(),
+        ));
         let mut wake = true; // look for work at once
         let mut next_look = Instant::now() + self.options.poll_interval;
-        let mut next_heartbeat = Instant::now() + self.options.heartbeat_interval;
         loop {
             if wake && self.running.len() < self.options.concurrency {
                 wake = false;
@@ -597,10 +772,10 @@ impl Run {
                 }
                 event = recv(&mut self.notifier), if listening => {
                     wake |= self.notified(event, &mut next_look);
-                }
-                () = sleep_until(next_heartbeat.into()) => {
-                    self.heartbeat().await;
-                    next_heartbeat = Instant::now() + self.options.heartbeat_interval;
+                    // Coalesce: whatever else arrived meanwhile, then one claim.
+                    while let Some(event) = self.notifier.as_mut().and_then(Notifier::try_recv) {
+                        wake |= self.notified(Some(event), &mut next_look);
+                    }
                 }
                 () = sleep_until(next_look.into()) => {
                     wake = true;
@@ -609,8 +784,10 @@ impl Run {
             }
         }
         self.shut_down().await;
+        beats_stop.cancel();
+        self.report.lost += beats.await.unwrap_or(0);
         tracing::info!(%worker, report = ?self.report, "worker stopped");
-        Ok(self.report.clone())
+        self.report.clone()
     }
 
     /// Claims for the free slots and starts the handlers; returns when to
@@ -624,11 +801,12 @@ impl Run {
         );
         let started = Instant::now();
         let claimed = self
-            .db(move |c| {
+            .db("claim", move |c| {
                 let steps = engine::claim_steps_of(c, &worker, &types, free as i64, lease)?;
                 // Nothing (or not all) claimed: when is the next step due?
+                // (A failure here must not lose the steps just claimed.)
                 let next = if steps.len() < free {
-                    engine::next_claimable_at(c, &types)?
+                    engine::next_claimable_at(c, &types).ok().flatten()
                 } else {
                     None
                 };
@@ -681,12 +859,13 @@ impl Run {
             node.r#type = %node_type,
             attempt = lease.attempt,
         );
+        let key: RunKey = (step.id, lease.attempt);
         let ctx = StepContext {
             step: Arc::new(step),
             lease: lease.clone(),
             cancel: cancel.clone(),
+            pool: self.pool.clone(),
         };
-        let step_id = ctx.step.id;
         let token = cancel.clone();
         let abort = self.tasks.spawn(
             async move {
@@ -705,20 +884,25 @@ impl Run {
                     Ok(output) => Outcome::Output(output),
                     Err(e) => Outcome::Failed(error_chain(e.as_ref())),
                 };
-                (step_id, outcome)
+                (key, outcome)
             }
             .instrument(span),
         );
-        self.by_task.insert(abort.id(), step_id);
-        self.running.insert(
-            step_id,
-            Running {
+        self.by_task.insert(abort.id(), key);
+        lock(&self.leases).insert(
+            key,
+            Held {
                 lease,
-                node_type,
                 cancel,
                 expires: claimed_at + self.options.lease,
-                started: Instant::now(),
                 lost: false,
+            },
+        );
+        self.running.insert(
+            key,
+            Running {
+                node_type,
+                started: Instant::now(),
             },
         );
         self.set_in_flight();
@@ -727,15 +911,15 @@ impl Run {
     /// Records a finished task's outcome (reported by [`Run::report_ready`]).
     fn finished(
         &mut self,
-        joined: std::result::Result<(TaskId, (Uuid, Outcome)), tokio::task::JoinError>,
+        joined: std::result::Result<(TaskId, (RunKey, Outcome)), tokio::task::JoinError>,
     ) {
-        let (step_id, outcome) = match joined {
+        let (key, outcome) = match joined {
             Ok((task, done)) => {
                 self.by_task.remove(&task);
                 done
             }
             Err(e) => {
-                let Some(step_id) = self.by_task.remove(&e.id()) else {
+                let Some(key) = self.by_task.remove(&e.id()) else {
                     return;
                 };
                 let reason = if e.is_panic() {
@@ -746,10 +930,10 @@ impl Run {
                 } else {
                     "the handler was cancelled".to_owned()
                 };
-                (step_id, Outcome::Failed(reason))
+                (key, Outcome::Failed(reason))
             }
         };
-        self.done.push((step_id, outcome));
+        self.done.push((key, outcome));
     }
 
     /// Reports every finished run: the completions in one statement, each
@@ -760,25 +944,28 @@ impl Run {
         }
         let mut completions: Vec<(Lease, Option<Value>, String)> = Vec::new();
         let mut failures: Vec<(Lease, String, Backoff, String)> = Vec::new();
-        for (step_id, outcome) in std::mem::take(&mut self.done) {
-            let Some(run) = self.running.remove(&step_id) else {
+        for (key, outcome) in std::mem::take(&mut self.done) {
+            let Some(run) = self.running.remove(&key) else {
+                continue;
+            };
+            let Some(held) = lock(&self.leases).remove(&key) else {
                 continue;
             };
             metrics::histogram!("workflow_db_step_seconds", "node_type" => run.node_type.clone())
                 .record(run.started.elapsed().as_secs_f64());
-            if run.lost {
+            if held.lost {
                 continue; // counted when the lease was found lost
             }
             match outcome {
-                Outcome::Output(output) => completions.push((run.lease, output, run.node_type)),
+                Outcome::Output(output) => completions.push((held.lease, output, run.node_type)),
                 Outcome::Failed(error) => {
                     let backoff = self
                         .handlers
                         .get(&run.node_type)
                         .map(|h| h.policy.jittered())
                         .unwrap_or_default();
-                    tracing::info!(step.id = %step_id, %error, "step attempt failed");
-                    failures.push((run.lease, error, backoff, run.node_type));
+                    tracing::info!(step.id = %key.0, attempt = key.1, %error, "step attempt failed");
+                    failures.push((held.lease, error, backoff, run.node_type));
                 }
             }
         }
@@ -791,10 +978,11 @@ impl Run {
         }
     }
 
-    /// Completes a batch (lease, output, node type); a lease lost since
-    /// (the batch is all or nothing) is taken out and the rest completed
-    /// again.
+    /// Completes a batch (lease, output, node type): one statement; a lease
+    /// lost since (the batch is all or nothing) is taken out and the rest
+    /// completed again; a deadlock or serialization failure is tried again.
     async fn complete(&mut self, mut batch: Vec<(Lease, Option<Value>, String)>) {
+        let mut retries = 0;
         while !batch.is_empty() {
             let attempt: Vec<(Lease, Option<Value>)> = batch
                 .iter()
@@ -806,7 +994,7 @@ impl Run {
                 .await;
             match outcome {
                 Ok(n) => {
-                    self.succeeded();
+                    note_success(&self.health);
                     let mut by_type: HashMap<&str, u64> = HashMap::new();
                     for (_, _, node_type) in &batch {
                         *by_type.entry(node_type.as_str()).or_default() += 1;
@@ -825,10 +1013,15 @@ impl Run {
                     self.lease_lost(1);
                     batch.retain(|(lease, _, _)| lease.step_id != step_id);
                 }
+                Err(error) if error.is_retryable() && retries < REPORT_ATTEMPTS => {
+                    retries += 1;
+                    tracing::debug!(%error, retries, "worker: completing again");
+                    tokio::time::sleep(Duration::from_millis(5 + fastrand::u64(..20))).await;
+                }
                 Err(error) => {
                     // The leases run out and maintenance hands the steps
                     // out again: their results are lost, not their steps.
-                    self.failed_call("complete", &error);
+                    note_failure(&self.health, "complete", &error);
                     return;
                 }
             }
@@ -846,83 +1039,38 @@ impl Run {
                 let mut lost = 0u64;
                 let mut reported = Vec::new();
                 for (lease, error, backoff) in &attempt {
-                    match engine::fail_step(c, lease, error, backoff) {
-                        Ok(_) => reported.push(lease.step_id),
-                        Err(Error::LeaseLost { .. }) => lost += 1,
-                        Err(e) => return Err(e),
+                    let mut tries = 0;
+                    loop {
+                        match engine::fail_step(c, lease, error, backoff) {
+                            Ok(_) => reported.push(lease.step_id),
+                            Err(Error::LeaseLost { .. }) => lost += 1,
+                            Err(e) if e.is_retryable() && tries < REPORT_ATTEMPTS => {
+                                tries += 1;
+                                continue;
+                            }
+                            // What was reported stays reported.
+                            Err(e) => return Ok((reported, lost, Some(e))),
+                        }
+                        break;
                     }
                 }
-                Ok((reported, lost))
+                Ok((reported, lost, None))
             })
             .await;
-        match outcome {
-            Ok((reported, lost)) => {
-                self.succeeded();
-                self.lease_lost(lost);
-                self.report.failed += reported.len() as u64;
-                for (lease, _, _, node_type) in &failures {
-                    if reported.contains(&lease.step_id) {
-                        metrics::counter!("workflow_db_steps_failed_total", "node_type" => node_type.clone())
-                            .increment(1);
-                    }
-                }
-            }
-            Err(error) => self.failed_call("fail", &error),
+        let (reported, lost, error) = match outcome {
+            Ok(r) => r,
+            Err(error) => (Vec::new(), 0, Some(error)),
+        };
+        match error {
+            None => note_success(&self.health),
+            Some(error) => note_failure(&self.health, "fail", &error),
         }
-    }
-
-    /// Renews the leases of the running handlers; cancels those lost.
-    async fn heartbeat(&mut self) {
-        let leases: Vec<Lease> = self
-            .running
-            .values()
-            .filter(|r| !r.lost)
-            .map(|r| r.lease.clone())
-            .collect();
-        if leases.is_empty() {
-            return;
-        }
-        let lease = self.options.lease;
-        let sent = Instant::now();
-        let asked = leases.clone();
-        match self
-            .pool
-            .run(move |c| Ok(engine::heartbeat(c, &asked, lease)?))
-            .await
-        {
-            Ok(kept) => {
-                self.succeeded();
-                let kept: HashSet<Uuid> = kept.into_iter().collect();
-                let mut lost = 0;
-                for l in &leases {
-                    let Some(run) = self.running.get_mut(&l.step_id) else {
-                        continue;
-                    };
-                    if kept.contains(&l.step_id) {
-                        run.expires = sent + lease;
-                    } else if !run.lost {
-                        tracing::warn!(step.id = %l.step_id, "lease lost; cancelling the handler");
-                        run.lost = true;
-                        run.cancel.cancel();
-                        lost += 1;
-                    }
-                }
-                self.lease_lost(lost);
-            }
-            Err(error) => {
-                self.failed_call("heartbeat", &error);
-                // A lease that ran out while the database was unreachable is
-                // someone else's to run now.
-                let now = Instant::now();
-                let mut lost = 0;
-                for run in self.running.values_mut() {
-                    if !run.lost && run.expires <= now {
-                        run.lost = true;
-                        run.cancel.cancel();
-                        lost += 1;
-                    }
-                }
-                self.lease_lost(lost);
+        self.lease_lost(lost);
+        self.report.failed += reported.len() as u64;
+        for (lease, _, _, node_type) in &failures {
+            if reported.contains(&lease.step_id) {
+                metrics::counter!("workflow_db_steps_failed_total", "node_type" => node_type.clone())
+                    .increment(1);
             }
         }
     }
@@ -950,29 +1098,29 @@ impl Run {
             }
             Some(NotifierEvent::Disconnected { reason }) => {
                 tracing::warn!(%reason, "worker: notifications lost; polling until reconnected");
-                self.health.lock().expect("health lock").listening = false;
+                lock(&self.health).listening = false;
                 false
             }
             Some(NotifierEvent::Reconnected) => {
-                self.health.lock().expect("health lock").listening = true;
-                true // catch up on what was notified meanwhile
+                lock(&self.health).listening = true;
+                true // catch up on what became claimable meanwhile
             }
             Some(_) => false,
             None => {
                 // The notifier's task ended: poll from now on.
                 tracing::error!("worker: the notifier stopped; polling");
                 self.notifier = None;
-                self.health.lock().expect("health lock").listening = false;
+                lock(&self.health).listening = false;
                 true
             }
         }
     }
 
     /// Graceful stop: wait for the running handlers until the deadline,
-    /// reporting as they finish; then cancel and release the rest.
+    /// reporting as they finish (the heartbeat task renews meanwhile); then
+    /// release the rest and cancel their handlers.
     async fn shut_down(&mut self) {
         let deadline = Instant::now() + self.options.shutdown_timeout;
-        let mut next_heartbeat = Instant::now() + self.options.heartbeat_interval;
         tracing::info!(
             in_flight = self.running.len(),
             "worker stopping: no new claims"
@@ -983,10 +1131,6 @@ impl Run {
                     self.finished(joined);
                     self.report_ready().await;
                 }
-                () = sleep_until(next_heartbeat.into()) => {
-                    self.heartbeat().await;
-                    next_heartbeat = Instant::now() + self.options.heartbeat_interval;
-                }
                 () = sleep_until(deadline.into()) => break,
             }
         }
@@ -994,71 +1138,69 @@ impl Run {
         if self.running.is_empty() {
             return;
         }
-        // Past the deadline: stop the handlers and hand their steps back.
-        for run in self.running.values() {
-            run.cancel.cancel();
+        // Past the deadline: hand the steps back first (a handler that never
+        // yields must not keep them), then stop the handlers.
+        let held: Vec<Held> = lock(&self.leases).drain().map(|(_, h)| h).collect();
+        let leases: Vec<Lease> = held
+            .iter()
+            .filter(|h| !h.lost)
+            .map(|h| h.lease.clone())
+            .collect();
+        for h in &held {
+            h.cancel.cancel();
+        }
+        if !leases.is_empty() {
+            match self
+                .pool
+                .run(move |c| engine::release_steps(c, &leases))
+                .await
+            {
+                Ok(released) => {
+                    self.report.released += released.len() as u64;
+                    metrics::counter!("workflow_db_steps_released_total")
+                        .increment(released.len() as u64);
+                    tracing::info!(
+                        released = released.len(),
+                        "worker released its unfinished steps"
+                    );
+                }
+                Err(error) => note_failure(&self.health, "release", &error),
+            }
         }
         self.tasks.abort_all();
-        while self.tasks.join_next().await.is_some() {}
-        let leases: Vec<Lease> = self
-            .running
-            .drain()
-            .filter(|(_, r)| !r.lost)
-            .map(|(_, r)| r.lease)
-            .collect();
+        let drained = tokio::time::timeout(Duration::from_secs(1), async {
+            while self.tasks.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!(
+                "worker: some handlers did not stop when aborted (blocking code?); left running detached"
+            );
+            self.tasks.detach_all();
+        }
+        self.running.clear();
         self.done.clear();
         self.by_task.clear();
         self.set_in_flight();
-        if leases.is_empty() {
-            return;
-        }
-        match self
-            .pool
-            .run(move |c| engine::release_steps(c, &leases))
-            .await
-        {
-            Ok(released) => {
-                self.report.released += released.len() as u64;
-                metrics::counter!("workflow_db_steps_released_total")
-                    .increment(released.len() as u64);
-                tracing::info!(
-                    released = released.len(),
-                    "worker released its unfinished steps"
-                );
-            }
-            Err(error) => self.failed_call("release", &error),
-        }
     }
 
     /// Runs `f` on a pooled connection; an error is logged and recorded in
     /// the health, and `None` returned.
     async fn db<T: Send + 'static>(
         &mut self,
+        what: &str,
         f: impl FnOnce(&mut diesel::PgConnection) -> Result<T> + Send + 'static,
     ) -> Option<T> {
         match self.pool.run(f).await {
             Ok(v) => {
-                self.succeeded();
+                note_success(&self.health);
                 Some(v)
             }
             Err(error) => {
-                self.failed_call("claim", &error);
+                note_failure(&self.health, what, &error);
                 None
             }
         }
-    }
-
-    fn succeeded(&self) {
-        let mut h = self.health.lock().expect("health lock");
-        h.last_success = Some(Instant::now());
-        h.last_error = None;
-    }
-
-    fn failed_call(&self, what: &str, error: &Error) {
-        tracing::error!(%error, call = what, "worker: database call failed");
-        metrics::counter!("workflow_db_worker_errors_total", "call" => what.to_owned())
-            .increment(1);
-        self.health.lock().expect("health lock").last_error = Some(format!("{what}: {error}"));
     }
 
     fn lease_lost(&mut self, n: u64) {
@@ -1069,7 +1211,7 @@ impl Run {
     }
 
     fn set_in_flight(&self) {
-        self.health.lock().expect("health lock").in_flight = self.running.len();
+        lock(&self.health).in_flight = self.running.len();
         metrics::gauge!("workflow_db_steps_in_flight").set(self.running.len() as f64);
     }
 }
