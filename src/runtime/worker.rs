@@ -18,7 +18,8 @@
 //!         // ... fetch `url`; `step.cancelled()` resolves if the lease is lost ...
 //!         Ok(Some(json!({ "fetched": url })))
 //!     })
-//!     .spawn();
+//!     .spawn()
+//!     .await?;
 //! // ... on SIGTERM:
 //! let report = worker.shutdown().await?;
 //! println!("{} step(s) completed", report.completed);
