@@ -34,9 +34,10 @@ pub const MAX_BATCH: i64 = workflow_db::models::MAX_PAGE_SIZE;
 
 pub const USAGE: &str = "\
 usage: cargo bench --bench workload -- [options]
-  --only W1,W3      run only these figure groups (W1..W6, ASYNC, CLAIM, R2D2,
-                    CANCEL, FANIN, DRAIN; default all; ASYNC is W2 through the
-                    async face, paired with W2 when both run)
+  --only W1,W3      run only these figure groups (W1..W6, ASYNC, WORKER, CLAIM,
+                    R2D2, CANCEL, FANIN, DRAIN; default all; ASYNC is W2 through
+                    the async face, paired with W2 when both run; WORKER is W2
+                    and W6 through runtime::Worker, paired with W2 and W6)
   --runs N          repetitions of every figure (default 3)
   --executions N    W5/W3/W4 data scale in executions (default 100000; steps = 10x)
   --duration SECS   length of each throughput measurement (default 8)

@@ -92,9 +92,7 @@ static DEADLOCK_RETRIES: AtomicU64 = AtomicU64::new(0);
 impl Bench {
     pub fn async_face(&mut self, rep: usize) -> Res<()> {
         eprintln!("ASYNC W2 claim+complete through AsyncPool (rep {rep})");
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build()?;
+        let rt = self.runtime()?;
         self.hand_off(&rt)?;
         for workers in [1usize, 4] {
             let sync = w2_single_name(workers);

@@ -115,11 +115,34 @@ pub fn complete_batch(conn: &mut PgConnection, worker: &str, n: i64, rng: &mut R
     }
 }
 
-fn any_unfinished(conn: &mut PgConnection) -> Res<bool> {
+/// Whether an execution is still pending or running.
+pub fn any_unfinished(conn: &mut PgConnection) -> Res<bool> {
     Ok(diesel::select(diesel::dsl::exists(executions::table.filter(
         executions::status.eq_any([ExecutionStatus::Pending, ExecutionStatus::Running]),
     )))
     .get_result(conn)?)
+}
+
+/// The claim sizes of W6 (and of WORKER): 1 (claim 1 + complete 1), then
+/// every `--batch` (a `--batch 1` is that same first figure).
+pub fn claim_sizes(batches: &[i64]) -> Vec<i64> {
+    std::iter::once(1)
+        .chain(batches.iter().copied().filter(|&b| b != 1))
+        .collect()
+}
+
+/// The name of the W6 figure at `workers` workers, claiming `batch` steps
+/// per statement, over `n` executions.
+pub fn w6_name(workers: usize, batch: i64, n: u64) -> String {
+    let how = if batch == 1 {
+        "claim 1 + complete 1".to_owned()
+    } else {
+        format!("claim {batch} per statement, complete_steps {batch} per statement")
+    };
+    format!(
+        "W6 engine loop, {}, {how} ({n} executions of the 10-node chain)",
+        workers_label(workers)
+    )
 }
 
 pub fn workers_label(workers: usize) -> String {
@@ -234,31 +257,28 @@ impl Bench {
         Ok(())
     }
 
+    /// W6's starting point: no executions but `n` of the 10-node chain
+    /// started (`engine::start_execution`), vacuumed and analysed.
+    pub fn w6_executions(&self, n: u64) -> Res<()> {
+        self.reset_runs()?;
+        let mut conn = self.conn()?;
+        for i in 0..n {
+            engine::start_execution(
+                &mut conn,
+                &NewExecution::new(workflow_id(i % WORKFLOWS))
+                    .user_id(format!("user-{}", i % USERS))
+                    .data(execution_data(i)),
+            )?;
+        }
+        self.sql("VACUUM ANALYZE executions, execution_steps")
+    }
+
     pub fn w6(&mut self, rep: usize) -> Res<()> {
         eprintln!("W6 engine loop (rep {rep})");
         let n = self.args.w6_executions;
-        let modes: Vec<(i64, String)> = std::iter::once((1, "claim 1 + complete 1".to_owned()))
-            .chain(self.args.batches.iter().map(|&b| {
-                (
-                    b,
-                    format!("claim {b} per statement, complete_steps {b} per statement"),
-                )
-            }))
-            .collect();
-        for (batch, how) in modes {
+        for batch in claim_sizes(&self.args.batches) {
             for workers in [1usize, 4] {
-                let w = workers_label(workers);
-                self.reset_runs()?;
-                let mut conn = self.conn()?;
-                for i in 0..n {
-                    engine::start_execution(
-                        &mut conn,
-                        &NewExecution::new(workflow_id(i % WORKFLOWS))
-                            .user_id(format!("user-{}", i % USERS))
-                            .data(execution_data(i)),
-                    )?;
-                }
-                self.sql("VACUUM ANALYZE executions, execution_steps")?;
+                self.w6_executions(n)?;
                 let t0 = Instant::now();
                 std::thread::scope(|s| -> Res<()> {
                     let handles: Vec<_> = (0..workers)
@@ -296,8 +316,7 @@ impl Bench {
                     )
                     .into());
                 }
-                let name =
-                    format!("W6 engine loop, {w}, {how} ({n} executions of the 10-node chain)");
+                let name = w6_name(workers, batch, n);
                 self.report.ours(
                     &name,
                     "steps/s",

@@ -3,8 +3,8 @@
 //! opens the benchmark's connections and measures throughput (many clients
 //! for a fixed time) and latency (sequential calls).
 
-use std::sync::Barrier;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Barrier, OnceLock};
 use std::time::{Duration, Instant};
 
 use diesel::connection::SimpleConnection;
@@ -22,6 +22,10 @@ use crate::report::{Report, percentiles};
 const APPLICATION_NAME: &str = "workflow-db-bench";
 
 pub struct Bench {
+    /// The tokio multi-thread runtime of the async figures (ASYNC, WORKER),
+    /// built on first use ([`Bench::runtime`]). First field, so it is shut
+    /// down (its tasks and their connections dropped) before the database.
+    rt: OnceLock<Arc<tokio::runtime::Runtime>>,
     pub args: Args,
     /// The throwaway database everything runs on.
     pub db: TestDatabase,
@@ -59,6 +63,7 @@ impl Bench {
             .with_default_param("sslmode", "disable")
             .with_default_param("application_name", APPLICATION_NAME);
         let b = Bench {
+            rt: OnceLock::new(),
             args,
             db,
             url,
@@ -78,6 +83,18 @@ impl Bench {
             wf.create(&mut conn)?;
         }
         Ok(())
+    }
+
+    /// The tokio multi-thread runtime (default worker threads: one per
+    /// core) that the async figures share, built on first use.
+    pub fn runtime(&self) -> Res<Arc<tokio::runtime::Runtime>> {
+        if let Some(rt) = self.rt.get() {
+            return Ok(Arc::clone(rt));
+        }
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?;
+        Ok(Arc::clone(self.rt.get_or_init(|| Arc::new(rt))))
     }
 
     pub fn conn(&self) -> Res<PgConnection> {

@@ -14,7 +14,8 @@
 //! `target/workload.json`), [`limit`] (pgbench/psql), [`peer`] (the
 //! graphile-worker peer), and one module per figure group: [`start`] (W1),
 //! [`claim`] (W2, W6, claim-latency growth), [`async_face`] (ASYNC: W2
-//! through `workflow_db::runtime::AsyncPool`), [`settle`] (CANCEL, FANIN,
+//! through `workflow_db::runtime::AsyncPool`), [`worker`] (WORKER: W2 and
+//! W6 through `workflow_db::runtime::Worker`), [`settle`] (CANCEL, FANIN,
 //! DRAIN), [`load`] (W5), [`read`] (W3, W4), [`pool`] (r2d2 checkout).
 
 mod args;
@@ -30,6 +31,7 @@ mod read;
 mod report;
 mod settle;
 mod start;
+mod worker;
 
 use chrono::Utc;
 
@@ -121,6 +123,9 @@ fn run_figures(b: &mut Bench) -> Res<()> {
         }
         if b.args.wants("W6") {
             b.w6(rep)?;
+        }
+        if b.args.wants("WORKER") {
+            b.worker_group(rep)?;
         }
         if b.args.wants("CANCEL") {
             b.cancel_group(rep)?;
