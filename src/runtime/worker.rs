@@ -452,6 +452,7 @@ impl Worker {
             by_task: HashMap::new(),
             report: WorkerReport::default(),
             health: Arc::clone(&health),
+            last_claim_full: false,
         };
         let token = stop.clone();
         let task = tokio::spawn(async move { Ok(run.main(token).await) });
@@ -739,6 +740,8 @@ struct Run {
     by_task: HashMap<TaskId, RunKey>,
     report: WorkerReport,
     health: Arc<Mutex<Health>>,
+    /// The last claim filled every free slot: more may be waiting.
+    last_claim_full: bool,
 }
 
 impl Run {
@@ -757,7 +760,10 @@ impl Run {
         let mut wake = true; // look for work at once
         let mut next_look = Instant::now() + self.options.poll_interval;
         loop {
-            if wake && self.running.len() < self.options.concurrency {
+            // Claim when at least half the slots are free (or none runs):
+            // under load, claims and reports then come in batches.
+            let free = self.options.concurrency - self.running.len();
+            if wake && (self.running.is_empty() || free >= self.options.concurrency.div_ceil(2)) {
                 wake = false;
                 next_look = self.claim().await;
             }
@@ -765,11 +771,10 @@ impl Run {
             tokio::select! {
                 () = stop.cancelled() => break,
                 Some(joined) = self.tasks.join_next_with_id(), if !self.tasks.is_empty() => {
-                    let full = self.running.len() >= self.options.concurrency;
                     self.finished(joined);
                     self.report_ready().await;
-                    // A slot freed after a full claim: there may be more.
-                    wake |= full;
+                    // Slots freed after a full claim: there may be more.
+                    wake |= self.last_claim_full;
                 }
                 event = recv(&mut self.notifier), if listening => {
                     wake |= self.notified(event, &mut next_look);
@@ -820,6 +825,7 @@ impl Run {
             return poll; // logged; try again at the next poll
         };
         let full = steps.len() == free;
+        self.last_claim_full = full;
         metrics::counter!("workflow_db_steps_claimed_total").increment(steps.len() as u64);
         self.report.claimed += steps.len() as u64;
         for step in steps {
@@ -991,7 +997,13 @@ impl Run {
                 .collect();
             let outcome = self
                 .pool
-                .run(move |c| engine::complete_steps(c, &attempt).map(|done| done.len()))
+                .run(move |c| match attempt.as_slice() {
+                    // One statement in autocommit (a batch needs a transaction).
+                    [(lease, output)] => {
+                        engine::complete_step(c, lease, output.as_ref()).map(|_| 1)
+                    }
+                    _ => engine::complete_steps(c, &attempt).map(|done| done.len()),
+                })
                 .await;
             match outcome {
                 Ok(n) => {
