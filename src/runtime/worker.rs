@@ -722,6 +722,10 @@ fn note_failure(health: &Mutex<Health>, what: &str, error: &Error) {
     lock(health).last_error = Some(format!("{what}: {error}"));
 }
 
+/// How long a finished run waits for others to finish before its result
+/// is reported: results come in batches, for at most this much latency.
+const REPORT_LINGER: Duration = Duration::from_millis(2);
+
 /// How often a report that failed on a deadlock or a serialization
 /// failure is tried again.
 const REPORT_ATTEMPTS: u32 = 3;
@@ -772,6 +776,7 @@ impl Run {
                 () = stop.cancelled() => break,
                 Some(joined) = self.tasks.join_next_with_id(), if !self.tasks.is_empty() => {
                     self.finished(joined);
+                    self.linger().await;
                     self.report_ready().await;
                     // Slots freed after a full claim: there may be more.
                     wake |= self.last_claim_full;
@@ -941,6 +946,20 @@ impl Run {
             }
         };
         self.done.push((key, outcome));
+    }
+
+    /// Collects the runs that finish within [`REPORT_LINGER`] of the first
+    /// one, so that a batch claimed together is reported together.
+    async fn linger(&mut self) {
+        let until = tokio::time::sleep(REPORT_LINGER);
+        tokio::pin!(until);
+        while !self.tasks.is_empty() {
+            tokio::select! {
+                biased;
+                Some(joined) = self.tasks.join_next_with_id() => self.finished(joined),
+                () = &mut until => break,
+            }
+        }
     }
 
     /// Reports every finished run: the completions in one statement, each
