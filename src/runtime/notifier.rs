@@ -412,25 +412,11 @@ async fn open(
 ) -> std::result::Result<Live, String> {
     let attempt = async {
         let (client, mut connection) = config.connect(NoTls).await.map_err(|e| chain(&e))?;
-        {
-            let listen = client.batch_execute(listen);
-            tokio::pin!(listen);
-            // The connection must be driven for the LISTEN to be sent and answered.
-            loop {
-                tokio::select! {
-                    r = &mut listen => {
-                        r.map_err(|e| chain(&e))?;
-                        break;
-                    }
-                    m = poll_fn(|cx| connection.poll_message(cx)) => match m {
-                        // Nothing is notified before LISTEN has run; notices are logged.
-                        Some(Ok(message)) => log_message(&message),
-                        Some(Err(e)) => return Err(chain(&e)),
-                        None => return Err("the server closed the connection".to_owned()),
-                    },
-                }
-            }
-        }
+        // The connection must be driven for the LISTEN to be sent and
+        // answered; nothing is notified before it has run, notices are logged.
+        let mut held = Vec::new();
+        driven(&mut connection, client.batch_execute(listen), &mut held).await?;
+        held.iter().for_each(log_message);
         Ok(Live { client, connection })
     };
     tokio::time::timeout(timeout, attempt)

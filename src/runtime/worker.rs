@@ -894,7 +894,7 @@ impl Run {
                 };
                 let outcome = match outcome {
                     Ok(output) => Outcome::Output(output),
-                    Err(e) => Outcome::Failed(error_chain(e.as_ref())),
+                    Err(e) => Outcome::Failed(super::notifier::chain(e.as_ref())),
                 };
                 (key, outcome)
             }
@@ -1255,16 +1255,4 @@ async fn recv(notifier: &mut Option<Notifier>) -> Option<NotifierEvent> {
         Some(n) => n.recv().await,
         None => std::future::pending().await,
     }
-}
-
-/// An error with its sources, `a: b: c`.
-fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
 }
