@@ -29,8 +29,12 @@ pub struct Node {
     /// The kind of node (`"http"`, `"llm"`, ...), interpreted by the engine.
     #[serde(rename = "type")]
     pub r#type: String,
-    /// Node configuration, interpreted by the engine. The key `max_retries`
-    /// (a non-negative integer), when present, sets the step's retry budget.
+    /// Node configuration, interpreted by the engine. Keys the database
+    /// reads, when present: `max_retries` (a non-negative integer, the
+    /// step's retry budget), `priority` (an integer, over the execution's),
+    /// `queue` (a non-empty string; default: the node type) and
+    /// `concurrency_key` (a non-empty string, over the execution's); see
+    /// `docs/engine.md`, "Flow control".
     #[serde(default)]
     pub config: Value,
 }
@@ -75,6 +79,46 @@ impl Node {
     pub fn config(mut self, config: Value) -> Self {
         self.config = config;
         self
+    }
+
+    /// The claim priority from `config.priority`, if set (validated by
+    /// [`WorkflowGraph::validate`]).
+    pub fn priority(&self) -> Option<i32> {
+        self.config
+            .get("priority")
+            .and_then(Value::as_i64)
+            .and_then(|n| i32::try_from(n).ok())
+    }
+
+    /// The queue from `config.queue`, if set.
+    pub fn queue(&self) -> Option<&str> {
+        self.config.get("queue").and_then(Value::as_str)
+    }
+
+    /// The concurrency key from `config.concurrency_key`, if set.
+    pub fn concurrency_key(&self) -> Option<&str> {
+        self.config.get("concurrency_key").and_then(Value::as_str)
+    }
+
+    /// What is wrong with the flow-control keys of `config`, if anything.
+    fn config_error(&self) -> Option<String> {
+        let bad = |key: &str, want: &str| {
+            Some(format!(
+                "node {:?}: config.{key} must be {want}, got {}",
+                self.id, self.config[key]
+            ))
+        };
+        if self.config.get("priority").is_some() && self.priority().is_none() {
+            return bad("priority", "an integer (32 bits)");
+        }
+        for key in ["queue", "concurrency_key"] {
+            if let Some(v) = self.config.get(key) {
+                if v.as_str().is_none_or(str::is_empty) {
+                    return bad(key, "a non-empty string");
+                }
+            }
+        }
+        None
     }
 
     /// The retry budget from `config.max_retries`, if set.
@@ -140,6 +184,9 @@ impl WorkflowGraph {
             }
             if index.insert(node.id.as_str(), i).is_some() {
                 return Err(invalid(format!("duplicate node id {:?}", node.id)));
+            }
+            if let Some(reason) = node.config_error() {
+                return Err(invalid(reason));
             }
         }
         let mut plans: Vec<NodePlan<'_>> = self

@@ -31,9 +31,9 @@ pub use error::{Error, LeaseLostReason, Result};
 pub use graph::{Edge, Node, WorkflowGraph};
 pub use migrate::{MIGRATIONS, Migrator, run_pending_migrations};
 pub use models::{
-    Execution, ExecutionChanges, ExecutionEvent, ExecutionStep, ExecutionStepChanges,
-    ExecutionWithSteps, Lease, NewExecution, NewExecutionStep, NewWorkflow, Workflow,
-    WorkflowChanges, WorkflowWithExecutions,
+    ConcurrencyLimit, Execution, ExecutionChanges, ExecutionEvent, ExecutionStep,
+    ExecutionStepChanges, ExecutionWithSteps, Lease, NewExecution, NewExecutionStep, NewWorkflow,
+    Queue, Workflow, WorkflowChanges, WorkflowWithExecutions,
 };
 pub use pool::{PgPool, PooledConn, build_pool, connect};
 
@@ -57,7 +57,9 @@ pub mod prelude {
     pub use crate::models::{
         Execution, ExecutionStep, NewExecution, NewExecutionStep, NewWorkflow, Workflow,
     };
-    pub use crate::schema::{execution_events, execution_steps, executions, workflows};
+    pub use crate::schema::{
+        concurrency_limits, execution_events, execution_steps, executions, queues, workflows,
+    };
     pub use diesel::dsl::{exists, not, sql};
     pub use diesel::prelude::*;
     pub use diesel::{PgConnection, QueryResult};

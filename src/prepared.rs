@@ -26,7 +26,8 @@ macro_rules! step_columns {
     () => {
         "id, execution_id, node_id, status, input, output, validation, retry_count, error, \
          started_at, completed_at, created_at, updated_at, upstream_pending, downstream, \
-         max_retries, run_after, locked_by, locked_until, parked, attempt, node_type, reclaims"
+         max_retries, run_after, locked_by, locked_until, parked, attempt, node_type, reclaims, \
+         priority, queue, concurrency_key, throttled"
     };
 }
 pub(crate) use step_columns;
@@ -36,7 +37,8 @@ pub(crate) use step_columns;
 macro_rules! execution_columns {
     () => {
         "id, workflow_id, status, user_id, data, error, started_at, completed_at, created_at, \
-         updated_at, workflow_version, idempotency_key, parent_execution_id"
+         updated_at, workflow_version, idempotency_key, parent_execution_id, priority, concurrency_key, \
+         start_after, dedup_key, dedup_until"
     };
 }
 pub(crate) use execution_columns;

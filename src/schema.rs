@@ -20,6 +20,20 @@ pub mod sql_types {
 }
 
 diesel::table! {
+    /// Limits per concurrency key: at most max_running steps of the key running or admitted (ready, not throttled). Keys without a row are not limited.
+    concurrency_limits (key) {
+        /// The concurrency key (execution_steps.concurrency_key).
+        key -> Text,
+        /// Most steps of the key running or admitted at once.
+        max_running -> Int4,
+        /// When the limit was set first.
+        created_at -> Timestamptz,
+        /// Last change of the limit.
+        updated_at -> Timestamptz,
+    }
+}
+
+diesel::table! {
     /// One row per named consumer of the event feed: the position (txid, event_id) of the last event it acknowledged. Moves only forward.
     event_feed_cursors (consumer) {
         /// The consumer's name, chosen by the application (1 to 200 characters).
@@ -109,6 +123,14 @@ diesel::table! {
         node_type -> Nullable<Text>,
         /// How many times a run of this step ended because its lease expired and it was reclaimed (engine::reclaim_expired). Does not count against max_retries unless the reclaim policy says so.
         reclaims -> Int4,
+        /// Claim priority (higher first, then oldest run_after); strict.
+        priority -> Int4,
+        /// Queue the step runs on; NULL means its node type (or 'default' without one): see workflow_db_step_queue.
+        queue -> Nullable<Text>,
+        /// Concurrency key (a tenant, a customer); a concurrency_limits row bounds its running and admitted steps.
+        concurrency_key -> Nullable<Text>,
+        /// Held back by its concurrency key's limit: not claimable until the trigger admits it when a slot frees. Never true for a running step.
+        throttled -> Bool,
     }
 }
 
@@ -144,6 +166,34 @@ diesel::table! {
         idempotency_key -> Nullable<Text>,
         /// The execution that started this one as a sub-workflow; deleting the parent deletes its children.
         parent_execution_id -> Nullable<Uuid>,
+        /// Claim priority of the execution's steps (higher first; default 0), copied to each step at start unless its node sets config.priority.
+        priority -> Int4,
+        /// Concurrency key of the execution's steps (a tenant, a customer), copied to each step at start unless its node sets config.concurrency_key; limited by a concurrency_limits row.
+        concurrency_key -> Nullable<Text>,
+        /// Delayed start: the execution stays pending until this time (engine::start_due_executions starts it); NULL starts at once.
+        start_after -> Nullable<Timestamptz>,
+        /// Deduplication key: an insert with the same workflow and key is refused while this execution holds it (until dedup_until, or while unfinished when dedup_until is NULL).
+        dedup_key -> Nullable<Text>,
+        /// Until when dedup_key holds (a window from the start); NULL: while the execution is unfinished.
+        dedup_until -> Nullable<Timestamptz>,
+    }
+}
+
+diesel::table! {
+    /// Queues that are paused or limited (a queue without a row runs freely). Claims lock the row and take at most max_running - running steps; the step trigger keeps running exact.
+    queues (name) {
+        /// Queue name (a step's workflow_db_step_queue).
+        name -> Text,
+        /// Paused: nothing is claimed or started on the queue; running steps finish.
+        paused -> Bool,
+        /// Most steps of the queue running at once; NULL: no limit.
+        max_running -> Nullable<Int4>,
+        /// Steps of the queue running now, kept by the step trigger (counted when the row is inserted).
+        running -> Int4,
+        /// When the queue was first configured.
+        created_at -> Timestamptz,
+        /// Last change of the row (counter included).
+        updated_at -> Timestamptz,
     }
 }
 
@@ -175,9 +225,11 @@ diesel::joinable!(execution_steps -> executions (execution_id));
 diesel::joinable!(executions -> workflows (workflow_id));
 
 diesel::allow_tables_to_appear_in_same_query!(
+    concurrency_limits,
     event_feed_cursors,
     execution_events,
     execution_steps,
     executions,
+    queues,
     workflows,
 );

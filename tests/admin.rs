@@ -442,11 +442,13 @@ fn reset_empties_every_application_table_and_keeps_schema_bookkeeping_and_stamp(
             .map(|t| t.table.as_str())
             .collect::<Vec<_>>(),
         [
+            "concurrency_limits",
             "event_feed_cursors",
             "execution_events",
             "execution_steps",
             "executions",
             "later_table",
+            "queues",
             "workflows"
         ]
     );

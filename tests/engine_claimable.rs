@@ -70,13 +70,13 @@ fn received(conn: &mut PgConnection) -> Vec<Claimable> {
         .filter(|n| n.channel == engine::CLAIMABLE_CHANNEL)
         .map(|n| serde_json::from_str(&n.payload).expect("a claimable payload"))
         .collect();
-    out.sort_by(|a, b| a.node_type.cmp(&b.node_type));
+    out.sort_by(|a, b| a.queue.cmp(&b.queue));
     out
 }
 
 fn summary(list: &[Claimable]) -> Vec<(Option<&str>, u32)> {
     list.iter()
-        .map(|c| (c.node_type.as_deref(), c.steps))
+        .map(|c| (Some(c.queue.as_str()), c.steps))
         .collect()
 }
 
@@ -152,25 +152,25 @@ fn a_typed_claim_takes_only_the_types_it_serves_in_claim_order() {
     let executions: Vec<Execution> = (0..3).map(|_| start(&mut conn, &wf)).collect();
 
     assert!(
-        engine::claim_steps_of(&mut conn, "w", &[], 10, LEASE)
+        engine::claim_from(&mut conn, "w", &[], 10, LEASE)
             .unwrap()
             .is_empty()
     );
     assert!(
-        engine::claim_steps_of(&mut conn, "w", &types(&["email"]), 10, LEASE)
+        engine::claim_from(&mut conn, "w", &types(&["email"]), 10, LEASE)
             .unwrap()
             .is_empty()
     );
 
-    let http = engine::claim_steps_of(&mut conn, "w", &types(&["http"]), 100, LEASE).unwrap();
+    let http = engine::claim_from(&mut conn, "w", &types(&["http"]), 100, LEASE).unwrap();
     assert_eq!(http.len(), 6, "a and d of three executions");
     assert!(http.iter().all(|s| s.node_type.as_deref() == Some("http")));
     assert!(http.iter().all(|s| s.status == StepStatus::Running));
 
     // Two types: at most `limit`, oldest run_after first across both.
-    let two = engine::claim_steps_of(&mut conn, "w", &types(&["sql", "llm"]), 4, LEASE).unwrap();
+    let two = engine::claim_from(&mut conn, "w", &types(&["sql", "llm"]), 4, LEASE).unwrap();
     assert_eq!(two.len(), 4);
-    let rest = engine::claim_steps_of(&mut conn, "w", &types(&["sql", "llm"]), 100, LEASE).unwrap();
+    let rest = engine::claim_from(&mut conn, "w", &types(&["sql", "llm"]), 100, LEASE).unwrap();
     assert_eq!(rest.len(), 2);
     let first_rest = rest.iter().map(|s| (s.run_after, s.id)).min().unwrap();
     assert!(
@@ -186,15 +186,16 @@ fn a_typed_claim_takes_only_the_types_it_serves_in_claim_order() {
 }
 
 #[test]
-fn a_typed_claim_reads_its_types_index_and_skips_other_types() {
+fn a_queue_claim_reads_the_claimable_index_and_skips_other_queues() {
     let db = TestDatabase::new();
     let mut conn = db.connect();
     let plan: String = diesel::sql_query(
-        "EXPLAIN (COSTS OFF) SELECT c.id FROM unnest(ARRAY['http']) AS t(node_type) \
+        "EXPLAIN (COSTS OFF) SELECT c.id FROM unnest(ARRAY['http']) AS t(queue) \
          CROSS JOIN LATERAL (SELECT s.id, s.run_after FROM execution_steps s \
-           WHERE s.node_type = t.node_type AND s.status = 'pending' AND s.upstream_pending = 0 \
-             AND NOT s.parked AND s.run_after <= statement_timestamp() \
-           ORDER BY s.run_after, s.id LIMIT 10 FOR UPDATE SKIP LOCKED) c",
+           WHERE workflow_db_step_queue(s.queue, s.node_type) = t.queue AND s.status = 'pending' \
+             AND s.upstream_pending = 0 AND NOT s.parked AND NOT s.throttled \
+             AND s.run_after <= statement_timestamp() \
+           ORDER BY s.priority DESC, s.run_after, s.id LIMIT 10) c",
     )
     .load::<Plan>(&mut conn)
     .unwrap()
@@ -203,7 +204,7 @@ fn a_typed_claim_reads_its_types_index_and_skips_other_types() {
     .collect::<Vec<_>>()
     .join("\n");
     assert!(
-        plan.contains("execution_steps_ready_type_idx"),
+        plan.contains("execution_steps_claimable_idx") && !plan.contains("Sort"),
         "plan:\n{plan}"
     );
 }
@@ -233,7 +234,7 @@ fn the_database_notifies_claimable_work_per_node_type() {
     assert!(got[0].run_after <= Utc::now());
 
     // A claim makes nothing claimable; completing `a` makes b and c claimable.
-    let a = engine::claim_steps_of(&mut conn, "w", &types(&["http"]), 1, LEASE).unwrap();
+    let a = engine::claim_from(&mut conn, "w", &types(&["http"]), 1, LEASE).unwrap();
     assert!(received(&mut listen).is_empty(), "a claim wakes nobody");
     engine::complete_step(&mut conn, &a[0].lease().unwrap(), None).unwrap();
     assert_eq!(
@@ -247,7 +248,7 @@ fn the_database_notifies_claimable_work_per_node_type() {
         execution.id
     ))
     .unwrap();
-    let b = engine::claim_steps_of(&mut conn, "w", &types(&["sql"]), 1, LEASE).unwrap();
+    let b = engine::claim_from(&mut conn, "w", &types(&["sql"]), 1, LEASE).unwrap();
     let before = Utc::now();
     let backoff = Backoff {
         base: Duration::from_secs(60),
@@ -271,14 +272,14 @@ fn the_database_notifies_claimable_work_per_node_type() {
     );
 
     // A release hands a step back: claimable at once.
-    let c = engine::claim_steps_of(&mut conn, "w", &types(&["llm"]), 1, LEASE).unwrap();
+    let c = engine::claim_from(&mut conn, "w", &types(&["llm"]), 1, LEASE).unwrap();
     assert_eq!(c[0].node_id, "c");
     engine::release_steps(&mut conn, &[c[0].lease().unwrap()]).unwrap();
     assert_eq!(summary(&received(&mut listen)), [(Some("llm"), 1)]);
 
     // A rolled-back transaction notifies nothing.
     conn.transaction::<(), diesel::result::Error, _>(|conn| {
-        let c = engine::claim_steps_of(conn, "w", &types(&["llm"]), 1, LEASE)?;
+        let c = engine::claim_from(conn, "w", &types(&["llm"]), 1, LEASE)?;
         engine::complete_step(conn, &c[0].lease().unwrap(), None).unwrap();
         Err(diesel::result::Error::RollbackTransaction)
     })
@@ -330,7 +331,7 @@ fn next_claimable_at_is_when_an_idle_worker_should_wake() {
         execution.id
     ))
     .unwrap();
-    let a = engine::claim_steps_of(&mut conn, "w", &http, 1, LEASE).unwrap();
+    let a = engine::claim_from(&mut conn, "w", &http, 1, LEASE).unwrap();
     assert_eq!(
         engine::next_claimable_at(&mut conn, &http).unwrap(),
         None,
@@ -350,7 +351,7 @@ fn next_claimable_at_is_when_an_idle_worker_should_wake() {
             && at <= Utc::now() + chrono::Duration::seconds(31)
     );
     assert!(
-        engine::claim_steps_of(&mut conn, "w", &http, 1, LEASE)
+        engine::claim_from(&mut conn, "w", &http, 1, LEASE)
             .unwrap()
             .is_empty()
     );
@@ -361,7 +362,7 @@ fn next_claimable_at_is_when_an_idle_worker_should_wake() {
 }
 
 #[test]
-fn ready_steps_by_type_is_the_queue_depth() {
+fn ready_steps_by_queue_is_the_queue_depth() {
     let db = TestDatabase::new();
     let mut conn = db.connect();
     let wf = typed_workflow(
@@ -369,17 +370,17 @@ fn ready_steps_by_type_is_the_queue_depth() {
         &[("a", "http"), ("b", "http"), ("c", "sql"), ("d", "sql")],
         &[("c", "d")],
     );
-    assert!(engine::ready_steps_by_type(&mut conn).unwrap().is_empty());
+    assert!(engine::ready_steps_by_queue(&mut conn).unwrap().is_empty());
     let execution = start(&mut conn, &wf);
     start(&mut conn, &wf);
     assert_eq!(
-        engine::ready_steps_by_type(&mut conn).unwrap(),
-        [(Some("http".to_owned()), 4), (Some("sql".to_owned()), 2)],
+        engine::ready_steps_by_queue(&mut conn).unwrap(),
+        [("http".to_owned(), 4), ("sql".to_owned(), 2)],
         "d waits for c"
     );
-    engine::claim_steps_of(&mut conn, "w", &types(&["http"]), 3, LEASE).unwrap();
+    engine::claim_from(&mut conn, "w", &types(&["http"]), 3, LEASE).unwrap();
     engine::pause(&mut conn, execution.id).unwrap();
-    let depth = engine::ready_steps_by_type(&mut conn).unwrap();
+    let depth = engine::ready_steps_by_queue(&mut conn).unwrap();
     assert_eq!(
         depth.iter().map(|(_, n)| n).sum::<i64>(),
         1 + 1,

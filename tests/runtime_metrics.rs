@@ -168,7 +168,7 @@ async fn the_worker_and_maintenance_report_their_work() {
     );
     assert_eq!(m.get("workflow_db_steps_in_flight"), Some(&0.0), "{m:?}");
     assert_eq!(
-        m.get("workflow_db_ready_steps{node_type=email}"),
+        m.get("workflow_db_ready_steps{queue=email}"),
         Some(&1.0),
         "{m:?}"
     );

@@ -63,6 +63,25 @@ pub enum InvariantKind {
     /// A pending step whose `parked` flag disagrees with its (not final)
     /// execution's status. Checked only when the column exists.
     ParkedMismatch,
+    /// A concurrency key with more steps running or admitted than its
+    /// limit. (Also reported after a limit was lowered below the steps
+    /// running at that moment, until they finish.) Checked, like the other
+    /// flow-control kinds, only when the flow-control columns exist.
+    ConcurrencyKeyOverLimit,
+    /// A throttled ready step whose key has no limit: nothing will ever
+    /// admit it.
+    ThrottledWithoutLimit,
+    /// A throttled ready step whose key has a free slot (a warning: the
+    /// maintenance loop's `rebalance_concurrency_keys` admits it).
+    ThrottledWithFreeSlot,
+    /// A queue whose `running` counter differs from its running steps.
+    QueueCounterMismatch,
+    /// A queue with more running steps than its limit (also after a limit
+    /// was lowered, until they finish).
+    QueueOverLimit,
+    /// A pending execution whose delayed start is overdue by more than the
+    /// grace period (a warning: is the maintenance loop running?).
+    DelayedStartOverdue,
 }
 
 /// How bad a violation is.
@@ -87,7 +106,7 @@ impl Severity {
 
 impl InvariantKind {
     /// Every kind, in report order.
-    pub const ALL: [InvariantKind; 17] = [
+    pub const ALL: [InvariantKind; 23] = [
         Self::RunningWithoutLease,
         Self::ExpiredLease,
         Self::LeaseWhileNotRunning,
@@ -105,6 +124,12 @@ impl InvariantKind {
         Self::ExecutionCompletedAtMissing,
         Self::StepCompletedAtMissing,
         Self::ParkedMismatch,
+        Self::ConcurrencyKeyOverLimit,
+        Self::ThrottledWithoutLimit,
+        Self::ThrottledWithFreeSlot,
+        Self::QueueCounterMismatch,
+        Self::QueueOverLimit,
+        Self::DelayedStartOverdue,
     ];
 
     /// The stable snake_case name (as in JSON).
@@ -127,6 +152,12 @@ impl InvariantKind {
             Self::ExecutionCompletedAtMissing => "execution_completed_at_missing",
             Self::StepCompletedAtMissing => "step_completed_at_missing",
             Self::ParkedMismatch => "parked_mismatch",
+            Self::ConcurrencyKeyOverLimit => "concurrency_key_over_limit",
+            Self::ThrottledWithoutLimit => "throttled_without_limit",
+            Self::ThrottledWithFreeSlot => "throttled_with_free_slot",
+            Self::QueueCounterMismatch => "queue_counter_mismatch",
+            Self::QueueOverLimit => "queue_over_limit",
+            Self::DelayedStartOverdue => "delayed_start_overdue",
         }
     }
 
@@ -189,6 +220,24 @@ impl InvariantKind {
             Self::ParkedMismatch => {
                 "a pending step's parked flag differs from (its execution is not running), under a pending, running or paused execution: it is claimable while it must not be, or never claimed"
             }
+            Self::ConcurrencyKeyOverLimit => {
+                "a concurrency key has more steps running or admitted (ready, not throttled) than its max_running (expected for a while after the limit was lowered)"
+            }
+            Self::ThrottledWithoutLimit => {
+                "a ready step is throttled but its concurrency key has no limit: nothing will ever admit it"
+            }
+            Self::ThrottledWithFreeSlot => {
+                "a ready step is throttled although its concurrency key has a free slot: rebalance_concurrency_keys (run by the maintenance loop) admits it"
+            }
+            Self::QueueCounterMismatch => {
+                "a queue's running counter differs from the number of its running steps: its limit is enforced against a wrong count"
+            }
+            Self::QueueOverLimit => {
+                "a queue has more running steps than its max_running (expected for a while after the limit was lowered)"
+            }
+            Self::DelayedStartOverdue => {
+                "a pending execution's start_after passed longer ago than the grace period and it was not started: is the maintenance loop (start_due_executions) running?"
+            }
         }
     }
 
@@ -197,7 +246,10 @@ impl InvariantKind {
     /// by hand; nothing waits for the missing step), else [`Severity::Error`].
     pub const fn severity(self) -> Severity {
         match self {
-            Self::ExpiredLease | Self::DanglingDownstream => Severity::Warning,
+            Self::ExpiredLease
+            | Self::DanglingDownstream
+            | Self::ThrottledWithFreeSlot
+            | Self::DelayedStartOverdue => Severity::Warning,
             _ => Severity::Error,
         }
     }
@@ -375,7 +427,11 @@ pub fn check_invariants_with_progress(
         .build_transaction()
         .read_only()
         .run(|conn| has_column(conn, "execution_steps", "parked"))?;
-    let checks = checks(options, parked);
+    let flow = conn
+        .build_transaction()
+        .read_only()
+        .run(|conn| has_column(conn, "execution_steps", "throttled"))?;
+    let checks = checks(options, parked, flow);
     let mut report = InvariantReport {
         parked_checked: parked,
         ..InvariantReport::default()
@@ -399,7 +455,8 @@ pub fn check_invariants_with_progress(
                 .bind::<SqlUuid, _>(bounds.last)
                 .get_result::<Count>(conn)?
                 .n as u64;
-                for check in &checks {
+                let first = report.batches == 1;
+                for check in checks.iter().filter(|c| first || !c.global) {
                     run_check(conn, check, &bounds, options.max_per_kind, &mut report)?;
                 }
                 after = Some(bounds.last);
@@ -493,6 +550,9 @@ struct Check {
     kind: InvariantKind,
     sql: String,
     extra: Extra,
+    /// About rows of no execution in particular (queues, keys): run once,
+    /// with the first batch.
+    global: bool,
 }
 
 enum Extra {
@@ -612,12 +672,13 @@ const CHAIN: &str = "\
        OR (ev.prev_id IS NOT NULL AND ev.from_status IS DISTINCT FROM ev.prev_to) \
        OR (ev.next_id IS NULL AND ev.to_status <> x.status::text)";
 
-fn checks(options: &CheckOptions, parked: bool) -> Vec<Check> {
+fn checks(options: &CheckOptions, parked: bool, flow: bool) -> Vec<Check> {
     use InvariantKind as K;
     let plain = |kind, sql: &str| Check {
         kind,
         sql: sql.to_owned(),
         extra: Extra::None,
+        global: false,
     };
     let step_pairs = legal_pairs(StepStatus::ALL, StepStatus::as_str, |a, b| {
         a.can_transition_to(b)
@@ -645,6 +706,7 @@ fn checks(options: &CheckOptions, parked: bool) -> Vec<Check> {
                    AND s.locked_until < now() - make_interval(secs => $4)"
             ),
             extra: Extra::Seconds(grace.as_secs_f64()),
+            global: false,
         });
     }
     checks.extend([
@@ -753,6 +815,7 @@ fn checks(options: &CheckOptions, parked: bool) -> Vec<Check> {
                 .replace("{table}", "execution_steps")
                 .replace("{owner}", "execution_id"),
             extra: Extra::Pairs(step_pairs),
+            global: false,
         },
         Check {
             kind: K::ExecutionEventChain,
@@ -764,6 +827,7 @@ fn checks(options: &CheckOptions, parked: bool) -> Vec<Check> {
                 .replace("{table}", "executions")
                 .replace("{owner}", "id"),
             extra: Extra::Pairs(execution_pairs),
+            global: false,
         },
         plain(
             K::ExecutionCompletedAtMissing,
@@ -791,6 +855,110 @@ fn checks(options: &CheckOptions, parked: bool) -> Vec<Check> {
                AND e.status IN ('pending', 'running', 'paused') \
                AND s.parked IS DISTINCT FROM (e.status <> 'running')",
         ));
+    }
+    if flow {
+        checks.extend(flow_checks(options));
+    }
+    checks
+}
+
+/// The ready steps of the batch that are throttled.
+const THROTTLED: &str = "execution_steps s WHERE s.execution_id BETWEEN $1 AND $2 \
+    AND s.throttled AND s.status = 'pending' AND s.upstream_pending = 0 AND NOT s.parked";
+
+/// Per limited key: its limit, running and admitted steps.
+const KEY_USE: &str = "\
+    (SELECT c.key, c.max_running, \
+            (SELECT count(*) FROM execution_steps r \
+              WHERE r.concurrency_key = c.key AND r.status = 'running') AS running, \
+            (SELECT count(*) FROM execution_steps a \
+              WHERE a.concurrency_key = c.key AND a.status = 'pending' AND a.upstream_pending = 0 \
+                AND NOT a.parked AND NOT a.throttled) AS admitted \
+       FROM concurrency_limits c) k";
+
+/// Checks of queues, keys and delayed starts (migration 000025).
+fn flow_checks(options: &CheckOptions) -> Vec<Check> {
+    use InvariantKind as K;
+    let global = |kind, sql: String| Check {
+        kind,
+        sql,
+        extra: Extra::None,
+        global: true,
+    };
+    let batch = |kind, sql: String| Check {
+        kind,
+        sql,
+        extra: Extra::None,
+        global: false,
+    };
+    // Global rows name an execution with a step concerned, or the nil id.
+    let nil = "'00000000-0000-0000-0000-000000000000'::uuid";
+    let mut checks = vec![
+        global(
+            K::ConcurrencyKeyOverLimit,
+            format!(
+                "SELECT coalesce((SELECT r.execution_id FROM execution_steps r \
+                                   WHERE r.concurrency_key = k.key AND r.status = 'running' LIMIT 1), {nil}) \
+                          AS execution_id, NULL::uuid AS step_id, \
+                 format('key %s: %s running + %s admitted > max_running %s', \
+                        k.key, k.running, k.admitted, k.max_running) AS detail \
+                 FROM {KEY_USE} WHERE k.running + k.admitted > k.max_running"
+            ),
+        ),
+        batch(
+            K::ThrottledWithoutLimit,
+            format!(
+                "SELECT s.execution_id, s.id AS step_id, \
+                 format('step %s is throttled but key %s has no limit', s.node_id, \
+                        quote_nullable(s.concurrency_key)) AS detail \
+                 FROM {THROTTLED} \
+                   AND NOT EXISTS (SELECT 1 FROM concurrency_limits c WHERE c.key = s.concurrency_key)"
+            ),
+        ),
+        batch(
+            K::ThrottledWithFreeSlot,
+            format!(
+                "SELECT s.execution_id, s.id AS step_id, \
+                 format('step %s is throttled but key %s has %s running + %s admitted of %s', \
+                        s.node_id, k.key, k.running, k.admitted, k.max_running) AS detail \
+                 FROM (SELECT s.* FROM {THROTTLED}) s JOIN {KEY_USE} ON k.key = s.concurrency_key \
+                 WHERE k.running + k.admitted < k.max_running"
+            ),
+        ),
+        global(
+            K::QueueCounterMismatch,
+            format!(
+                "SELECT {nil} AS execution_id, NULL::uuid AS step_id, \
+                 format('queue %s: running counter %s, running steps %s', q.name, q.running, \
+                        (SELECT count(*) FROM execution_steps r WHERE r.status = 'running' \
+                            AND workflow_db_step_queue(r.queue, r.node_type) = q.name)) AS detail \
+                 FROM queues q \
+                 WHERE q.running <> (SELECT count(*) FROM execution_steps r WHERE r.status = 'running' \
+                                       AND workflow_db_step_queue(r.queue, r.node_type) = q.name)"
+            ),
+        ),
+        global(
+            K::QueueOverLimit,
+            format!(
+                "SELECT {nil} AS execution_id, NULL::uuid AS step_id, \
+                 format('queue %s: %s running steps > max_running %s', q.name, q.running, q.max_running) \
+                     AS detail \
+                 FROM queues q WHERE q.running > q.max_running"
+            ),
+        ),
+    ];
+    if let Some(grace) = options.expired_lease_grace {
+        checks.push(Check {
+            kind: K::DelayedStartOverdue,
+            sql: "SELECT e.id AS execution_id, NULL::uuid AS step_id, \
+                  format('pending execution due at %s (%s ago)', e.start_after, \
+                         date_trunc('second', now() - e.start_after)) AS detail \
+                  FROM executions e WHERE e.id BETWEEN $1 AND $2 AND e.status = 'pending' \
+                    AND e.start_after < now() - make_interval(secs => $4)"
+                .to_owned(),
+            extra: Extra::Seconds(grace.as_secs_f64()),
+            global: false,
+        });
     }
     checks
 }

@@ -46,35 +46,93 @@ fn micros(d: Duration) -> f64 {
 /// Longest delay [`fail_step`] schedules, whatever [`Backoff::max`] says (100 years).
 const MAX_BACKOFF: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 
-/// The runnable steps, in the order of `execution_steps_ready_idx` (the
-/// literals match the index predicate, so even a generic plan uses it): a
-/// step of an execution that is not running is `parked` and not in the
-/// index, so a claim never scans past them. Only the steps are locked,
-/// skipping rows other workers hold; a claim locks no execution (see the
-/// lock order in `docs/engine.md`). `= ANY(ARRAY(..))` runs the subquery once
-/// as an init plan and updates by primary key (an `IN (..)` semi-join may
-/// seq-scan the table under a generic plan). The LIMIT is written as a
-/// literal: with a parameter there PostgreSQL costs the generic plan for an
-/// unknown row count and keeps re-planning; as a literal every call of one
-/// batch size reuses one prepared plan (at most [`MAX_PAGE_SIZE`] distinct
-/// statements per connection). Lease times use `statement_timestamp()`, so a
-/// claim inside a long transaction still hands out a full lease.
+/// The queue of a step whose node has neither a queue nor a type (the
+/// database's `workflow_db_step_queue`).
+pub const DEFAULT_QUEUE: &str = "default";
+
+/// The queues `$3` names, as rows `names(queue)`.
+const GIVEN_QUEUES: &str =
+    "names(queue) AS (SELECT DISTINCT t.queue FROM unnest($3::text[]) AS t(queue))";
+
+/// Every queue with claimable steps, as rows `names(queue)` (and one NULL
+/// row at the end): a loose index scan of `execution_steps_claimable_idx`,
+/// one probe per queue.
+const READY_QUEUES: &str = "\
+names(queue) AS (
+    SELECT (SELECT workflow_db_step_queue(x.queue, x.node_type) FROM execution_steps x
+             WHERE x.status = 'pending' AND x.upstream_pending = 0 AND NOT x.parked AND NOT x.throttled
+             ORDER BY workflow_db_step_queue(x.queue, x.node_type) LIMIT 1)
+    UNION ALL
+    SELECT (SELECT workflow_db_step_queue(x.queue, x.node_type) FROM execution_steps x
+             WHERE workflow_db_step_queue(x.queue, x.node_type) > n.queue
+               AND x.status = 'pending' AND x.upstream_pending = 0 AND NOT x.parked AND NOT x.throttled
+             ORDER BY workflow_db_step_queue(x.queue, x.node_type) LIMIT 1)
+      FROM names n WHERE n.queue IS NOT NULL)";
+
+/// The claim, over the queues `{names}` yields: the queues' rows (paused,
+/// limited) locked in name order, so that the room of a limited queue
+/// (`max_running - running`, read from the locked row, which is always its
+/// latest version) is exact under concurrency; then per queue the first
+/// `room` claimable steps of `execution_steps_claimable_idx` (highest
+/// priority, then oldest `run_after`); the first `{over}` of those across
+/// the queues as candidates (nothing locked so far); then the first
+/// `{limit}` candidates still claimable, locked with SKIP LOCKED (so at most
+/// `{limit}` step rows are locked). A paused queue, a full one, a throttled
+/// step (its key at its limit) and a step of a paused execution are never
+/// scanned past. `= ANY(ARRAY(..))` runs each subquery once as an init plan
+/// and updates by primary key. Batch sizes are literals: every call of one
+/// size reuses one prepared plan (at most [`MAX_PAGE_SIZE`] statements per
+/// form and connection). `{over}` is twice the limit, so that candidates
+/// other workers take at the same moment seldom leave a claim short. Lease
+/// times use `statement_timestamp()`, so a claim inside a long transaction
+/// still hands out a full lease.
 const CLAIM: &str = concat!("\
+WITH RECURSIVE {names},
+q AS MATERIALIZED (
+    SELECT u.name, u.paused, u.max_running, u.running FROM queues u
+     WHERE u.name IN (SELECT n.queue FROM names n) ORDER BY u.name FOR NO KEY UPDATE),
+room AS MATERIALIZED (
+    SELECT n.queue, CASE WHEN q.name IS NULL OR (NOT q.paused AND q.max_running IS NULL) THEN {over}
+                         WHEN q.paused THEN 0
+                         ELSE least(greatest(q.max_running - q.running, 0), {over}) END AS room
+      FROM names n LEFT JOIN q ON q.name = n.queue
+     WHERE n.queue IS NOT NULL)
 UPDATE execution_steps SET status = 'running', locked_by = $1, locked_until = statement_timestamp() + $2
 WHERE id = ANY(ARRAY(
     SELECT s.id FROM execution_steps s
-    WHERE s.status = 'pending' AND s.upstream_pending = 0 AND NOT s.parked
-      AND s.run_after <= statement_timestamp()
-    ORDER BY s.run_after, s.id
+    WHERE s.id = ANY(ARRAY(
+        SELECT c.id FROM room r CROSS JOIN LATERAL (
+            SELECT x.id, x.priority, x.run_after FROM execution_steps x
+            WHERE workflow_db_step_queue(x.queue, x.node_type) = r.queue
+              AND x.status = 'pending' AND x.upstream_pending = 0 AND NOT x.parked AND NOT x.throttled
+              AND x.run_after <= statement_timestamp()
+            ORDER BY x.priority DESC, x.run_after, x.id
+            LIMIT r.room) c
+        ORDER BY c.priority DESC, c.run_after, c.id
+        LIMIT {over}))
+      AND s.status = 'pending' AND s.upstream_pending = 0 AND NOT s.parked AND NOT s.throttled
+    ORDER BY s.priority DESC, s.run_after, s.id
     LIMIT {limit}
     FOR UPDATE SKIP LOCKED))
 RETURNING ", step_columns!());
 
+fn claim_sql(names: &str, limit: i64) -> String {
+    CLAIM
+        .replace("{names}", names)
+        .replace("{limit}", &limit.to_string())
+        .replace("{over}", &(2 * limit).to_string())
+}
+
 /// Claims up to `limit` (clamped to `1..=`[`MAX_PAGE_SIZE`]) runnable steps
-/// for `worker`, in one statement, with a lease of `lease`. A step is runnable when it is pending, its execution is
-/// running, its `run_after` has come and every upstream step is completed or
-/// skipped. Concurrent workers never receive the same step (`FOR UPDATE SKIP
-/// LOCKED`). Each claim is a `pending -> running` transition (event + NOTIFY).
+/// of any queue for `worker`, in one statement, with a lease of `lease`:
+/// highest priority first, then oldest `run_after`. A step is runnable when
+/// it is pending, its execution is running, its `run_after` has come, every
+/// upstream step is completed or skipped, its concurrency key admitted it
+/// (not throttled), and its queue is neither paused nor at its limit.
+/// Concurrent workers never receive the same step (`FOR UPDATE SKIP
+/// LOCKED`). Each claim is a `pending -> running` transition (event +
+/// NOTIFY). The queues are found with one index probe each: with many
+/// queues, claim from the ones a worker serves ([`claim_from`]).
 #[tracing::instrument(skip(conn))]
 pub fn claim_steps(
     conn: &mut PgConnection,
@@ -84,72 +142,36 @@ pub fn claim_steps(
 ) -> QueryResult<Vec<ExecutionStep>> {
     let limit = limit.clamp(1, MAX_PAGE_SIZE);
     prepared(
-        diesel::sql_query(CLAIM.replace("{limit}", &limit.to_string()))
+        diesel::sql_query(claim_sql(READY_QUEUES, limit))
             .bind::<Text, _>(worker)
             .bind::<Interval, _>(interval(lease)),
     )
     .load(conn)
 }
 
-/// [`CLAIM`] for some node types: per type, the first `{over}` ready steps
-/// of `execution_steps_ready_type_idx` (`node_type, run_after, id`), the
-/// first `{over}` of those in claim order as candidates (nothing locked so
-/// far), then the first `{limit}` candidates still ready, locked with SKIP
-/// LOCKED (so at most `{limit}` rows are locked, whatever the number of
-/// types). Each type's scan reads only that type's ready steps: steps of
-/// types this worker does not serve are never scanned past. `{over}` is
-/// twice the limit, so that candidates other workers are taking at the
-/// same moment seldom leave a claim short.
-const CLAIM_OF: &str = concat!("\
-UPDATE execution_steps SET status = 'running', locked_by = $1, locked_until = statement_timestamp() + $2
-WHERE id = ANY(ARRAY(
-    SELECT s.id FROM execution_steps s
-    WHERE s.id = ANY(ARRAY(
-        SELECT c.id FROM unnest($3::text[]) AS t(node_type)
-        CROSS JOIN LATERAL (
-            SELECT x.id, x.run_after FROM execution_steps x
-            WHERE x.node_type = t.node_type
-              AND x.status = 'pending' AND x.upstream_pending = 0 AND NOT x.parked
-              AND x.run_after <= statement_timestamp()
-            ORDER BY x.run_after, x.id
-            LIMIT {over}) c
-        ORDER BY c.run_after, c.id
-        LIMIT {over}))
-      AND s.status = 'pending' AND s.upstream_pending = 0 AND NOT s.parked
-    ORDER BY s.run_after, s.id
-    LIMIT {limit}
-    FOR UPDATE SKIP LOCKED))
-RETURNING ", step_columns!());
-
-/// [`claim_steps`] restricted to steps whose [`node_type`] is one of
-/// `node_types` (the types a worker has handlers for): up to `limit` runnable
-/// steps of those types, oldest `run_after` first across the types, in one
-/// statement over `execution_steps_ready_type_idx`. Steps of other types,
-/// and steps without a node type, are left alone. An empty `node_types`
-/// claims nothing.
-///
-/// [`node_type`]: ExecutionStep::node_type
+/// [`claim_steps`] from the named queues only (a step's queue is its node's
+/// `config.queue`, else its node type: see [`ExecutionStep::queue_name`]):
+/// up to `limit` runnable steps, highest priority then oldest `run_after`
+/// first across the queues, in one statement over
+/// `execution_steps_claimable_idx`. Steps of other queues are never
+/// scanned. An empty `queues` claims nothing.
 #[tracing::instrument(skip(conn))]
-pub fn claim_steps_of(
+pub fn claim_from(
     conn: &mut PgConnection,
     worker: &str,
-    node_types: &[String],
+    queues: &[String],
     limit: i64,
     lease: Duration,
 ) -> QueryResult<Vec<ExecutionStep>> {
-    if node_types.is_empty() {
+    if queues.is_empty() {
         return Ok(Vec::new());
     }
     let limit = limit.clamp(1, MAX_PAGE_SIZE);
     prepared(
-        diesel::sql_query(
-            CLAIM_OF
-                .replace("{limit}", &limit.to_string())
-                .replace("{over}", &(2 * limit).to_string()),
-        )
-        .bind::<Text, _>(worker)
-        .bind::<Interval, _>(interval(lease))
-        .bind::<Array<Text>, _>(node_types),
+        diesel::sql_query(claim_sql(GIVEN_QUEUES, limit))
+            .bind::<Text, _>(worker)
+            .bind::<Interval, _>(interval(lease))
+            .bind::<Array<Text>, _>(queues),
     )
     .load(conn)
 }
@@ -160,55 +182,63 @@ struct NextRun {
     at: Option<DateTime<Utc>>,
 }
 
-/// When the next step of one of `node_types` becomes claimable by time:
-/// the earliest `run_after` of the steps that wait for nothing else (pending,
-/// upstream done, execution running), which may be in the past when some are
+/// When the next step of one of `queues` becomes claimable by time: the
+/// earliest `run_after` of the steps that wait for nothing else (pending,
+/// upstream done, execution running, admitted by their key) in queues that
+/// are neither paused nor full; it may be in the past when some are
 /// claimable now. `None` when no such step exists (the next work then comes
-/// with a notification: see `docs/engine.md`). One index probe per type. A
-/// worker that found nothing to claim sleeps until this time (or a
-/// notification), instead of polling.
+/// with a notification: see `docs/engine.md`). Reads every such step of the
+/// queues (they are ordered by priority first); a worker calls it only when
+/// a claim found nothing, when those steps are few. A worker that found
+/// nothing to claim sleeps until this time (or a notification), instead of
+/// polling.
 #[tracing::instrument(skip(conn))]
 pub fn next_claimable_at(
     conn: &mut PgConnection,
-    node_types: &[String],
+    queues: &[String],
 ) -> QueryResult<Option<DateTime<Utc>>> {
     Ok(prepared(
         diesel::sql_query(
-            "SELECT min(c.run_after) AS at FROM unnest($1::text[]) AS t(node_type) \
-             CROSS JOIN LATERAL (SELECT s.run_after FROM execution_steps s \
-                 WHERE s.node_type = t.node_type \
+            "SELECT min(c.at) AS at FROM unnest($1::text[]) AS t(queue) \
+             LEFT JOIN queues u ON u.name = t.queue \
+             CROSS JOIN LATERAL (SELECT min(s.run_after) AS at FROM execution_steps s \
+                 WHERE workflow_db_step_queue(s.queue, s.node_type) = t.queue \
                    AND s.status = 'pending' AND s.upstream_pending = 0 AND NOT s.parked \
-                 ORDER BY s.run_after, s.id LIMIT 1) c",
+                   AND NOT s.throttled) c \
+             WHERE u.name IS NULL \
+                OR (NOT u.paused AND (u.max_running IS NULL OR u.running < u.max_running))",
         )
-        .bind::<Array<Text>, _>(node_types),
+        .bind::<Array<Text>, _>(queues),
     )
     .get_result::<NextRun>(conn)?
     .at)
 }
 
 #[derive(QueryableByName)]
-struct TypeCount {
-    #[diesel(sql_type = diesel::sql_types::Nullable<Text>)]
-    node_type: Option<String>,
+struct QueueCount {
+    #[diesel(sql_type = Text)]
+    queue: String,
     #[diesel(sql_type = BigInt)]
     steps: i64,
 }
 
 /// The queue depth: steps claimable now (pending, upstream done, execution
-/// running, `run_after` come), by node type, largest first. Reads the ready
-/// steps' index, so it costs in proportion to the ready steps; the
+/// running, admitted by their key, `run_after` come), by queue, largest
+/// first (paused and full queues included: their steps are waiting). Reads
+/// the claimable steps' index, so it costs in proportion to them; the
 /// maintenance leader publishes it as a gauge every few seconds.
 #[tracing::instrument(skip(conn))]
-pub fn ready_steps_by_type(conn: &mut PgConnection) -> QueryResult<Vec<(Option<String>, i64)>> {
+pub fn ready_steps_by_queue(conn: &mut PgConnection) -> QueryResult<Vec<(String, i64)>> {
     Ok(diesel::sql_query(
-        "SELECT s.node_type, count(*) AS steps FROM execution_steps s \
-          WHERE s.status = 'pending' AND s.upstream_pending = 0 AND NOT s.parked \
+        "SELECT workflow_db_step_queue(s.queue, s.node_type) AS queue, count(*) AS steps \
+           FROM execution_steps s \
+          WHERE s.status = 'pending' AND s.upstream_pending = 0 AND NOT s.parked AND NOT s.throttled \
             AND s.run_after <= statement_timestamp() \
-          GROUP BY s.node_type ORDER BY steps DESC, s.node_type",
+          GROUP BY 1 ORDER BY steps DESC, queue",
     )
-    .load::<TypeCount>(conn)?
+    .load::<QueueCount>(conn)?
     .into_iter()
-    .map(|r| (r.node_type, r.steps))
+    .map(|r| (r.queue, r.steps))
     .collect())
 }
 

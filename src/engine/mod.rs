@@ -48,6 +48,7 @@
 mod check;
 mod claim;
 pub mod feed;
+mod flow;
 mod lifecycle;
 mod notify;
 mod query;
@@ -58,9 +59,14 @@ pub use check::{
     check_invariants, check_invariants_with_progress,
 };
 pub use claim::{
-    Backoff, DEFAULT_MAX_RECLAIMS, ReclaimPolicy, claim_steps, claim_steps_of, complete_step,
-    complete_steps, fail_step, heartbeat, next_claimable_at, ready_steps_by_type, reclaim_expired,
-    reclaim_expired_with, release_steps,
+    Backoff, DEFAULT_MAX_RECLAIMS, DEFAULT_QUEUE, ReclaimPolicy, claim_from, claim_steps,
+    complete_step, complete_steps, fail_step, heartbeat, next_claimable_at, ready_steps_by_queue,
+    reclaim_expired, reclaim_expired_with, release_steps,
+};
+pub use flow::{
+    list_concurrency_limits, list_queues, pause_queue, rebalance_concurrency_keys,
+    remove_concurrency_limit, resume_queue, set_concurrency_limit, set_queue_limit,
+    start_due_executions,
 };
 pub use lifecycle::{cancel, pause, resume, transition_execution, transition_step};
 pub use notify::{

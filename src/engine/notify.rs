@@ -36,20 +36,21 @@ pub struct Notification {
 }
 
 /// Steps became claimable: sent by the database (whoever wrote) once per
-/// statement and node type when steps become pending with every upstream
-/// step done under a running execution — a start, an upstream step
-/// finishing, a resume, a retry scheduled, a release or a reclaim. It means
-/// "claim now" when `run_after` has come, and "claimable at `run_after`"
-/// for a retry with a backoff. A wake-up, not a promise: another worker may
-/// claim them first, and a retry under an execution paused or finished in
-/// the same statement is parked or skipped after the notification was
-/// queued.
+/// statement and queue when steps become pending with every upstream step
+/// done under a running execution and admitted by their concurrency key — a
+/// start, an upstream step finishing, a resume, a retry scheduled, a
+/// release, a reclaim, a key admitting a step — and when a limited queue
+/// gains room or a queue is resumed or its limit changed (then `steps` is
+/// the room freed, or 0). It means "claim now" when `run_after` has come,
+/// and "claimable at `run_after`" for a retry with a backoff. A wake-up, not
+/// a promise: another worker may claim them first, and a retry under an
+/// execution paused or finished in the same statement is parked or skipped
+/// after the notification was queued.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 pub struct Claimable {
-    /// The steps' node type (`None` for steps whose node is not in their
-    /// workflow's graph).
-    pub node_type: Option<String>,
-    /// How many steps of that type became claimable in the statement.
+    /// The steps' queue (see [`crate::ExecutionStep::queue_name`]).
+    pub queue: String,
+    /// How many steps of that queue became claimable in the statement.
     pub steps: u32,
     /// The earliest time one of them may be claimed.
     pub run_after: DateTime<Utc>,

@@ -41,7 +41,7 @@ pub struct Started {
 /// else [`DEFAULT_MAX_RETRIES`].
 #[tracing::instrument(skip_all, fields(workflow.id = %new.workflow_id, execution.id = %new.id))]
 pub fn start_execution(conn: &mut PgConnection, new: &NewExecution) -> Result<Started> {
-    if new.idempotency_key.is_none() {
+    if new.idempotency_key.is_none() && new.dedup_key.is_none() && new.start_after.is_none() {
         let workflow = find_workflow(conn, new)?;
         let graph = workflow.graph()?;
         let plan = graph.plan()?;
@@ -56,8 +56,18 @@ pub fn start_execution(conn: &mut PgConnection, new: &NewExecution) -> Result<St
         let new = NewExecution {
             status: ExecutionStatus::Pending,
             workflow_version: workflow.version,
-            ..new.clone()
+            ..new.with_dedup_until()
         };
+        if let Some(key) = &new.dedup_key {
+            // Takes the (workflow, key) lock until commit: a racing start
+            // with the same key waits here and then finds this one.
+            if let Some(existing) = find_duplicate(conn, workflow.id, key)? {
+                return Ok(Started {
+                    execution: Execution::find(conn, existing)?,
+                    created: false,
+                });
+            }
+        }
         let insert = diesel::insert_into(executions::table).values(&new);
         let execution = match &new.idempotency_key {
             None => insert
@@ -90,22 +100,29 @@ pub fn start_execution(conn: &mut PgConnection, new: &NewExecution) -> Result<St
             }
         };
 
-        let steps = plan_steps(execution.id, plan);
+        let steps = plan_steps(&new, plan);
         for chunk in steps.chunks(STEP_INSERT_CHUNK) {
             diesel::insert_into(execution_steps::table)
                 .values(chunk)
                 .execute(conn)?;
         }
+        // Started now unless a start_after is still ahead (by the database's
+        // clock, as the trigger that refuses an early start counts it).
         // RETURNING shows the row before the AFTER trigger settled it; a
         // workflow without steps completes there, so read it back.
-        let execution = diesel::update(executions::table.find(execution.id))
+        let started = diesel::update(executions::table.find(execution.id))
+            .filter(
+                executions::start_after
+                    .is_null()
+                    .or(executions::start_after.le(diesel::dsl::now)),
+            )
             .set(executions::status.eq(ExecutionStatus::Running))
             .returning(Execution::as_returning())
-            .get_result(conn)?;
-        let execution = if steps.is_empty() {
-            Execution::find(conn, execution.id)?
-        } else {
-            execution
+            .get_result(conn)
+            .optional()?;
+        let execution = match started {
+            Some(execution) if !steps.is_empty() => execution,
+            _ => Execution::find(conn, execution.id)?,
         };
         Ok(Started {
             execution,
@@ -123,8 +140,10 @@ fn find_workflow(conn: &mut PgConnection, new: &NewExecution) -> Result<Workflow
         })
 }
 
-/// One pending step per planned node, with its dependency counters and retry budget.
-fn plan_steps(execution_id: uuid::Uuid, plan: Vec<NodePlan<'_>>) -> Vec<NewExecutionStep> {
+/// One pending step per planned node, with its dependency counters, retry
+/// budget and flow control (the node's `config.priority`, `config.queue`
+/// and `config.concurrency_key` over the execution's).
+fn plan_steps(execution: &NewExecution, plan: Vec<NodePlan<'_>>) -> Vec<NewExecutionStep> {
     plan.into_iter()
         .map(|p| NewExecutionStep {
             upstream_pending: p.upstream,
@@ -132,9 +151,39 @@ fn plan_steps(execution_id: uuid::Uuid, plan: Vec<NodePlan<'_>>) -> Vec<NewExecu
             max_retries: p.node.max_retries().unwrap_or(DEFAULT_MAX_RETRIES),
             status: StepStatus::Pending,
             node_type: Some(p.node.r#type.clone()),
-            ..NewExecutionStep::new(execution_id, p.node.id.clone())
+            priority: p.node.priority().unwrap_or(execution.priority),
+            queue: p.node.queue().map(str::to_owned),
+            concurrency_key: p
+                .node
+                .concurrency_key()
+                .map(str::to_owned)
+                .or_else(|| execution.concurrency_key.clone()),
+            ..NewExecutionStep::new(execution.id, p.node.id.clone())
         })
         .collect()
+}
+
+#[derive(QueryableByName)]
+struct Duplicate {
+    #[diesel(sql_type = diesel::sql_types::Nullable<diesel::sql_types::Uuid>)]
+    id: Option<uuid::Uuid>,
+}
+
+/// The execution that holds `key` for the workflow (see
+/// [`NewExecution::dedup_key`]), under the (workflow, key) advisory lock
+/// the insert trigger takes too, held until the transaction ends.
+fn find_duplicate(
+    conn: &mut PgConnection,
+    workflow: uuid::Uuid,
+    key: &str,
+) -> QueryResult<Option<uuid::Uuid>> {
+    Ok(
+        diesel::sql_query("SELECT workflow_db_find_duplicate($1, $2) AS id")
+            .bind::<diesel::sql_types::Uuid, _>(workflow)
+            .bind::<diesel::sql_types::Text, _>(key)
+            .get_result::<Duplicate>(conn)?
+            .id,
+    )
 }
 
 /// The common start (no idempotency key, at least one node) as ONE statement,
@@ -154,7 +203,7 @@ fn start_in_one_statement(
         workflow_version: workflow.version,
         ..new.clone()
     };
-    let steps = plan_steps(new.id, plan);
+    let steps = plan_steps(&new, plan);
     Ok(Started {
         execution: bulk::insert_started_execution(conn, &new, &steps)?,
         created: true,

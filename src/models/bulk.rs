@@ -266,15 +266,18 @@ pub(crate) fn insert_started_execution(
 macro_rules! execution_with_steps_cte {
     () => {
         "WITH e AS (INSERT INTO executions \
-           (id, workflow_id, status, user_id, data, workflow_version, idempotency_key, parent_execution_id) \
-         VALUES ($1, $2, $3::execution_status, $4, $5, $6, $7, $8) RETURNING *), \
+           (id, workflow_id, status, user_id, data, workflow_version, idempotency_key, parent_execution_id, \
+            priority, concurrency_key, start_after, dedup_key, dedup_until) \
+         VALUES ($1, $2, $3::execution_status, $4, $5, $6, $7, $8, $17, $18, $19, $20, $21) RETURNING *), \
          s AS (INSERT INTO execution_steps \
-           (id, execution_id, node_id, status, input, upstream_pending, downstream, max_retries, parked, node_type) \
+           (id, execution_id, node_id, status, input, upstream_pending, downstream, max_retries, parked, node_type, \
+            priority, queue, concurrency_key) \
          SELECT s.id, $1, s.node_id, s.status::step_status, s.input, s.upstream, \
                 ARRAY(SELECT jsonb_array_elements_text(s.downstream)), s.retries, \
-                $3::execution_status <> 'running', s.node_type \
-         FROM unnest($9::uuid[], $10::text[], $11::text[], $12::jsonb[], $13::int4[], $14::jsonb[], $15::int4[], $16::text[]) \
-           AS s(id, node_id, status, input, upstream, downstream, retries, node_type)) "
+                $3::execution_status <> 'running', s.node_type, s.priority, s.queue, s.concurrency_key \
+         FROM unnest($9::uuid[], $10::text[], $11::text[], $12::jsonb[], $13::int4[], $14::jsonb[], $15::int4[], $16::text[], \
+                     $22::int4[], $23::text[], $24::text[]) \
+           AS s(id, node_id, status, input, upstream, downstream, retries, node_type, priority, queue, concurrency_key)) "
     };
 }
 
@@ -296,7 +299,7 @@ fn with_steps_bound<'a>(
     execution: &'a NewExecution,
     steps: &[NewExecutionStep],
 ) -> diesel::query_builder::BoxedSqlQuery<'a, Pg, diesel::query_builder::SqlQuery> {
-    use diesel::sql_types::{Array, Integer, Jsonb, Nullable, Text, Uuid as SqlUuid};
+    use diesel::sql_types::{Array, Integer, Jsonb, Nullable, Text, Timestamptz, Uuid as SqlUuid};
     let ids: Vec<Uuid> = steps.iter().map(|s| s.id).collect();
     let nodes: Vec<String> = steps.iter().map(|s| s.node_id.clone()).collect();
     let statuses: Vec<&'static str> = steps.iter().map(|s| s.status.as_str()).collect();
@@ -308,6 +311,9 @@ fn with_steps_bound<'a>(
         .collect();
     let retries: Vec<i32> = steps.iter().map(|s| s.max_retries).collect();
     let node_types: Vec<Option<String>> = steps.iter().map(|s| s.node_type.clone()).collect();
+    let priorities: Vec<i32> = steps.iter().map(|s| s.priority).collect();
+    let queues: Vec<Option<String>> = steps.iter().map(|s| s.queue.clone()).collect();
+    let keys: Vec<Option<String>> = steps.iter().map(|s| s.concurrency_key.clone()).collect();
     diesel::sql_query(sql)
         .into_boxed()
         .bind::<SqlUuid, _>(execution.id)
@@ -326,6 +332,14 @@ fn with_steps_bound<'a>(
         .bind::<Array<Jsonb>, _>(downstream)
         .bind::<Array<Integer>, _>(retries)
         .bind::<Array<Nullable<Text>>, _>(node_types)
+        .bind::<Integer, _>(execution.priority)
+        .bind::<Nullable<Text>, _>(execution.concurrency_key.as_deref())
+        .bind::<Nullable<Timestamptz>, _>(execution.start_after)
+        .bind::<Nullable<Text>, _>(execution.dedup_key.as_deref())
+        .bind::<Nullable<Timestamptz>, _>(execution.with_dedup_until().dedup_until)
+        .bind::<Array<Integer>, _>(priorities)
+        .bind::<Array<Nullable<Text>>, _>(queues)
+        .bind::<Array<Nullable<Text>>, _>(keys)
 }
 
 fn consumed() -> diesel::result::Error {

@@ -49,6 +49,18 @@ pub struct Execution {
     pub idempotency_key: Option<String>,
     /// The execution that started this one as a sub-workflow.
     pub parent_execution_id: Option<Uuid>,
+    /// Claim priority of its steps (higher first; see `docs/engine.md`, "Flow control").
+    pub priority: i32,
+    /// Concurrency key of its steps (a tenant, a customer), limited by
+    /// [`crate::engine::set_concurrency_limit`].
+    pub concurrency_key: Option<String>,
+    /// Delayed start: it stays pending until then ([`crate::engine::start_due_executions`]).
+    pub start_after: Option<DateTime<Utc>>,
+    /// Deduplication key: a start with the same key returns this execution
+    /// while it holds the key (see [`NewExecution::dedup_key`]).
+    pub dedup_key: Option<String>,
+    /// Until when the dedup key holds; `None`: while this execution is unfinished.
+    pub dedup_until: Option<DateTime<Utc>>,
 }
 
 /// An execution to insert; [`NewExecution::new`] assigns a fresh UUIDv7 and
@@ -72,6 +84,24 @@ pub struct NewExecution {
     pub idempotency_key: Option<String>,
     /// The parent execution of a sub-workflow.
     pub parent_execution_id: Option<Uuid>,
+    /// Claim priority of its steps (higher first, default 0); a node's
+    /// `config.priority` overrides it for that node's step.
+    pub priority: i32,
+    /// Concurrency key of its steps; a node's `config.concurrency_key`
+    /// overrides it for that node's step.
+    pub concurrency_key: Option<String>,
+    /// Delayed start: [`crate::engine::start_execution`] leaves it pending
+    /// until then.
+    pub start_after: Option<DateTime<Utc>>,
+    /// Deduplication key (see [`NewExecution::dedup_key`]).
+    pub dedup_key: Option<String>,
+    /// Until when the dedup key holds; `None` with a key: while unfinished.
+    /// Set from [`NewExecution::dedup_window`] at insert.
+    pub dedup_until: Option<DateTime<Utc>>,
+    /// How long the dedup key holds from the start (`None`: while
+    /// unfinished); turned into `dedup_until` when the row is inserted.
+    #[diesel(skip_insertion)]
+    pub dedup_window: Option<std::time::Duration>,
 }
 
 /// Changes to an execution; `None` leaves a column as it is.
@@ -112,6 +142,12 @@ impl NewExecution {
             workflow_version: 1,
             idempotency_key: None,
             parent_execution_id: None,
+            priority: 0,
+            concurrency_key: None,
+            start_after: None,
+            dedup_key: None,
+            dedup_until: None,
+            dedup_window: None,
         }
     }
 
@@ -139,11 +175,68 @@ impl NewExecution {
         self
     }
 
+    /// Sets the claim priority of its steps (higher first; default 0).
+    pub fn priority(mut self, priority: i32) -> Self {
+        self.priority = priority;
+        self
+    }
+
+    /// Sets the concurrency key of its steps (a tenant, a customer): with a
+    /// limit set ([`crate::engine::set_concurrency_limit`]), at most that
+    /// many steps of the key run (or are ready to be claimed) at once.
+    pub fn concurrency_key(mut self, key: impl Into<String>) -> Self {
+        self.concurrency_key = Some(key.into());
+        self
+    }
+
+    /// Delays the start: [`crate::engine::start_execution`] leaves it pending
+    /// (nothing claims its steps) until `at`, when
+    /// [`crate::engine::start_due_executions`] (run by the maintenance loop)
+    /// starts it. A time in the past starts it at once.
+    pub fn start_after(mut self, at: DateTime<Utc>) -> Self {
+        self.start_after = Some(at);
+        self
+    }
+
+    /// Deduplicates on `key` while the execution is unfinished: a start of
+    /// the same workflow with the same key returns this execution
+    /// (`created: false`) until it is completed, failed or cancelled; after
+    /// that the key starts a new one. Unlike the idempotency key, the
+    /// database keeps no unique index on it: plain inserts are refused by a
+    /// trigger (constraint `executions_dedup`).
+    pub fn dedup_key(mut self, key: impl Into<String>) -> Self {
+        self.dedup_key = Some(key.into());
+        self.dedup_window = None;
+        self
+    }
+
+    /// Deduplicates on `key` for `window` from the start (debouncing), whether
+    /// or not the execution has finished.
+    pub fn dedup_window(mut self, key: impl Into<String>, window: std::time::Duration) -> Self {
+        self.dedup_key = Some(key.into());
+        self.dedup_window = Some(window);
+        self
+    }
+
+    /// `dedup_until` from the window, counted from now.
+    pub(crate) fn with_dedup_until(&self) -> Self {
+        let mut new = self.clone();
+        if let (Some(_), Some(window)) = (&new.dedup_key, new.dedup_window) {
+            let window = chrono::Duration::from_std(window).unwrap_or(chrono::Duration::MAX);
+            new.dedup_until = Some(
+                Utc::now()
+                    .checked_add_signed(window)
+                    .unwrap_or(DateTime::<Utc>::MAX_UTC),
+            );
+        }
+        new
+    }
+
     /// Inserts the execution and returns the stored row.
     #[tracing::instrument(skip_all, fields(execution.id = %self.id, workflow.id = %self.workflow_id))]
     pub fn create(&self, conn: &mut PgConnection) -> QueryResult<Execution> {
         diesel::insert_into(executions::table)
-            .values(self)
+            .values(self.with_dedup_until())
             .returning(Execution::as_returning())
             .get_result(conn)
     }

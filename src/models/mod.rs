@@ -101,10 +101,12 @@ macro_rules! changeset_update {
 pub mod bulk;
 mod event;
 mod execution;
+mod flow;
 mod step;
 mod workflow;
 
 pub use event::ExecutionEvent;
 pub use execution::{Execution, ExecutionChanges, ExecutionWithSteps, NewExecution};
+pub use flow::{ConcurrencyLimit, Queue};
 pub use step::{ExecutionStep, ExecutionStepChanges, Lease, NewExecutionStep};
 pub use workflow::{NewWorkflow, Workflow, WorkflowChanges, WorkflowWithExecutions};

@@ -65,13 +65,24 @@ pub struct ExecutionStep {
     /// How many times the step was started; the current run's lease token
     /// (see [`Lease`]). Numbered by the database on every `pending -> running`.
     pub attempt: i32,
-    /// The type of the step's workflow node: which handler runs it (see
-    /// [`crate::engine::claim_steps_of`]). `None` when the node is not in
-    /// its workflow's graph.
+    /// The type of the step's workflow node: which handler runs it, and its
+    /// queue unless [`queue`](Self::queue) is set. `None` when the node is
+    /// not in its workflow's graph.
     pub node_type: Option<String>,
     /// How many runs ended with the lease expired and the step reclaimed
     /// (see [`crate::engine::ReclaimPolicy`]).
     pub reclaims: i32,
+    /// Claim priority: higher first, then the oldest `run_after`.
+    pub priority: i32,
+    /// The queue it runs on; `None` means its node type's queue (see
+    /// [`ExecutionStep::queue_name`]).
+    pub queue: Option<String>,
+    /// Concurrency key (a tenant, a customer); see
+    /// [`crate::engine::set_concurrency_limit`].
+    pub concurrency_key: Option<String>,
+    /// Held back because its concurrency key is at its limit: not
+    /// claimable until a slot frees; maintained by the database.
+    pub throttled: bool,
 }
 
 /// The right to report on one run of a step: what a claim hands out
@@ -127,6 +138,12 @@ pub struct NewExecutionStep {
     /// The node's type; `None` lets the database copy it from the workflow's
     /// graph at insert (the engine's start sets it).
     pub node_type: Option<String>,
+    /// Claim priority (higher first; default 0).
+    pub priority: i32,
+    /// Queue; `None`: the node type's queue.
+    pub queue: Option<String>,
+    /// Concurrency key.
+    pub concurrency_key: Option<String>,
 }
 
 /// Changes to a step; `None` leaves a column as it is.
@@ -164,6 +181,9 @@ impl NewExecutionStep {
             downstream: Vec::new(),
             max_retries: 0,
             node_type: None,
+            priority: 0,
+            queue: None,
+            concurrency_key: None,
         }
     }
 
@@ -199,6 +219,15 @@ by_id_queries!(ExecutionStep, execution_steps, "step");
 changeset_update!(ExecutionStep, execution_steps, ExecutionStepChanges);
 
 impl ExecutionStep {
+    /// The queue the step runs on: [`queue`](Self::queue), else its node
+    /// type, else `"default"` (the database's `workflow_db_step_queue`).
+    pub fn queue_name(&self) -> &str {
+        self.queue
+            .as_deref()
+            .or(self.node_type.as_deref())
+            .unwrap_or(crate::engine::DEFAULT_QUEUE)
+    }
+
     /// The lease of this run, when the row shows the step running under a
     /// worker (as every step returned by a claim does); `None` otherwise.
     pub fn lease(&self) -> Option<Lease> {

@@ -205,8 +205,8 @@ pub struct MaintenanceOptions {
     /// 10,000).
     pub prune_batch: i64,
     /// How often the leader publishes the queue depth, the gauge
-    /// `workflow_db_ready_steps{node_type}` (steps claimable now, from
-    /// [`engine::ready_steps_by_type`]; default 15 s; `None`: never).
+    /// `workflow_db_ready_steps{queue}` (steps claimable now, from
+    /// [`engine::ready_steps_by_queue`]; default 15 s; `None`: never).
     pub queue_depth_every: Option<Duration>,
     /// `application_name` of the lock connection unless the URL sets one
     /// (default [`MAINTENANCE_APPLICATION_NAME`]; not empty).
@@ -325,6 +325,8 @@ pub struct MaintenanceStats {
     pub reclaimed: u64,
     /// Executions pruned (not counting sub-executions deleted with them).
     pub pruned: u64,
+    /// Delayed executions started ([`engine::start_due_executions`]).
+    pub started: u64,
     /// Failed attempts at anything (connecting, the lock, a reclaim, a
     /// prune), each logged at `warn` or `debug`.
     pub errors: u64,
@@ -339,6 +341,7 @@ struct Shared {
     leader_rounds: AtomicU64,
     reclaimed: AtomicU64,
     pruned: AtomicU64,
+    started: AtomicU64,
     errors: AtomicU64,
 }
 
@@ -351,6 +354,7 @@ impl Shared {
             leader_rounds: self.leader_rounds.load(Ordering::Relaxed),
             reclaimed: self.reclaimed.load(Ordering::Relaxed),
             pruned: self.pruned.load(Ordering::Relaxed),
+            started: self.started.load(Ordering::Relaxed),
             errors: self.errors.load(Ordering::Relaxed),
         }
     }
@@ -464,7 +468,7 @@ impl Maintenance {
             sit_out_until: None,
             last_prune: None,
             last_queue_depth: None,
-            published_types: Vec::new(),
+            published_queues: Vec::new(),
         };
         metrics::gauge!("workflow_db_maintenance_leader").set(0.0);
         let mut ticks = tokio::time::interval(self.options.interval);
@@ -521,6 +525,7 @@ impl Maintenance {
         }
         self.shared.leader_rounds.fetch_add(1, Ordering::Relaxed);
         self.reclaim(state).await;
+        self.flow_control(state).await;
         self.prune(state).await;
         self.queue_depth(state).await;
         Ok(())
@@ -665,6 +670,47 @@ impl Maintenance {
         }
     }
 
+    /// Starts the delayed executions that are due, batch after batch until
+    /// a batch is short, and admits throttled steps into free slots of
+    /// their concurrency keys (the trigger's SKIP LOCKED may leave one for
+    /// this round).
+    async fn flow_control(&self, state: &State) {
+        let batch = self.options.reclaim_batch;
+        loop {
+            let started = self
+                .pool
+                .run(move |c| engine::start_due_executions(c, batch).map_err(Into::into))
+                .await;
+            let started = match started {
+                Ok(started) => started,
+                Err(error) => {
+                    self.shared.error();
+                    tracing::warn!(error = %chain(&error), "maintenance: starting delayed executions failed; retrying next round");
+                    break;
+                }
+            };
+            let n = started.len() as u64;
+            self.shared.started.fetch_add(n, Ordering::Relaxed);
+            metrics::counter!("workflow_db_delayed_starts_total").increment(n);
+            if n > 0 {
+                tracing::info!(started = n, "maintenance started delayed executions");
+            }
+            if (started.len() as i64) < batch
+                || state.session.as_ref().is_none_or(Session::is_closed)
+            {
+                break;
+            }
+        }
+        if let Err(error) = self
+            .pool
+            .run(|c| engine::rebalance_concurrency_keys(c).map_err(Into::into))
+            .await
+        {
+            self.shared.error();
+            tracing::warn!(error = %chain(&error), "maintenance: rebalancing concurrency keys failed; retrying next round");
+        }
+    }
+
     /// Prunes final executions older than the retention, when one is set
     /// and `prune_every` has passed since the last prune.
     async fn prune(&self, state: &mut State) {
@@ -723,20 +769,26 @@ impl Maintenance {
             return;
         }
         state.last_queue_depth = Some(Instant::now());
-        match self.pool.run(|c| Ok(engine::ready_steps_by_type(c)?)).await {
+        match self
+            .pool
+            .run(|c| Ok(engine::ready_steps_by_queue(c)?))
+            .await
+        {
             Ok(depths) => {
-                let mut types = Vec::with_capacity(depths.len());
-                for (node_type, steps) in depths {
-                    let node_type = node_type.unwrap_or_default();
-                    metrics::gauge!("workflow_db_ready_steps", "node_type" => node_type.clone())
+                let mut queues = Vec::with_capacity(depths.len());
+                for (queue, steps) in depths {
+                    metrics::gauge!("workflow_db_ready_steps", "queue" => queue.clone())
                         .set(steps as f64);
-                    types.push(node_type);
+                    queues.push(queue);
                 }
-                for gone in state.published_types.iter().filter(|t| !types.contains(t)) {
-                    metrics::gauge!("workflow_db_ready_steps", "node_type" => gone.clone())
-                        .set(0.0);
+                for gone in state
+                    .published_queues
+                    .iter()
+                    .filter(|q| !queues.contains(q))
+                {
+                    metrics::gauge!("workflow_db_ready_steps", "queue" => gone.clone()).set(0.0);
                 }
-                state.published_types = types;
+                state.published_queues = queues;
             }
             Err(error) => {
                 self.shared.error();
@@ -857,7 +909,7 @@ struct State {
     last_prune: Option<Instant>,
     last_queue_depth: Option<Instant>,
     /// Node types published last time (a type whose queue emptied is set to 0).
-    published_types: Vec<String>,
+    published_queues: Vec<String>,
 }
 
 /// Leadership as the handle and the gauge see it; dropping it (the loop

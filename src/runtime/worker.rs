@@ -29,12 +29,16 @@
 //!
 //! # What a worker does
 //!
-//! - **Claims** only steps whose `node_type` it has a handler for
-//!   ([`engine::claim_steps_of`]), as many as it has free slots
-//!   ([`WorkerOptions::concurrency`]), in one statement.
+//! - **Claims** only steps of the queues it serves ([`engine::claim_from`];
+//!   by default the node types it has handlers for, which are the steps'
+//!   queues unless a node sets `config.queue`: see
+//!   [`WorkerOptions::queues`]), as many as it has free slots
+//!   ([`WorkerOptions::concurrency`]), in one statement, highest priority
+//!   first; the database holds back steps of paused or full queues and of
+//!   concurrency keys at their limit.
 //! - **Wakes** on the database's claimable notifications
 //!   ([`crate::engine::Claimable`], when given a URL with
-//!   [`Worker::notifications`]) for its node types, at the time of the next
+//!   [`Worker::notifications`]) for its queues, at the time of the next
 //!   scheduled retry ([`engine::next_claimable_at`]), when a slot frees up
 //!   after a full claim, and at the latest every
 //!   [`WorkerOptions::poll_interval`] (a safety net: notifications are lost
@@ -105,6 +109,19 @@ pub type HandlerResult = std::result::Result<Option<Value>, HandlerError>;
 
 type BoxedHandler =
     Arc<dyn Fn(StepContext) -> Pin<Box<dyn Future<Output = HandlerResult> + Send>> + Send + Sync>;
+
+/// The handler of a node type the worker has none for: the attempt fails
+/// with an error that names the type and the worker's queues.
+fn unhandled(node_type: &str, queues: &[String]) -> BoxedHandler {
+    let message = format!(
+        "no handler for node type {node_type:?} on this worker (it claims from queues {queues:?}): \
+         register one, or route the node to another queue with config.queue"
+    );
+    Arc::new(move |_| {
+        let message = message.clone();
+        Box::pin(async move { Err(message.into()) })
+    })
+}
 
 /// A unique worker id: `host-pid-xxxx` (host name, process id, four random
 /// hex digits), so that two processes, or two workers of one process, never
@@ -181,6 +198,11 @@ pub struct WorkerOptions {
     /// How long [`WorkerHandle::shutdown`] lets running handlers finish
     /// before it releases their steps (default 30 s).
     pub shutdown_timeout: Duration,
+    /// The queues the worker claims from (default empty: the node types it
+    /// has handlers for, which are the steps' queues unless a node sets
+    /// `config.queue`). A step claimed from these queues whose node type has
+    /// no handler here fails its attempt with an error saying so.
+    pub queues: Vec<String>,
 }
 
 impl Default for WorkerOptions {
@@ -192,6 +214,7 @@ impl Default for WorkerOptions {
             heartbeat_interval: None,
             poll_interval: Duration::from_secs(5),
             shutdown_timeout: Duration::from_secs(30),
+            queues: Vec::new(),
         }
     }
 }
@@ -240,6 +263,9 @@ impl WorkerOptions {
         }
         if self.poll_interval.is_zero() {
             return invalid("WorkerOptions::poll_interval", "zero".into());
+        }
+        if self.queues.iter().any(String::is_empty) {
+            return invalid("WorkerOptions::queues", "a queue name is empty".into());
         }
         Ok(Settings {
             id,
@@ -436,14 +462,19 @@ impl Worker {
             listening: notifier.is_some(),
             ..Health::default()
         }));
-        let mut types: Vec<String> = self.handlers.keys().cloned().collect();
-        types.sort();
+        let mut queues = if self.options.queues.is_empty() {
+            self.handlers.keys().cloned().collect()
+        } else {
+            self.options.queues.clone()
+        };
+        queues.sort();
+        queues.dedup();
         let id = settings.id.clone();
         let mut run = Run {
             pool: self.pool,
             options: settings,
             handlers: self.handlers,
-            types,
+            queues,
             notifier,
             tasks: JoinSet::new(),
             running: HashMap::new(),
@@ -734,7 +765,8 @@ struct Run {
     pool: AsyncPool,
     options: Settings,
     handlers: HashMap<String, Registered>,
-    types: Vec<String>,
+    /// The queues it claims from.
+    queues: Vec<String>,
     notifier: Option<Notifier>,
     tasks: JoinSet<(RunKey, Outcome)>,
     running: HashMap<RunKey, Running>,
@@ -751,7 +783,7 @@ struct Run {
 impl Run {
     async fn main(&mut self, stop: CancellationToken) -> WorkerReport {
         let worker = self.options.id.clone();
-        tracing::info!(%worker, node_types = ?self.types, "worker started");
+        tracing::info!(%worker, queues = ?self.queues, "worker started");
         let beats_stop = CancellationToken::new();
         let beats = tokio::spawn(beat(
             self.pool.clone(),
@@ -805,19 +837,19 @@ impl Run {
     /// look again if nothing more comes.
     async fn claim(&mut self) -> Instant {
         let free = self.options.concurrency - self.running.len();
-        let (worker, types, lease) = (
+        let (worker, queues, lease) = (
             self.options.id.clone(),
-            self.types.clone(),
+            self.queues.clone(),
             self.options.lease,
         );
         let started = Instant::now();
         let claimed = self
             .db("claim", move |c| {
-                let steps = engine::claim_steps_of(c, &worker, &types, free as i64, lease)?;
+                let steps = engine::claim_from(c, &worker, &queues, free as i64, lease)?;
                 // Nothing (or not all) claimed: when is the next step due?
                 // (A failure here must not lose the steps just claimed.)
                 let next = if steps.len() < free {
-                    engine::next_claimable_at(c, &types).ok().flatten()
+                    engine::next_claimable_at(c, &queues).ok().flatten()
                 } else {
                     None
                 };
@@ -857,11 +889,11 @@ impl Run {
             return;
         };
         let node_type = step.node_type.clone().unwrap_or_default();
-        let Some(registered) = self.handlers.get(&node_type) else {
-            return; // claim_steps_of only returns our types
+        let (handler, timeout) = match self.handlers.get(&node_type) {
+            Some(registered) => (Arc::clone(&registered.handler), registered.policy.timeout),
+            // A queue this worker serves holds a type it cannot run.
+            None => (unhandled(&node_type, &self.queues), None),
         };
-        let handler = Arc::clone(&registered.handler);
-        let timeout = registered.policy.timeout;
         let cancel = CancellationToken::new();
         let span = tracing::info_span!(
             "step",
@@ -1112,10 +1144,7 @@ impl Run {
     fn notified(&mut self, event: Option<NotifierEvent>, next_look: &mut Instant) -> bool {
         match event {
             Some(NotifierEvent::Claimable(c)) => {
-                let ours = c
-                    .node_type
-                    .as_ref()
-                    .is_some_and(|t| self.handlers.contains_key(t));
+                let ours = self.queues.contains(&c.queue);
                 if !ours {
                     return false;
                 }

@@ -1,0 +1,1 @@
+DROP INDEX CONCURRENTLY IF EXISTS executions_start_after_idx;

@@ -1,0 +1,2 @@
+-- Claims use execution_steps_claimable_idx (000027) now.
+DROP INDEX CONCURRENTLY IF EXISTS execution_steps_ready_idx;
