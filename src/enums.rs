@@ -112,6 +112,14 @@ impl ExecutionStatus {
                 | (Paused, Running | Cancelled)
         )
     }
+
+    /// Whether a replay ([`crate::engine::replay_execution`]) may move an
+    /// execution `self -> to`: failed | cancelled → running. The database
+    /// allows it only in a transaction that replays.
+    pub const fn can_replay_to(self, to: Self) -> bool {
+        use ExecutionStatus::*;
+        matches!((self, to), (Failed | Cancelled, Running))
+    }
 }
 
 impl StepStatus {
@@ -150,6 +158,13 @@ impl StepStatus {
             (self, to),
             (Pending, Running | Skipped) | (Running, Completed | Failed | Pending)
         )
+    }
+
+    /// Whether a replay ([`crate::engine::replay_execution`]) may move a
+    /// step `self -> to`: failed | skipped → pending.
+    pub const fn can_replay_to(self, to: Self) -> bool {
+        use StepStatus::*;
+        matches!((self, to), (Failed | Skipped, Pending))
     }
 }
 

@@ -38,7 +38,7 @@ macro_rules! execution_columns {
     () => {
         "id, workflow_id, status, user_id, data, error, started_at, completed_at, created_at, \
          updated_at, workflow_version, idempotency_key, parent_execution_id, priority, concurrency_key, \
-         start_after, dedup_key, dedup_until"
+         start_after, dedup_key, dedup_until, rerun_of"
     };
 }
 pub(crate) use execution_columns;

@@ -176,6 +176,8 @@ diesel::table! {
         dedup_key -> Nullable<Text>,
         /// Until when dedup_key holds (a window from the start); NULL: while the execution is unfinished.
         dedup_until -> Nullable<Timestamptz>,
+        /// The execution this one re-runs from scratch (engine::rerun_execution); NULL once that one is deleted.
+        rerun_of -> Nullable<Uuid>,
     }
 }
 

@@ -680,11 +680,12 @@ fn checks(options: &CheckOptions, parked: bool, flow: bool) -> Vec<Check> {
         extra: Extra::None,
         global: false,
     };
+    // History may hold replays (engine::replay_execution) besides ordinary transitions.
     let step_pairs = legal_pairs(StepStatus::ALL, StepStatus::as_str, |a, b| {
-        a.can_transition_to(b)
+        a.can_transition_to(b) || a.can_replay_to(b)
     });
     let execution_pairs = legal_pairs(ExecutionStatus::ALL, ExecutionStatus::as_str, |a, b| {
-        a.can_transition_to(b)
+        a.can_transition_to(b) || a.can_replay_to(b)
     });
     let mut checks = vec![plain(
         K::RunningWithoutLease,

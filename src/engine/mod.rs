@@ -52,6 +52,7 @@ mod flow;
 mod lifecycle;
 mod notify;
 mod query;
+mod recovery;
 mod start;
 
 pub use check::{
@@ -77,4 +78,5 @@ pub use query::{
     ExecutionFilter, ExecutionPage, ancestors, count_by_status, descendants,
     find_execution_by_short_id, find_workflow_by_short_id, list_executions, prune_executions,
 };
+pub use recovery::{Why, replay_execution, rerun_execution, why_not_running, why_step_not_running};
 pub use start::{DEFAULT_MAX_RETRIES, Started, start_execution};

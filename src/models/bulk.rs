@@ -267,8 +267,8 @@ macro_rules! execution_with_steps_cte {
     () => {
         "WITH e AS (INSERT INTO executions \
            (id, workflow_id, status, user_id, data, workflow_version, idempotency_key, parent_execution_id, \
-            priority, concurrency_key, start_after, dedup_key, dedup_until) \
-         VALUES ($1, $2, $3::execution_status, $4, $5, $6, $7, $8, $17, $18, $19, $20, $21) RETURNING *), \
+            priority, concurrency_key, start_after, dedup_key, dedup_until, rerun_of) \
+         VALUES ($1, $2, $3::execution_status, $4, $5, $6, $7, $8, $17, $18, $19, $20, $21, $25) RETURNING *), \
          s AS (INSERT INTO execution_steps \
            (id, execution_id, node_id, status, input, upstream_pending, downstream, max_retries, parked, node_type, \
             priority, queue, concurrency_key) \
@@ -340,6 +340,7 @@ fn with_steps_bound<'a>(
         .bind::<Array<Integer>, _>(priorities)
         .bind::<Array<Nullable<Text>>, _>(queues)
         .bind::<Array<Nullable<Text>>, _>(keys)
+        .bind::<Nullable<SqlUuid>, _>(execution.rerun_of)
 }
 
 fn consumed() -> diesel::result::Error {

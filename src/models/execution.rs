@@ -61,6 +61,9 @@ pub struct Execution {
     pub dedup_key: Option<String>,
     /// Until when the dedup key holds; `None`: while this execution is unfinished.
     pub dedup_until: Option<DateTime<Utc>>,
+    /// The execution this one re-runs from scratch
+    /// ([`crate::engine::rerun_execution`]).
+    pub rerun_of: Option<Uuid>,
 }
 
 /// An execution to insert; [`NewExecution::new`] assigns a fresh UUIDv7 and
@@ -102,6 +105,8 @@ pub struct NewExecution {
     /// unfinished); turned into `dedup_until` when the row is inserted.
     #[diesel(skip_insertion)]
     pub dedup_window: Option<std::time::Duration>,
+    /// The execution this one re-runs ([`crate::engine::rerun_execution`]).
+    pub rerun_of: Option<Uuid>,
 }
 
 /// Changes to an execution; `None` leaves a column as it is.
@@ -148,6 +153,7 @@ impl NewExecution {
             dedup_key: None,
             dedup_until: None,
             dedup_window: None,
+            rerun_of: None,
         }
     }
 
@@ -172,6 +178,12 @@ impl NewExecution {
     /// Makes it a sub-workflow of the execution `parent`.
     pub fn parent(mut self, parent: Uuid) -> Self {
         self.parent_execution_id = Some(parent);
+        self
+    }
+
+    /// Links it to the execution it re-runs (see [`crate::engine::rerun_execution`]).
+    pub fn rerun_of(mut self, execution: Uuid) -> Self {
+        self.rerun_of = Some(execution);
         self
     }
 
