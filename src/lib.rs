@@ -32,7 +32,7 @@ pub use graph::{Edge, Node, WorkflowGraph};
 pub use migrate::{MIGRATIONS, Migrator, run_pending_migrations};
 pub use models::{
     Execution, ExecutionChanges, ExecutionEvent, ExecutionStep, ExecutionStepChanges,
-    ExecutionWithSteps, Lease, NewExecution, NewExecutionStep, NewWorkflow, Workflow,
+    ExecutionWithSteps, Lease, NewExecution, NewExecutionStep, NewWorkflow, Schedule, Workflow,
     WorkflowChanges, WorkflowWithExecutions,
 };
 pub use pool::{PgPool, PooledConn, build_pool, connect};
@@ -55,9 +55,9 @@ pub use pool::{PgPool, PooledConn, build_pool, connect};
 pub mod prelude {
     pub use crate::enums::{ExecutionStatus, StepStatus};
     pub use crate::models::{
-        Execution, ExecutionStep, NewExecution, NewExecutionStep, NewWorkflow, Workflow,
+        Execution, ExecutionStep, NewExecution, NewExecutionStep, NewWorkflow, Schedule, Workflow,
     };
-    pub use crate::schema::{execution_events, execution_steps, executions, workflows};
+    pub use crate::schema::{execution_events, execution_steps, executions, schedules, workflows};
     pub use diesel::dsl::{exists, not, sql};
     pub use diesel::prelude::*;
     pub use diesel::{PgConnection, QueryResult};

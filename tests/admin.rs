@@ -447,6 +447,7 @@ fn reset_empties_every_application_table_and_keeps_schema_bookkeeping_and_stamp(
             "execution_steps",
             "executions",
             "later_table",
+            "schedules",
             "workflows"
         ]
     );

@@ -28,10 +28,14 @@ CREATE TABLE schedules (
     CONSTRAINT schedules_cron_check CHECK (btrim(cron) <> '' AND length(cron) <= 200),
     CONSTRAINT schedules_time_zone_check CHECK (time_zone <> '' AND length(time_zone) <= 100),
     CONSTRAINT schedules_missed_ticks_check CHECK (missed_ticks IN ('skip', 'catch_up')),
-    -- skip: no limit; catch_up: at most catch_up_limit ticks (1 to 100) per firing.
+    -- skip: no limit; catch_up: at most catch_up_limit ticks (1 to 100) per
+    -- firing. coalesce: a NULL limit must fail the check, not pass it as NULL.
     CONSTRAINT schedules_catch_up_limit_check CHECK (
-        (missed_ticks = 'skip' AND catch_up_limit IS NULL)
-        OR (missed_ticks = 'catch_up' AND catch_up_limit BETWEEN 1 AND 100)
+        CASE missed_ticks
+            WHEN 'skip' THEN catch_up_limit IS NULL
+            WHEN 'catch_up' THEN coalesce(catch_up_limit BETWEEN 1 AND 100, false)
+            ELSE false
+        END
     ),
     CONSTRAINT schedules_last_error_check CHECK (last_error IS NULL OR paused)
 );
