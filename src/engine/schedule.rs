@@ -410,7 +410,9 @@ impl NewSchedule {
         let parsed = self.validate(Utc::now())?;
         conn.transaction(|conn| {
             let now = db_now(conn)?;
-            loop {
+            // Two turns suffice in READ COMMITTED: a conflicting INSERT
+            // waits for the other writer, whose row the next SELECT sees.
+            for _ in 0..3 {
                 let existing = schedules::table
                     .filter(schedules::name.eq(&self.name))
                     .select(Schedule::as_select())
@@ -452,6 +454,15 @@ impl NewSchedule {
                     return Ok(schedule);
                 }
             }
+            // Only under REPEATABLE READ or SERIALIZABLE, whose snapshot
+            // hides the row that made the INSERT do nothing.
+            Err(Error::Query(diesel::result::Error::DatabaseError(
+                diesel::result::DatabaseErrorKind::SerializationFailure,
+                Box::new(format!(
+                    "schedule {:?} was created concurrently; retry the transaction",
+                    self.name
+                )),
+            )))
         })
     }
 }
@@ -578,7 +589,7 @@ pub struct FireReport {
     /// The ticks fired, by schedule, oldest first.
     pub fired: Vec<Fired>,
     /// Due ticks the [`MissedTicks`] policy dropped (older than the ones
-    /// fired), counted up to 10,000 per schedule.
+    /// fired), counted up to 1,000 per schedule.
     pub skipped: u64,
     /// Schedules paused because they could not fire.
     pub paused: Vec<PausedOnError>,
@@ -627,9 +638,10 @@ pub fn fire_due_schedules(conn: &mut PgConnection, now: DateTime<Utc>) -> Result
 /// A schedule that cannot fire (its cron expression or time zone no longer
 /// parses, its workflow's graph is invalid, ...) is paused, with the reason
 /// in `last_error` ([`FireReport::paused`]), so it neither blocks the
-/// others nor fails every call. Errors of the connection or of concurrency
-/// (a deadlock, a lock timeout: [`Error::is_retryable`]) roll the whole
-/// call back and are returned; call again.
+/// others nor fails every call. Errors that are not the schedule's (a
+/// deadlock or lock timeout, [`Error::is_retryable`]; a statement timeout;
+/// a lost connection) roll the whole call back and are returned: nothing
+/// was started, call again.
 ///
 /// Bounded work: at most `batch` schedules (1 to 10,000) and
 /// [`MAX_CATCH_UP`] executions per schedule.
@@ -661,7 +673,7 @@ pub fn fire_due_schedules_batch(
                     report.skipped += skipped;
                     report.fired.extend(fired);
                 }
-                Err(e) if e.is_retryable() || e.is_connection_error() => return Err(e),
+                Err(e) if is_transient(&e) => return Err(e),
                 Err(e) => {
                     let error = e.to_string();
                     tracing::warn!(
@@ -688,6 +700,22 @@ pub fn fire_due_schedules_batch(
     Ok(report)
 }
 
+/// Errors that say nothing about the schedule: the whole call is rolled
+/// back and returned, to be tried again (a deadlock, a lock or statement
+/// timeout, a lost connection).
+fn is_transient(e: &Error) -> bool {
+    e.is_retryable()
+        || e.is_connection_error()
+        || matches!(
+            e.sqlstate(),
+            Some(crate::error::sqlstate::QUERY_CANCELED | crate::error::sqlstate::ADMIN_SHUTDOWN)
+        )
+}
+
+/// Due ticks a firing counts as skipped at most, per schedule (the count
+/// only feeds the report, a log line and a metric).
+const MAX_SKIPPED_COUNTED: u64 = 1000;
+
 /// Fires one locked, due schedule (inside a savepoint): the ticks its
 /// policy chooses, then `next_fire_at` past `now`. The fired ticks and how
 /// many due ticks were dropped.
@@ -705,7 +733,7 @@ fn fire_one(
         Some(&oldest) => {
             let mut n = 0u64;
             let mut t = schedule.next_fire_at - chrono::TimeDelta::seconds(1);
-            while n < 10_000 {
+            while n < MAX_SKIPPED_COUNTED {
                 t = parsed.next_after(t)?;
                 if t >= oldest {
                     break;
