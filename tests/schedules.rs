@@ -573,12 +573,35 @@ fn a_schedule_that_cannot_fire_is_paused_with_the_reason_and_the_others_fire() {
         .set(schedules::cron.eq("every tuesday"))
         .execute(&mut conn)
         .unwrap();
-    let report = engine::fire_due_schedules(&mut conn, healthy.next_fire_at).unwrap();
-    assert_eq!(report.schedules, 2);
+    // A workflow whose graph was broken by hand (an edge to no node).
+    let other = workflow(&mut conn, &["x"], &[]);
+    let orphan = NewSchedule::new("orphan", other.id, "* * * * *")
+        .create(&mut conn)
+        .unwrap();
+    diesel::sql_query(
+        "UPDATE workflows SET edges = '[{\"source\": \"x\", \"target\": \"nowhere\"}]' WHERE id = $1",
+    )
+    .bind::<SqlUuid, _>(other.id)
+    .execute(&mut conn)
+    .unwrap();
+    let now = healthy.next_fire_at.max(orphan.next_fire_at);
+    let report = engine::fire_due_schedules(&mut conn, now).unwrap();
+    assert_eq!(report.schedules, 3);
     assert_eq!(report.fired.len(), 1);
     assert_eq!(report.fired[0].schedule_id, healthy.id);
-    assert_eq!(report.paused.len(), 1);
-    assert_eq!(report.paused[0].schedule_id, broken.id);
+    let mut paused: Vec<Uuid> = report.paused.iter().map(|p| p.schedule_id).collect();
+    paused.sort();
+    let mut expected = vec![broken.id, orphan.id];
+    expected.sort();
+    assert_eq!(paused, expected);
+    let orphan = reload(&mut conn, orphan.id);
+    assert!(orphan.paused);
+    assert!(
+        orphan.last_error.as_deref().unwrap().contains("nowhere"),
+        "{:?}",
+        orphan.last_error
+    );
+    assert!(executions_per_key(&mut conn, orphan.id).is_empty());
     let broken = reload(&mut conn, broken.id);
     assert!(broken.paused);
     let error = broken.last_error.clone().unwrap();
@@ -590,6 +613,33 @@ fn a_schedule_that_cannot_fire_is_paused_with_the_reason_and_the_others_fire() {
         Err(Error::InvalidSchedule { field: "cron", .. })
     ));
     assert!(reload(&mut conn, broken.id).paused);
+}
+
+/// An error that is not the schedule's (here: a caller's REPEATABLE READ
+/// transaction, which the engine's triggers refuse) is returned, and the
+/// schedule is neither paused nor advanced.
+#[test]
+fn an_error_that_is_not_the_schedules_is_returned_and_pauses_nothing() {
+    let (_db, mut conn, wf) = setup();
+    let s = NewSchedule::new("rr", wf.id, "* * * * *")
+        .create(&mut conn)
+        .unwrap();
+    conn.build_transaction()
+        .repeatable_read()
+        .run(|c| {
+            let result = engine::fire_due_schedules(c, s.next_fire_at);
+            assert!(result.is_err(), "{result:?}");
+            diesel::QueryResult::Ok(())
+        })
+        .unwrap();
+    let after = reload(&mut conn, s.id);
+    assert!(!after.paused);
+    assert_eq!(after.last_error, None);
+    assert_eq!(after.next_fire_at, s.next_fire_at);
+    assert!(executions_per_key(&mut conn, s.id).is_empty());
+    // In READ COMMITTED it fires.
+    let report = engine::fire_due_schedules(&mut conn, s.next_fire_at).unwrap();
+    assert_eq!(report.fired.len(), 1);
 }
 
 #[test]

@@ -635,13 +635,15 @@ pub fn fire_due_schedules(conn: &mut PgConnection, now: DateTime<Utc>) -> Result
 /// started at most once, whatever the number of callers: see the
 /// [module documentation](self).
 ///
-/// A schedule that cannot fire (its cron expression or time zone no longer
-/// parses, its workflow's graph is invalid, ...) is paused, with the reason
-/// in `last_error` ([`FireReport::paused`]), so it neither blocks the
-/// others nor fails every call. Errors that are not the schedule's (a
+/// A schedule that cannot fire through a fault of its own (its cron
+/// expression or time zone no longer parses or never fires again, its
+/// workflow's graph is invalid, a constraint refuses its execution) is
+/// paused, with the reason in `last_error` ([`FireReport::paused`]), so it
+/// neither blocks the others nor fails every call. Every other error (a
 /// deadlock or lock timeout, [`Error::is_retryable`]; a statement timeout;
-/// a lost connection) roll the whole call back and are returned: nothing
-/// was started, call again.
+/// a lost connection; a caller's transaction that is not READ COMMITTED,
+/// which the engine's triggers refuse) rolls the whole call back and is
+/// returned: nothing was started, call again.
 ///
 /// Bounded work: at most `batch` schedules (1 to 10,000) and
 /// [`MAX_CATCH_UP`] executions per schedule.
@@ -673,7 +675,7 @@ pub fn fire_due_schedules_batch(
                     report.skipped += skipped;
                     report.fired.extend(fired);
                 }
-                Err(e) if is_transient(&e) => return Err(e),
+                Err(e) if !is_schedule_fault(&e) => return Err(e),
                 Err(e) => {
                     let error = e.to_string();
                     tracing::warn!(
@@ -700,16 +702,24 @@ pub fn fire_due_schedules_batch(
     Ok(report)
 }
 
-/// Errors that say nothing about the schedule: the whole call is rolled
-/// back and returned, to be tried again (a deadlock, a lock or statement
-/// timeout, a lost connection).
-fn is_transient(e: &Error) -> bool {
-    e.is_retryable()
-        || e.is_connection_error()
-        || matches!(
-            e.sqlstate(),
-            Some(crate::error::sqlstate::QUERY_CANCELED | crate::error::sqlstate::ADMIN_SHUTDOWN)
-        )
+/// Errors that are the schedule's own (its definition, its workflow, the
+/// rows it would write), for which it is paused. Everything else (a
+/// deadlock, a lock or statement timeout, a lost connection, a caller's
+/// transaction that is not READ COMMITTED) rolls the whole call back and is
+/// returned, to be tried again: it would fail any schedule alike.
+fn is_schedule_fault(e: &Error) -> bool {
+    match e {
+        Error::InvalidSchedule { .. }
+        | Error::InvalidGraph { .. }
+        | Error::NotFound { .. }
+        | Error::IllegalTransition { .. } => true,
+        // Integrity constraint violations (class 23: check, unique,
+        // foreign key, not null), which retrying cannot change.
+        Error::Query(_) => {
+            !e.is_connection_error() && e.sqlstate().is_some_and(|c| c.starts_with("23"))
+        }
+        _ => false,
+    }
 }
 
 /// Due ticks a firing counts as skipped at most, per schedule (the count
