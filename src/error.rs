@@ -247,6 +247,19 @@ pub enum Error {
         /// What is wrong: the value given and what a valid one looks like.
         reason: String,
     },
+
+    /// A schedule was refused before anything was written: its cron
+    /// expression does not parse (or never fires), its time zone is not an
+    /// IANA name, or its name or catch-up limit is out of range.
+    #[error("invalid schedule {field} {value:?}: {reason}")]
+    InvalidSchedule {
+        /// `"cron"`, `"time_zone"`, `"name"` or `"missed_ticks"`.
+        field: &'static str,
+        /// The value given.
+        value: String,
+        /// What is wrong (the cron parser's message for a cron expression).
+        reason: String,
+    },
 }
 
 /// Constraint names the status triggers report (`RAISE .. USING CONSTRAINT`).

@@ -449,6 +449,7 @@ fn reset_empties_every_application_table_and_keeps_schema_bookkeeping_and_stamp(
             "executions",
             "later_table",
             "queues",
+            "schedules",
             "workflows"
         ]
     );

@@ -12,6 +12,9 @@
 //! transactions (PostgreSQL's default); the triggers refuse them under
 //! REPEATABLE READ and SERIALIZABLE.
 //!
+//! Cron schedules that start executions, exactly once per tick, are in
+//! [`schedule`].
+//!
 //! The guide to this module — what PostgreSQL enforces, every operation, and
 //! the notes on worker ids, leases and transactions — is `docs/engine.md` in
 //! the repository.
@@ -53,6 +56,7 @@ mod lifecycle;
 mod notify;
 mod query;
 mod recovery;
+pub mod schedule;
 mod start;
 
 pub use check::{
@@ -79,4 +83,10 @@ pub use query::{
     find_execution_by_short_id, find_workflow_by_short_id, list_executions, prune_executions,
 };
 pub use recovery::{Why, replay_execution, rerun_execution, why_not_running, why_step_not_running};
+pub use schedule::{
+    DEFAULT_SCHEDULE_BATCH, FireReport, Fired, MAX_CATCH_UP, MissedTicks, NewSchedule,
+    PausedOnError, delete_schedule, find_schedule, fire_due_schedules, fire_due_schedules_batch,
+    fire_times, get_schedule, list_schedules, next_fire_times, pause_schedule, resume_schedule,
+    schedule_tick_key,
+};
 pub use start::{DEFAULT_MAX_RETRIES, Started, start_execution};

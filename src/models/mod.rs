@@ -13,6 +13,8 @@
 //!   queries.
 //! - `NewWorkflow::create` and `Workflow::update` validate the graph and so
 //!   return the crate's `Result`.
+//! - `Schedule` (table `schedules`): cron schedules; created, fired, paused
+//!   and resumed through `crate::engine::schedule`.
 //! - `bulk` streams executions and steps through binary `COPY FROM` (constant
 //!   memory) and inserts an execution with its steps in one statement.
 //!
@@ -102,11 +104,13 @@ pub mod bulk;
 mod event;
 mod execution;
 mod flow;
+mod schedule;
 mod step;
 mod workflow;
 
 pub use event::ExecutionEvent;
 pub use execution::{Execution, ExecutionChanges, ExecutionWithSteps, NewExecution};
 pub use flow::{ConcurrencyLimit, Queue};
+pub use schedule::Schedule;
 pub use step::{ExecutionStep, ExecutionStepChanges, Lease, NewExecutionStep};
 pub use workflow::{NewWorkflow, Workflow, WorkflowChanges, WorkflowWithExecutions};

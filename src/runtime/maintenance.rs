@@ -20,7 +20,15 @@
 //!   retention ago, with their steps and history. The cutoff is computed
 //!   from the database's clock, not the service's.
 //!
-//! Later periodic work (schedules, partitions) belongs here too.
+//! - **Fire due schedules**, every round, unless
+//!   [`MaintenanceOptions::fire_schedules`] is off:
+//!   `engine::fire_due_schedules_batch` at the database's clock, in batches
+//!   of [`MaintenanceOptions::schedule_batch`] schedules until a batch
+//!   comes back short. Each tick of a cron schedule starts one execution
+//!   (see [`engine::schedule`]). A tick fires at the first round after it,
+//!   so at most about one interval late.
+//!
+//! Later periodic work (partitions) belongs here too.
 //!
 //! # The interval against the lease length
 //!
@@ -73,23 +81,32 @@
 //!   it (a `tracing` event, the gauge, [`MaintenanceHandle::is_leader`])
 //!   and competes again like any other instance.
 //! - **Two leaders for a moment are harmless.** Leadership saves work; it
-//!   does not protect the data. `reclaim_expired` and `prune_executions`
-//!   lock what they change and skip what others hold, so a leader that has
-//!   not noticed its loss yet (a round in flight, a partitioned host) and
-//!   the new one never reclaim or delete the same row twice.
+//!   does not protect the data. `reclaim_expired`, `prune_executions` and
+//!   `fire_due_schedules` lock what they change and skip what others hold,
+//!   so a leader that has not noticed its loss yet (a round in flight, a
+//!   partitioned host) and the new one never reclaim or delete the same row
+//!   twice, nor start a schedule's tick twice (the tick's idempotency key
+//!   would refuse it even then).
 //!
 //! # Observability
 //!
 //! Through the `metrics` facade (the service installs the recorder):
-//! counters `workflow_db_steps_reclaimed_total` and
-//! `workflow_db_executions_pruned_total`, `workflow_db_maintenance_errors_total`
-//! (failed attempts to connect, lock, reclaim or prune, each logged and
-//! retried at a later round), and the gauge
+//! counters `workflow_db_steps_reclaimed_total`,
+//! `workflow_db_executions_pruned_total`,
+//! `workflow_db_schedule_ticks_fired_total` (executions started by
+//! schedules), `workflow_db_schedule_ticks_skipped_total` (missed ticks
+//! dropped by a schedule's policy),
+//! `workflow_db_schedules_paused_on_error_total` (schedules that could not
+//! fire and were paused, with the reason in `schedules.last_error`),
+//! `workflow_db_maintenance_errors_total` (failed attempts to connect,
+//! lock, reclaim, prune or fire schedules, each logged and retried at a
+//! later round), and the gauge
 //! `workflow_db_maintenance_leader` (1 while this process leads, else 0; one
 //! maintenance per process is assumed). `tracing`: a `maintenance` span
 //! with the database name; leader acquired, lost and stepped down at
-//! `info`, reclaimed steps and pruned executions at `info`, failures at
-//! `warn`. [`MaintenanceHandle::stats`] gives the same figures to a health
+//! `info`, reclaimed steps, pruned executions and skipped schedule ticks at
+//! `info`, fired ticks at `debug`, failures (and schedules paused because
+//! they cannot fire) at `warn`. [`MaintenanceHandle::stats`] gives the same figures to a health
 //! check.
 //!
 //! # Connection settings
@@ -204,6 +221,13 @@ pub struct MaintenanceOptions {
     /// Executions deleted per transaction when pruning (default 100; 1 to
     /// 10,000).
     pub prune_batch: i64,
+    /// Whether the leader fires due cron schedules every round (default
+    /// true; see [`engine::schedule`]). Turn it off in services that must
+    /// not start executions; another instance's maintenance fires them.
+    pub fire_schedules: bool,
+    /// Schedules fired per transaction (default 100; 1 to 10,000). A round
+    /// repeats until a batch comes back short.
+    pub schedule_batch: i64,
     /// How often the leader publishes the queue depth, the gauge
     /// `workflow_db_ready_steps{queue}` (steps claimable now, from
     /// [`engine::ready_steps_by_queue`]; default 15 s; `None`: never).
@@ -226,6 +250,8 @@ impl Default for MaintenanceOptions {
             retention: None,
             prune_every: Duration::from_secs(60),
             prune_batch: 100,
+            fire_schedules: true,
+            schedule_batch: engine::DEFAULT_SCHEDULE_BATCH,
             queue_depth_every: Some(Duration::from_secs(15)),
             application_name: MAINTENANCE_APPLICATION_NAME.to_owned(),
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
@@ -258,6 +284,7 @@ impl MaintenanceOptions {
         for (option, batch) in [
             ("MaintenanceOptions::reclaim_batch", self.reclaim_batch),
             ("MaintenanceOptions::prune_batch", self.prune_batch),
+            ("MaintenanceOptions::schedule_batch", self.schedule_batch),
         ] {
             if !(1..=MAX_BATCH).contains(&batch) {
                 return invalid(
@@ -327,8 +354,10 @@ pub struct MaintenanceStats {
     pub pruned: u64,
     /// Delayed executions started ([`engine::start_due_executions`]).
     pub started: u64,
+    /// Executions started by schedules (one per tick fired).
+    pub schedule_ticks_fired: u64,
     /// Failed attempts at anything (connecting, the lock, a reclaim, a
-    /// prune), each logged at `warn` or `debug`.
+    /// prune, firing schedules), each logged at `warn` or `debug`.
     pub errors: u64,
 }
 
@@ -342,6 +371,7 @@ struct Shared {
     reclaimed: AtomicU64,
     pruned: AtomicU64,
     started: AtomicU64,
+    schedule_ticks_fired: AtomicU64,
     errors: AtomicU64,
 }
 
@@ -355,6 +385,7 @@ impl Shared {
             reclaimed: self.reclaimed.load(Ordering::Relaxed),
             pruned: self.pruned.load(Ordering::Relaxed),
             started: self.started.load(Ordering::Relaxed),
+            schedule_ticks_fired: self.schedule_ticks_fired.load(Ordering::Relaxed),
             errors: self.errors.load(Ordering::Relaxed),
         }
     }
@@ -526,6 +557,7 @@ impl Maintenance {
         self.shared.leader_rounds.fetch_add(1, Ordering::Relaxed);
         self.reclaim(state).await;
         self.flow_control(state).await;
+        self.fire_schedules(state).await;
         self.prune(state).await;
         self.queue_depth(state).await;
         Ok(())
@@ -708,6 +740,51 @@ impl Maintenance {
         {
             self.shared.error();
             tracing::warn!(error = %chain(&error), "maintenance: rebalancing concurrency keys failed; retrying next round");
+        }
+    }
+
+    /// Fires due schedules at the database's clock, batch after batch,
+    /// until a batch is short.
+    async fn fire_schedules(&self, state: &State) {
+        if !self.options.fire_schedules {
+            return;
+        }
+        let batch = self.options.schedule_batch;
+        loop {
+            let report = self
+                .pool
+                .run(move |c| {
+                    // The database's clock, as every instance's.
+                    let now = diesel::sql_query("SELECT statement_timestamp() AS now")
+                        .get_result::<Now>(c)?
+                        .now;
+                    engine::fire_due_schedules_batch(c, now, batch)
+                })
+                .await;
+            let report = match report {
+                Ok(report) => report,
+                Err(error) => {
+                    self.shared.error();
+                    tracing::warn!(error = %chain(&error), "maintenance: firing schedules failed; retrying next round");
+                    break;
+                }
+            };
+            let fired = report.fired.len() as u64;
+            self.shared
+                .schedule_ticks_fired
+                .fetch_add(fired, Ordering::Relaxed);
+            metrics::counter!("workflow_db_schedule_ticks_fired_total").increment(fired);
+            metrics::counter!("workflow_db_schedule_ticks_skipped_total").increment(report.skipped);
+            metrics::counter!("workflow_db_schedules_paused_on_error_total")
+                .increment(report.paused.len() as u64);
+            if fired > 0 {
+                tracing::debug!(fired, "maintenance fired schedule ticks");
+            }
+            if (report.schedules as i64) < batch
+                || state.session.as_ref().is_none_or(Session::is_closed)
+            {
+                break;
+            }
         }
     }
 
@@ -1087,11 +1164,12 @@ mod tests {
     #[test]
     fn out_of_range_options_name_the_option() {
         type Spoil = fn(&mut MaintenanceOptions);
-        let cases: [(&str, Spoil); 8] = [
+        let cases: [(&str, Spoil); 9] = [
             ("interval", |o| o.interval = Duration::ZERO),
             ("interval", |o| o.interval = Duration::from_secs(7200)),
             ("reclaim_batch", |o| o.reclaim_batch = 0),
             ("prune_batch", |o| o.prune_batch = -1),
+            ("schedule_batch", |o| o.schedule_batch = 0),
             ("retention", |o| o.retention = Some(Duration::ZERO)),
             ("prune_every", |o| o.prune_every = Duration::ZERO),
             ("connect_timeout", |o| o.connect_timeout = Duration::ZERO),

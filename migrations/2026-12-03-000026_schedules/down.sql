@@ -1,0 +1,2 @@
+DROP TABLE schedules;
+DROP FUNCTION workflow_db_schedules_check_time_zone();
