@@ -35,7 +35,9 @@ pub const MAX_BATCH: i64 = workflow_db::models::MAX_PAGE_SIZE;
 pub const USAGE: &str = "\
 usage: cargo bench --bench workload -- [options]
   --only W1,W3      run only these figure groups (W1..W6, ASYNC, WORKER, CLAIM,
-                    R2D2, CANCEL, FANIN, DRAIN; default all; ASYNC is W2 through
+                    FLOW, R2D2, CANCEL, FANIN, DRAIN; default all; FLOW is the
+                    claim latency with 1,000 concurrency keys, half at their
+                    limit, against none; ASYNC is W2 through
                     the async face, paired with W2 when both run; WORKER is W2
                     and W6 through runtime::Worker, paired with W2 and W6)
   --runs N          repetitions of every figure (default 3)

@@ -23,6 +23,7 @@ mod async_face;
 mod claim;
 mod data;
 mod db;
+mod flow;
 mod limit;
 mod load;
 mod peer;
@@ -148,6 +149,9 @@ fn run_figures(b: &mut Bench) -> Res<()> {
         }
         if b.args.wants("CLAIM") {
             b.claim_growth(rep)?;
+        }
+        if b.args.wants("FLOW") {
+            b.flow_group(rep)?;
         }
         if b.args.wants("R2D2") {
             b.r2d2(rep)?;

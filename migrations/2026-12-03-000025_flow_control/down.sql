@@ -1,5 +1,8 @@
 -- Restores 000024's schema: the functions as 000015/000022 defined them.
+DROP TRIGGER executions_inserted_start_after ON executions;
 DROP TRIGGER executions_start_after ON executions;
+DROP TRIGGER execution_steps_deleted ON execution_steps;
+DROP FUNCTION workflow_db_steps_deleted();
 DROP FUNCTION workflow_db_execution_start_after();
 DROP TRIGGER executions_dedup ON executions;
 DROP FUNCTION workflow_db_execution_dedup();

@@ -140,67 +140,67 @@ $$;
 COMMENT ON FUNCTION workflow_db_count_queue_running(text[], integer[]) IS 'Adds the deltas to the queues'' running counters (rows locked in name order), refuses a start on a paused queue or beyond max_running, and notifies workflow_db_claimable when a limited queue gains room.';
 
 -- Admission for limited keys: for each key (rows locked in key order),
--- running + admitted must not exceed max_running. Over it, the steps this
+-- running + admitted must not exceed max_running. The slots left after the
+-- running steps and the steps admitted by earlier statements go to the
+-- best (highest priority, oldest run_after, id) of: the steps this
 -- statement admitted (`own`: uncommitted, so no worker is claiming them;
--- NULL when a limit was lowered: any admitted step not being claimed) are
--- throttled, lowest priority first; if that is not enough and the
--- statement started a step of the key that held no slot (`started`), the
--- start is refused. Under it, the best throttled ready steps are admitted
--- (SKIP LOCKED: a step another transaction is changing waits for the next
--- rebalance of its key, or the maintenance loop's).
+-- NULL when a limit changed: every admitted step) and the throttled ready
+-- steps; the rest of `own` is throttled. So a step that became ready in
+-- this statement never keeps a slot a higher-priority throttled step
+-- could have. Steps another transaction holds are skipped (SKIP LOCKED:
+-- never waits, so no deadlock), and admitted by the next rebalance of
+-- their key or the maintenance loop's. A statement that started a step of
+-- the key that held no slot (`started`) and leaves the key over its limit
+-- is refused.
 CREATE FUNCTION workflow_db_rebalance_keys(keys text[], own uuid[], started text[]) RETURNS void
 LANGUAGE plpgsql AS $$
 DECLARE
     lim record;
     running_n integer;
     admitted_n integer;
-    room integer;
-    held integer;
+    own_n integer;
+    avail integer;
+    chosen uuid[];
 BEGIN
     FOR lim IN SELECT c.key, c.max_running FROM concurrency_limits c
                 WHERE c.key = ANY (keys) ORDER BY c.key FOR NO KEY UPDATE
     LOOP
         SELECT count(*) INTO running_n FROM execution_steps s
          WHERE s.concurrency_key = lim.key AND s.status = 'running';
-        SELECT count(*) INTO admitted_n FROM execution_steps s
+        SELECT count(*), count(*) FILTER (WHERE own IS NULL OR s.id = ANY (own))
+          INTO admitted_n, own_n
+          FROM execution_steps s
          WHERE s.concurrency_key = lim.key AND s.status = 'pending' AND s.upstream_pending = 0
            AND NOT s.parked AND NOT s.throttled;
-        room := lim.max_running - running_n - admitted_n;
-        IF room < 0 THEN
-            WITH h AS (
-                UPDATE execution_steps s SET throttled = true
-                 WHERE s.id = ANY (ARRAY(
-                         SELECT x.id FROM execution_steps x
-                          WHERE x.concurrency_key = lim.key AND x.status = 'pending'
-                            AND x.upstream_pending = 0 AND NOT x.parked AND NOT x.throttled
-                            AND (own IS NULL OR x.id = ANY (own))
-                          ORDER BY x.priority, x.run_after DESC, x.id DESC
-                          LIMIT -room
-                          FOR UPDATE SKIP LOCKED))
-                RETURNING 1)
-            SELECT count(*) INTO held FROM h;
-            IF room + held < 0 AND lim.key = ANY (started) THEN
-                RAISE EXCEPTION 'concurrency key % is at its limit of % step(s)', lim.key, lim.max_running
-                    USING ERRCODE = 'check_violation',
-                          CONSTRAINT = 'concurrency_limits_max_running',
-                          TABLE = 'execution_steps',
-                          DETAIL = format('key %s: max_running = %s, running = %s, admitted = %s',
-                                          lim.key, lim.max_running, running_n, admitted_n);
-            END IF;
-        ELSIF room > 0 THEN
-            UPDATE execution_steps s SET throttled = false
-             WHERE s.id = ANY (ARRAY(
-                     SELECT x.id FROM execution_steps x
-                      WHERE x.concurrency_key = lim.key AND x.status = 'pending'
-                        AND x.upstream_pending = 0 AND NOT x.parked AND x.throttled
-                      ORDER BY x.priority DESC, x.run_after, x.id
-                      LIMIT room
-                      FOR UPDATE SKIP LOCKED));
+        avail := lim.max_running - running_n - (admitted_n - own_n);
+        chosen := ARRAY(
+            SELECT x.id FROM execution_steps x
+             WHERE x.concurrency_key = lim.key AND x.status = 'pending' AND x.upstream_pending = 0
+               AND NOT x.parked AND (x.throttled OR own IS NULL OR x.id = ANY (own))
+             ORDER BY x.priority DESC, x.run_after, x.id
+             LIMIT greatest(avail, 0)
+             FOR UPDATE SKIP LOCKED);
+        UPDATE execution_steps s SET throttled = true
+         WHERE s.id = ANY (ARRAY(
+                 SELECT x.id FROM execution_steps x
+                  WHERE x.concurrency_key = lim.key AND x.status = 'pending' AND x.upstream_pending = 0
+                    AND NOT x.parked AND NOT x.throttled AND (own IS NULL OR x.id = ANY (own))
+                    AND NOT (x.id = ANY (chosen))
+                  FOR UPDATE SKIP LOCKED));
+        UPDATE execution_steps s SET throttled = false
+         WHERE s.id = ANY (chosen) AND s.throttled;
+        IF avail < 0 AND lim.key = ANY (started) THEN
+            RAISE EXCEPTION 'concurrency key % is at its limit of % step(s)', lim.key, lim.max_running
+                USING ERRCODE = 'check_violation',
+                      CONSTRAINT = 'concurrency_limits_max_running',
+                      TABLE = 'execution_steps',
+                      DETAIL = format('key %s: max_running = %s, running = %s, admitted = %s',
+                                      lim.key, lim.max_running, running_n, admitted_n);
         END IF;
     END LOOP;
 END;
 $$;
-COMMENT ON FUNCTION workflow_db_rebalance_keys(text[], uuid[], text[]) IS 'Keeps running + admitted steps of each limited key within its max_running: throttles steps over it (those the calling statement admitted, or any when own is NULL) and admits throttled ready steps into free slots; refuses a start that holds no slot.';
+COMMENT ON FUNCTION workflow_db_rebalance_keys(text[], uuid[], text[]) IS 'Keeps running + admitted steps of each limited key within its max_running: the free slots go to the best of the steps the calling statement admitted (all admitted ones when own is NULL) and the throttled ready steps, the others are throttled; refuses a start that holds no slot.';
 
 -- A new, raised or lowered limit rebalances its key; a removed one
 -- releases the key's throttled steps.
@@ -260,7 +260,38 @@ COMMENT ON FUNCTION workflow_db_execution_dedup() IS 'Refuses an execution whose
 CREATE TRIGGER executions_dedup BEFORE INSERT ON executions
     FOR EACH ROW WHEN (NEW.dedup_key IS NOT NULL) EXECUTE FUNCTION workflow_db_execution_dedup();
 
--- Delayed start: refuse pending -> running before start_after.
+-- Deleted steps (a deleted execution's, by cascade) leave their queue's
+-- running count and free their key's slots.
+CREATE FUNCTION workflow_db_steps_deleted() RETURNS trigger
+LANGUAGE plpgsql AS $$
+DECLARE
+    queue_names text[];
+    key_names text[];
+BEGIN
+    SELECT array_agg(workflow_db_step_queue(o.queue, o.node_type)) FILTER (WHERE o.status = 'running'),
+           array_agg(DISTINCT o.concurrency_key)
+               FILTER (WHERE o.concurrency_key IS NOT NULL
+                         AND (o.status = 'running'
+                              OR (o.status = 'pending' AND o.upstream_pending = 0 AND NOT o.parked
+                                  AND NOT o.throttled)))
+      INTO queue_names, key_names
+      FROM old_rows o;
+    IF queue_names IS NOT NULL AND EXISTS (SELECT 1 FROM queues) THEN
+        PERFORM workflow_db_count_queue_running(queue_names,
+                                                array_fill(-1, ARRAY[cardinality(queue_names)]));
+    END IF;
+    IF key_names IS NOT NULL AND EXISTS (SELECT 1 FROM concurrency_limits) THEN
+        PERFORM workflow_db_rebalance_keys(key_names, '{}', '{}');
+    END IF;
+    RETURN NULL;
+END;
+$$;
+COMMENT ON FUNCTION workflow_db_steps_deleted() IS 'AFTER DELETE statement trigger on execution_steps: deleted running steps leave their queue''s running count; keys that lost a running or admitted step admit the next.';
+CREATE TRIGGER execution_steps_deleted AFTER DELETE ON execution_steps
+    REFERENCING OLD TABLE AS old_rows FOR EACH STATEMENT EXECUTE FUNCTION workflow_db_steps_deleted();
+
+-- Delayed start: refuse pending -> running before start_after, and an
+-- execution inserted already started with a start_after still ahead.
 CREATE FUNCTION workflow_db_execution_start_after() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
@@ -276,6 +307,9 @@ COMMENT ON FUNCTION workflow_db_execution_start_after() IS 'Refuses to start an 
 CREATE TRIGGER executions_start_after BEFORE UPDATE OF status ON executions
     FOR EACH ROW WHEN (OLD.status = 'pending' AND NEW.status = 'running'
                        AND NEW.start_after > statement_timestamp())
+    EXECUTE FUNCTION workflow_db_execution_start_after();
+CREATE TRIGGER executions_inserted_start_after BEFORE INSERT ON executions
+    FOR EACH ROW WHEN (NEW.status IN ('running', 'paused') AND NEW.start_after > statement_timestamp())
     EXECUTE FUNCTION workflow_db_execution_start_after();
 
 -- Claimable notifications by queue (replaces the node-type form of 000022;
@@ -415,7 +449,7 @@ BEGIN
       INTO changed_count, lock_ids, retry_ids, done_ids, done_executions, failed_executions, failures,
            queue_names, queue_deltas, touched_keys, own_admitted, started_keys
       FROM notified, claimable, queue_delta, keys;
-    IF changed_count = 0 AND touched_keys IS NULL THEN
+    IF changed_count = 0 AND touched_keys IS NULL AND queue_names IS NULL THEN
         RETURN NULL; -- nothing for the state machine (heartbeat, counters, parking)
     END IF;
     IF changed_count > 0 THEN
@@ -497,7 +531,24 @@ DECLARE
     ready_ids uuid[];
     keyed_ids uuid[];
     key_names text[];
+    running_queues text[];
+    running_keys text[];
 BEGIN
+    -- Steps inserted already running (a plain INSERT, COPY) count against
+    -- their queue and key like a claim: refused on a paused or full queue
+    -- and beyond a key's limit. (Counted before the node types are filled
+    -- in below, whose update moves the count to the right queue.)
+    SELECT array_agg(workflow_db_step_queue(n.queue, n.node_type)),
+           array_agg(DISTINCT n.concurrency_key) FILTER (WHERE n.concurrency_key IS NOT NULL)
+      INTO running_queues, running_keys
+      FROM new_rows n WHERE n.status = 'running';
+    IF running_queues IS NOT NULL AND EXISTS (SELECT 1 FROM queues) THEN
+        PERFORM workflow_db_count_queue_running(running_queues,
+                                                array_fill(1, ARRAY[cardinality(running_queues)]));
+    END IF;
+    IF running_keys IS NOT NULL AND EXISTS (SELECT 1 FROM concurrency_limits) THEN
+        PERFORM workflow_db_rebalance_keys(running_keys, '{}', running_keys);
+    END IF;
     -- (The transition table is only aggregated, and tables are reached
     -- through `= ANY (array)` as an index condition: PL/pgSQL caches each
     -- statement's plan, so no plan may depend on the transition table's size.)

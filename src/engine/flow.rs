@@ -33,21 +33,41 @@ fn named<'a>(option: &'static str, name: &'a str) -> Result<&'a str> {
     }
 }
 
-/// Upserts the queue's row with `paused` and/or `max_running` (`None`
-/// leaves a column as it is; on insert the trigger counts the queue's
-/// running steps, holding step writers off for that moment).
+/// How long configuring a new queue waits for the open transactions that
+/// write steps (its row's insert counts the queue's running steps while
+/// step writers wait): bounded, so a long transaction elsewhere makes the
+/// call fail with a lock timeout instead of stalling every writer behind it.
+const NEW_QUEUE_LOCK_TIMEOUT: &str = "5s";
+
+/// Sets `paused` and/or `max_running` (`None` leaves a column as it is) on
+/// the queue's row, inserting it when there is none. An existing row is
+/// updated in place; only a new row counts the queue's running steps (its
+/// insert trigger holds step writers off for that moment, at most
+/// [`NEW_QUEUE_LOCK_TIMEOUT`]). Runs in the caller's transaction.
 fn configure(
     conn: &mut PgConnection,
     name: &str,
     paused: Option<bool>,
     max_running: Option<Option<i32>>,
 ) -> QueryResult<Queue> {
-    diesel::sql_query(
+    let update = diesel::sql_query(
+        "UPDATE queues SET paused = coalesce($2, paused), \
+                max_running = CASE WHEN $3 THEN $4 ELSE max_running END \
+          WHERE name = $1 \
+         RETURNING name, paused, max_running, running, created_at, updated_at",
+    )
+    .bind::<Text, _>(name)
+    .bind::<Nullable<diesel::sql_types::Bool>, _>(paused)
+    .bind::<diesel::sql_types::Bool, _>(max_running.is_some())
+    .bind::<Nullable<Integer>, _>(max_running.flatten());
+    if let Some(queue) = update.clone().get_result::<Queue>(conn).optional()? {
+        return Ok(queue);
+    }
+    let previous = set_lock_timeout(conn, NEW_QUEUE_LOCK_TIMEOUT)?;
+    let inserted = diesel::sql_query(
         "INSERT INTO queues (name, paused, max_running) \
          VALUES ($1, coalesce($2, false), CASE WHEN $3 THEN $4 END) \
-         ON CONFLICT (name) DO UPDATE SET \
-             paused = coalesce($2, queues.paused), \
-             max_running = CASE WHEN $3 THEN $4 ELSE queues.max_running END \
+         ON CONFLICT (name) DO NOTHING \
          RETURNING name, paused, max_running, running, created_at, updated_at",
     )
     .bind::<Text, _>(name)
@@ -55,6 +75,31 @@ fn configure(
     .bind::<diesel::sql_types::Bool, _>(max_running.is_some())
     .bind::<Nullable<Integer>, _>(max_running.flatten())
     .get_result::<Queue>(conn)
+    .optional()?;
+    set_lock_timeout(conn, &previous)?;
+    match inserted {
+        Some(queue) => Ok(queue),
+        // Inserted by a racing call meanwhile: update that row.
+        None => update.get_result(conn),
+    }
+}
+
+#[derive(QueryableByName)]
+struct Setting {
+    #[diesel(sql_type = Text)]
+    previous: String,
+}
+
+/// Sets `lock_timeout` for the rest of the transaction; returns the value
+/// it had.
+fn set_lock_timeout(conn: &mut PgConnection, value: &str) -> QueryResult<String> {
+    let previous = diesel::sql_query("SELECT current_setting('lock_timeout') AS previous")
+        .get_result::<Setting>(conn)?
+        .previous;
+    diesel::sql_query("SELECT set_config('lock_timeout', $1, true)")
+        .bind::<Text, _>(value)
+        .execute(conn)?;
+    Ok(previous)
 }
 
 /// A queue that is neither paused nor limited needs no row: removing it
