@@ -6,9 +6,21 @@
 //! batches), fail with backoff, heartbeat, crash (claim and walk away from a
 //! short lease), reclaim, pause, resume, cancel and prune — with random
 //! `pg_sleep`s inside multi-statement transactions so that interleavings vary.
-//! Then it drains (resumes everything paused, claims and completes until
-//! nothing is left) and checks that every execution is final and that
-//! [`check_invariants`](crate::engine::check_invariants) finds nothing.
+//! Flow control is in the mix: executions start with random priorities, a
+//! concurrency key from a small set (`KEYS`: two limited at setup, one
+//! not), now and then a delayed start or a dedup key; some nodes run on a
+//! queue of their own (`QUEUES`: one limited at setup, both paused and
+//! resumed now and then), some override the priority; claims take any
+//! queue ([`engine::claim_steps`]) or named ones ([`engine::claim_from`]);
+//! one thread raises (never lowers) the limits; delayed starts are started
+//! by [`engine::start_due_executions`] and throttled steps admitted by
+//! [`engine::rebalance_concurrency_keys`] as operations of their own.
+//! Then it drains (resumes every paused queue and execution, restores the
+//! setup limits for a moment, then lifts them, starts what is due, claims
+//! and completes until nothing is left) and checks that every execution is
+//! final and that
+//! [`check_invariants`](crate::engine::check_invariants) finds nothing (no
+//! error, and no throttled step with a free slot after a final rebalance).
 //!
 //! Expected refusals ([`Error::LeaseLost`], [`Error::TransitionConflict`],
 //! [`Error::IllegalTransition`], [`Error::NotFound`], a sub-execution whose
@@ -16,7 +28,10 @@
 //! serialization failure, a trigger's exception, a statement timeout) fails
 //! the run. While the threads run, a checker thread runs the invariant
 //! checker every few seconds (each batch sees one snapshot, so a committed
-//! state must already be consistent), and delete triggers installed in the
+//! state must already be consistent), a sampler thread counts ten times a
+//! second, in one statement, the running steps of every configured queue
+//! (against its limit and its counter) and the running and admitted steps of
+//! every limited key (against its limit), and delete triggers installed in the
 //! database record any execution deleted while unfinished and any step
 //! deleted while running under a live lease.
 //!
@@ -47,7 +62,7 @@ use chrono::Utc;
 use diesel::connection::SimpleConnection;
 use diesel::prelude::*;
 use diesel::result::{DatabaseErrorKind, Error as DieselError};
-use diesel::sql_types::{BigInt, Double, Nullable, Text, Uuid as SqlUuid};
+use diesel::sql_types::{BigInt, Double, Integer, Nullable, Text, Uuid as SqlUuid};
 use serde_json::json;
 use uuid::Uuid;
 
@@ -198,6 +213,10 @@ pub struct TortureReport {
     pub detections: Vec<Detection>,
     /// Checks run while the threads ran.
     pub checks_during_run: u64,
+    /// Samples of the queues' and keys' running steps taken while the
+    /// threads ran (each one statement, compared with the limits and
+    /// counters in the same snapshot; a breach is a [`Detection`]).
+    pub samples_during_run: u64,
     /// How long the drain took, and whether it ended with every execution final.
     pub drain: Duration,
     /// Whether the drain ended with every execution final.
@@ -214,12 +233,15 @@ pub struct TortureReport {
 
 impl TortureReport {
     /// Nothing unexpected: no error, no broken invariant during or after the
-    /// run, every execution final, nothing deleted that was in use.
+    /// run, every execution final, no throttled step left with a free slot
+    /// after the final rebalance (a warning elsewhere), nothing deleted that
+    /// was in use.
     pub fn passed(&self) -> bool {
         self.failure_count == 0
             && self.detections.is_empty()
             && self.drained
             && self.final_check.is_clean()
+            && self.final_check.count(InvariantKind::ThrottledWithFreeSlot) == 0
             && self.audit.is_empty()
     }
 
@@ -280,8 +302,9 @@ impl fmt::Display for TortureReport {
         }
         writeln!(
             f,
-            "broken invariants seen while running ({} checks): {}",
+            "broken invariants seen while running ({} checks, {} limit samples): {}",
             self.checks_during_run,
+            self.samples_during_run,
             self.detections.len()
         )?;
         for d in &self.detections {
@@ -406,11 +429,44 @@ impl SplitMix {
 }
 
 // ---------------------------------------------------------------------------
+// Flow control.
+
+/// The concurrency keys executions start with: the first [`LIMITED_KEYS`]
+/// get a limit of 1 to 3 at setup (raised now and then, up to
+/// [`KEY_LIMIT_CAP`], by thread 0 only, so that no limit is ever lowered
+/// while the threads run), the last none.
+const KEYS: [&str; 3] = ["k0", "k1", "k2"];
+const LIMITED_KEYS: usize = 2;
+const KEY_LIMIT_CAP: i32 = 5;
+
+/// The queues some nodes name in `config.queue` (the others run on their
+/// node type's, [`NODE_TYPE`]): the first gets a limit of 2 to 4 running
+/// steps at setup (raised now and then up to [`QUEUE_LIMIT_CAP`] by thread
+/// 0), the second none; both are paused and resumed now and then.
+const QUEUES: [&str; 2] = ["qa", "qb"];
+const LIMITED_QUEUE: &str = QUEUES[0];
+const QUEUE_LIMIT_CAP: i32 = 6;
+
+/// Every node's type, so the queue of a node without `config.queue`.
+const NODE_TYPE: &str = "task";
+
+// ---------------------------------------------------------------------------
 // Workflows.
 
 fn node(rng: &mut SplitMix, id: String) -> Node {
     // Retry budgets 0..=3; 0 makes the first failure fail the execution.
-    Node::new(id, "task").config(json!({ "max_retries": rng.below(4) }))
+    let mut config = json!({ "max_retries": rng.below(4) });
+    // Flow control: some nodes run on a queue of their own, a few override
+    // their execution's priority.
+    match rng.below(100) {
+        0..12 => config["queue"] = json!(QUEUES[0]),
+        12..22 => config["queue"] = json!(QUEUES[1]),
+        _ => {}
+    }
+    if rng.chance(10) {
+        config["priority"] = json!(rng.range(0, 4) as i64 - 1);
+    }
+    Node::new(id, NODE_TYPE).config(config)
 }
 
 /// A layered DAG: `layers` layers of `min_width..=max_width` nodes, every
@@ -513,6 +569,10 @@ struct Shared {
     /// Set when too many executions are live: no new ones.
     throttled: AtomicBool,
     crash_counter: AtomicUsize,
+    /// The limits set at setup (the drain restores them): of the limited
+    /// keys, and of [`LIMITED_QUEUE`].
+    key_limits: Vec<(&'static str, i32)>,
+    queue_limit: i32,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -736,6 +796,15 @@ pub fn run(url: &DatabaseUrl, config: &TortureConfig) -> Result<TortureReport> {
     let mut setup = crate::pool::connect_as(url, "workflow-db-torture")?;
     setup.batch_execute(AUDIT)?;
     let workflows = workflows(&mut setup, &mut rng)?;
+    // Flow control: limits on the first keys and the first queue.
+    let mut key_limits = Vec::new();
+    for key in &KEYS[..LIMITED_KEYS] {
+        let limit = rng.range(1, 3) as i32;
+        engine::set_concurrency_limit(&mut setup, key, limit)?;
+        key_limits.push((*key, limit));
+    }
+    let queue_limit = rng.range(2, 4) as i32;
+    engine::set_queue_limit(&mut setup, LIMITED_QUEUE, Some(queue_limit))?;
     let shared = Arc::new(Shared {
         url: shared_url,
         config: config.clone(),
@@ -746,6 +815,8 @@ pub fn run(url: &DatabaseUrl, config: &TortureConfig) -> Result<TortureReport> {
         workflows,
         throttled: AtomicBool::new(false),
         crash_counter: AtomicUsize::new(0),
+        key_limits,
+        queue_limit,
     });
 
     let mut workers = Vec::new();
@@ -759,6 +830,10 @@ pub fn run(url: &DatabaseUrl, config: &TortureConfig) -> Result<TortureReport> {
         let shared = Arc::clone(&shared);
         thread::spawn(move || check_while_running(&shared, every))
     });
+    let sampler = {
+        let shared = Arc::clone(&shared);
+        thread::spawn(move || sample_limits_while_running(&shared, Duration::from_millis(100)))
+    };
 
     let deadline = shared.start + config.duration;
     while Instant::now() < deadline {
@@ -792,6 +867,8 @@ pub fn run(url: &DatabaseUrl, config: &TortureConfig) -> Result<TortureReport> {
         Some(Err(_)) => (Vec::new(), 0),
         None => (Vec::new(), 0),
     };
+    let (sampled, samples_during_run) = sampler.join().unwrap_or_default();
+    let detections = merge_detections(detections, sampled);
     let ran_for = shared.elapsed();
     if config.verbose {
         eprintln!(
@@ -819,6 +896,10 @@ pub fn run(url: &DatabaseUrl, config: &TortureConfig) -> Result<TortureReport> {
     .into_iter()
     .map(|r| (r.id, r.what))
     .collect();
+    // What the maintenance loop would do before the check: admit throttled
+    // steps into free slots (none should be left waiting, all being final).
+    let rebalanced = engine::rebalance_concurrency_keys(&mut setup).map_err(Error::from);
+    tally.record(&shared, usize::MAX, "drain_rebalance", rebalanced.map(drop));
     let options = CheckOptions {
         max_per_kind: 100,
         ..CheckOptions::default()
@@ -840,6 +921,7 @@ pub fn run(url: &DatabaseUrl, config: &TortureConfig) -> Result<TortureReport> {
         failure_count: tally.failure_count,
         detections,
         checks_during_run,
+        samples_during_run,
         drain: drain_time,
         drained: drained && unfinished.is_empty(),
         statuses,
@@ -872,7 +954,8 @@ struct IdStatus {
 const OPS: &[(&str, u64)] = &[
     ("start", 8),
     ("sub_start", 3),
-    ("claim", 14),
+    ("claim", 9),
+    ("claim_from", 6),
     ("complete", 12),
     ("complete_batch", 8),
     ("fail", 6),
@@ -890,6 +973,13 @@ const OPS: &[(&str, u64)] = &[
     ("tx_complete_cancel", 1),
     ("tx_reclaim_claim", 1),
     ("tx_pause_resume", 1),
+    ("start_due", 2),
+    ("rebalance", 1),
+    ("queue_pause", 1),
+    ("queue_resume", 2),
+    ("raise_key_limit", 1),
+    ("raise_queue_limit", 1),
+    ("tx_queue_pause_resume", 1),
 ];
 
 /// With [`TortureConfig::cross_execution`]: transactions outside the lock order.
@@ -927,8 +1017,13 @@ fn worker(shared: &Shared, thread: usize, seed: u64) -> Tally {
         }
         let mut op = ops[rng.weighted(&weights)].0;
         // Keep the held list short: finish work instead of taking more.
-        if held.len() > 48 && matches!(op, "claim" | "tx_claim_finish") {
+        if held.len() > 48 && matches!(op, "claim" | "claim_from" | "tx_claim_finish") {
             op = "complete_batch";
+        }
+        // Only thread 0 changes limits (read, then raise): no race between
+        // two raisers can lower one.
+        if thread != 0 && matches!(op, "raise_key_limit" | "raise_queue_limit") {
+            op = "rebalance";
         }
         if trace {
             // Diagnosing: pg_stat_activity.application_name names the operation.
@@ -1005,6 +1100,26 @@ fn start(shared: &Shared, conn: &mut PgConnection, rng: &mut SplitMix, parent: b
     if rng.chance(15) {
         new = new.idempotency_key(format!("k{}", rng.below(50)));
     }
+    // Flow control: a priority of -1 to 3, mostly a concurrency key, now and
+    // then a delayed start (a few hundred ms ahead) or a dedup key (while
+    // unfinished, or for a window).
+    new = new.priority(rng.range(0, 4) as i32 - 1);
+    if rng.chance(70) {
+        if let Some(key) = rng.pick(&KEYS) {
+            new = new.concurrency_key(*key);
+        }
+    }
+    if rng.chance(8) {
+        new = new.start_after(Utc::now() + rng.millis(100, 800));
+    }
+    if rng.chance(10) {
+        let key = format!("d{}", rng.below(10));
+        new = if rng.chance(50) {
+            new.dedup_key(key)
+        } else {
+            new.dedup_window(key, rng.millis(50, 2000))
+        };
+    }
     let started = engine::start_execution(conn, &new)?;
     if started.created {
         shared.remember(started.execution.id);
@@ -1025,6 +1140,75 @@ fn step(
         "start" => start(shared, conn, rng, false),
         "sub_start" => start(shared, conn, rng, true),
         "claim" => claim(conn, rng, me, held),
+        "claim_from" => {
+            // Some of the queues: the limited one, the other, the node type's.
+            let all = [QUEUES[0], QUEUES[1], NODE_TYPE];
+            let mut names: Vec<String> = all
+                .iter()
+                .filter(|_| rng.chance(50))
+                .map(|q| (*q).to_owned())
+                .collect();
+            if names.is_empty() {
+                names.push(all[rng.below(all.len() as u64) as usize].to_owned());
+            }
+            let n = rng.range(1, 16) as i64;
+            let l = lease(rng);
+            let claimed = engine::claim_from(conn, me, &names, n, l)?;
+            held.extend(claimed.iter().map(Held::of));
+            Ok(())
+        }
+        "start_due" => {
+            let n = rng.range(1, 50) as i64;
+            engine::start_due_executions(conn, n)?;
+            Ok(())
+        }
+        "rebalance" => {
+            engine::rebalance_concurrency_keys(conn)?;
+            Ok(())
+        }
+        "queue_pause" => {
+            let q = QUEUES[rng.below(QUEUES.len() as u64) as usize];
+            engine::pause_queue(conn, q).map(drop)
+        }
+        "queue_resume" => {
+            let q = QUEUES[rng.below(QUEUES.len() as u64) as usize];
+            engine::resume_queue(conn, q).map(drop)
+        }
+        "raise_key_limit" => {
+            // Thread 0 only: raise by one (up to the cap) or keep.
+            let key = KEYS[rng.below(LIMITED_KEYS as u64) as usize];
+            let by = rng.below(2) as i32;
+            let current = engine::list_concurrency_limits(conn)?
+                .into_iter()
+                .find(|l| l.key == key)
+                .map_or(1, |l| l.max_running);
+            engine::set_concurrency_limit(conn, key, (current + by).min(KEY_LIMIT_CAP).max(current))
+                .map(drop)
+        }
+        "raise_queue_limit" => {
+            let by = rng.below(2) as i32;
+            let current = engine::list_queues(conn)?
+                .into_iter()
+                .find(|q| q.name == LIMITED_QUEUE)
+                .and_then(|q| q.max_running)
+                .unwrap_or(shared.queue_limit);
+            engine::set_queue_limit(
+                conn,
+                LIMITED_QUEUE,
+                Some((current + by).min(QUEUE_LIMIT_CAP).max(current)),
+            )
+            .map(drop)
+        }
+        "tx_queue_pause_resume" => {
+            // The queue's row stays locked meanwhile: claims of it wait.
+            let q = QUEUES[rng.below(QUEUES.len() as u64) as usize];
+            conn.transaction(|c| {
+                engine::pause_queue(c, q)?;
+                nap(c, rng)?;
+                engine::resume_queue(c, q)?;
+                nap(c, rng)
+            })
+        }
         "complete" => match take(rng, held) {
             Some(h) => engine::complete_step(conn, &h.lease, Some(&json!({"ok": true}))).map(drop),
             None => Ok(()),
@@ -1282,43 +1466,232 @@ fn check_while_running(shared: &Shared, every: Duration) -> (Vec<Detection>, u64
             if kind.severity() != crate::engine::Severity::Error {
                 continue;
             }
-            let entry = found.entry(*kind);
-            match entry {
-                std::collections::btree_map::Entry::Occupied(mut o) => {
-                    let d = o.get_mut();
-                    d.max_count = d.max_count.max(*count);
-                }
-                std::collections::btree_map::Entry::Vacant(v) => {
-                    if let Some(example) = report.violations.iter().find(|x| x.kind == *kind) {
-                        if shared.config.verbose {
-                            eprintln!(
-                                "torture: {:.2} s BROKEN {count} x {example}",
-                                at.as_secs_f64()
-                            );
-                        }
-                        v.insert(Detection {
-                            at,
-                            kind: *kind,
-                            max_count: *count,
-                            example: example.clone(),
-                        });
-                    }
-                }
+            if let Some(example) = report.violations.iter().find(|x| x.kind == *kind) {
+                detected(shared, &mut found, at, *count, example);
             }
         }
     }
 }
 
-/// Resumes everything paused, then claims and completes until every
-/// execution is final or nothing moves any more (or the drain times out).
-/// Returns whether every execution ended final.
+/// Records a broken invariant seen while running: the first detection of
+/// its kind, or a higher count for a kind already seen.
+fn detected(
+    shared: &Shared,
+    found: &mut BTreeMap<InvariantKind, Detection>,
+    at: Duration,
+    count: u64,
+    example: &Violation,
+) {
+    match found.entry(example.kind) {
+        std::collections::btree_map::Entry::Occupied(mut o) => {
+            let d = o.get_mut();
+            d.max_count = d.max_count.max(count);
+        }
+        std::collections::btree_map::Entry::Vacant(v) => {
+            if shared.config.verbose {
+                eprintln!(
+                    "torture: {:.2} s BROKEN {count} x {example}",
+                    at.as_secs_f64()
+                );
+            }
+            v.insert(Detection {
+                at,
+                kind: example.kind,
+                max_count: count,
+                example: example.clone(),
+            });
+        }
+    }
+}
+
+/// One configured queue or limited key as the sampler counts it.
+#[derive(QueryableByName)]
+struct LimitSample {
+    /// `queue` or `key`.
+    #[diesel(sql_type = Text)]
+    what: String,
+    #[diesel(sql_type = Text)]
+    name: String,
+    #[diesel(sql_type = Nullable<Integer>)]
+    max_running: Option<i32>,
+    /// Running steps (of a queue, or of a key).
+    #[diesel(sql_type = BigInt)]
+    running: i64,
+    /// Admitted steps of a key (ready, not throttled); 0 for a queue.
+    #[diesel(sql_type = BigInt)]
+    admitted: i64,
+    /// A queue's `running` counter.
+    #[diesel(sql_type = Nullable<Integer>)]
+    counter: Option<i32>,
+    /// An execution with a running step of it, if any.
+    #[diesel(sql_type = Nullable<SqlUuid>)]
+    example: Option<Uuid>,
+}
+
+/// Every configured queue (running steps, counter, limit) and limited key
+/// (running and admitted steps, limit), counted in ONE statement, so one
+/// snapshot: a committed state must be within every limit (limits are only
+/// raised while the threads run) and every counter exact.
+const LIMIT_SAMPLE: &str = "\
+SELECT 'queue' AS what, q.name, q.max_running, r.running, 0::bigint AS admitted,
+       q.running AS counter, r.example
+  FROM queues q
+ CROSS JOIN LATERAL (
+       SELECT count(*) AS running, (array_agg(s.execution_id))[1] AS example
+         FROM execution_steps s
+        WHERE s.status = 'running' AND workflow_db_step_queue(s.queue, s.node_type) = q.name) r
+UNION ALL
+SELECT 'key', c.key, c.max_running, r.running, r.admitted, NULL, r.example
+  FROM concurrency_limits c
+ CROSS JOIN LATERAL (
+       SELECT count(*) FILTER (WHERE s.status = 'running') AS running,
+              count(*) FILTER (WHERE s.status = 'pending' AND s.upstream_pending = 0
+                                 AND NOT s.parked AND NOT s.throttled) AS admitted,
+              (array_agg(s.execution_id) FILTER (WHERE s.status = 'running'))[1] AS example
+         FROM execution_steps s
+        WHERE s.concurrency_key = c.key AND s.status IN ('pending', 'running')) r";
+
+/// Samples the running steps of the queues and keys every `every` while the
+/// workers run ([`LIMIT_SAMPLE`]): a queue with more running steps than its
+/// limit ([`InvariantKind::QueueOverLimit`]) or a counter that differs from
+/// them ([`InvariantKind::QueueCounterMismatch`]), a key with more running
+/// and admitted steps than its limit
+/// ([`InvariantKind::ConcurrencyKeyOverLimit`]) is a detection. Returns
+/// them (first detection each) and how many samples were taken.
+fn sample_limits_while_running(shared: &Shared, every: Duration) -> (Vec<Detection>, u64) {
+    let mut found: BTreeMap<InvariantKind, Detection> = BTreeMap::new();
+    let mut samples = 0;
+    let Ok(mut conn) = connect(shared) else {
+        return (Vec::new(), 0);
+    };
+    let nil = Uuid::nil();
+    while !shared.stop.load(Ordering::Relaxed) {
+        thread::sleep(every);
+        let Ok(rows) = diesel::sql_query(LIMIT_SAMPLE).load::<LimitSample>(&mut conn) else {
+            continue;
+        };
+        samples += 1;
+        let at = shared.elapsed();
+        for r in rows {
+            let mut broken = Vec::new();
+            match (r.what.as_str(), r.max_running) {
+                ("queue", limit) => {
+                    if limit.is_some_and(|m| r.running > i64::from(m)) {
+                        broken.push((
+                            InvariantKind::QueueOverLimit,
+                            r.running,
+                            format!(
+                                "sampler: queue {}: {} running steps > max_running {}",
+                                r.name,
+                                r.running,
+                                limit.unwrap_or_default()
+                            ),
+                        ));
+                    }
+                    if r.counter.map(i64::from) != Some(r.running) {
+                        broken.push((
+                            InvariantKind::QueueCounterMismatch,
+                            1,
+                            format!(
+                                "sampler: queue {}: running counter {:?}, running steps {}",
+                                r.name, r.counter, r.running
+                            ),
+                        ));
+                    }
+                }
+                (_, Some(limit)) if r.running + r.admitted > i64::from(limit) => {
+                    broken.push((
+                        InvariantKind::ConcurrencyKeyOverLimit,
+                        r.running + r.admitted,
+                        format!(
+                            "sampler: key {}: {} running + {} admitted > max_running {limit}",
+                            r.name, r.running, r.admitted
+                        ),
+                    ));
+                }
+                _ => {}
+            }
+            for (kind, count, detail) in broken {
+                let example = Violation {
+                    kind,
+                    execution_id: r.example.unwrap_or(nil),
+                    step_id: None,
+                    detail,
+                };
+                detected(shared, &mut found, at, count.max(0) as u64, &example);
+            }
+        }
+    }
+    let mut list: Vec<Detection> = found.into_values().collect();
+    list.sort_by_key(|d| d.at);
+    (list, samples)
+}
+
+/// The detections of the checker and of the sampler as one list, by first
+/// detection (a kind both saw: the earlier, with the larger count).
+fn merge_detections(a: Vec<Detection>, b: Vec<Detection>) -> Vec<Detection> {
+    let mut by_kind: BTreeMap<InvariantKind, Detection> = BTreeMap::new();
+    for d in a.into_iter().chain(b) {
+        match by_kind.entry(d.kind) {
+            std::collections::btree_map::Entry::Occupied(mut o) => {
+                let max_count = o.get().max_count.max(d.max_count);
+                if d.at < o.get().at {
+                    o.insert(d);
+                }
+                o.get_mut().max_count = max_count;
+            }
+            std::collections::btree_map::Entry::Vacant(v) => {
+                v.insert(d);
+            }
+        }
+    }
+    let mut list: Vec<Detection> = by_kind.into_values().collect();
+    list.sort_by_key(|d| d.at);
+    list
+}
+
+/// Resumes every paused queue and restores the limits set at setup (a
+/// lowering where the threads raised them: the keys' and queue's running
+/// steps may be above them for a while, which the final check, run when
+/// nothing runs any more, does not see), then resumes everything paused,
+/// starts what is due, admits throttled steps, claims and completes until
+/// every execution is final or nothing moves any more (or the drain times
+/// out); after [`DRAIN_AT_SETUP_LIMITS`] it raises the limits out of the
+/// way ([`DRAIN_LIMIT`]), so that a limit of 1 does not make the drain
+/// one step per round. Returns whether every execution ended final.
 fn drain(shared: &Shared, conn: &mut PgConnection, tally: &mut Tally) -> Result<bool> {
     const DRAIN: usize = usize::MAX;
-    let deadline = Instant::now() + shared.config.drain_timeout;
+    let started = Instant::now();
+    let deadline = started + shared.config.drain_timeout;
     let mut idle_since: Option<Instant> = None;
+    let mut relaxed = false;
+    let queues = engine::list_queues(conn)?;
+    for q in queues.iter().filter(|q| q.paused) {
+        let result = engine::resume_queue(conn, &q.name).map(drop);
+        tally.record(shared, DRAIN, "drain_queue_resume", result);
+    }
+    for (key, limit) in &shared.key_limits {
+        let result = engine::set_concurrency_limit(conn, key, *limit).map(drop);
+        tally.record(shared, DRAIN, "drain_limit", result);
+    }
+    let result = engine::set_queue_limit(conn, LIMITED_QUEUE, Some(shared.queue_limit)).map(drop);
+    tally.record(shared, DRAIN, "drain_limit", result);
     loop {
+        if !relaxed && started.elapsed() > DRAIN_AT_SETUP_LIMITS {
+            relaxed = true;
+            for (key, _) in &shared.key_limits {
+                let result = engine::set_concurrency_limit(conn, key, DRAIN_LIMIT).map(drop);
+                tally.record(shared, DRAIN, "drain_limit", result);
+            }
+            let result = engine::set_queue_limit(conn, LIMITED_QUEUE, Some(DRAIN_LIMIT)).map(drop);
+            tally.record(shared, DRAIN, "drain_limit", result);
+        }
+        // Paused executions, and pending ones without a delayed start (a
+        // delayed one may not start before its time: start_due_executions
+        // starts it below once it is due).
         let paused: Vec<IdStatus> = diesel::sql_query(
-            "SELECT id, status::text AS what FROM executions WHERE status IN ('paused', 'pending')",
+            "SELECT id, status::text AS what FROM executions \
+             WHERE status = 'paused' OR (status = 'pending' AND start_after IS NULL)",
         )
         .load(conn)?;
         for p in paused {
@@ -1335,6 +1708,12 @@ fn drain(shared: &Shared, conn: &mut PgConnection, tally: &mut Tally) -> Result<
             };
             tally.record(shared, DRAIN, "drain_resume", result);
         }
+        let due = engine::start_due_executions(conn, 1000).map_err(Error::from);
+        tally.record(shared, DRAIN, "drain_start_due", due.map(drop));
+        // The maintenance loop's admission of throttled steps whose slot
+        // freed while another transaction held them.
+        let rebalanced = engine::rebalance_concurrency_keys(conn).map_err(Error::from);
+        tally.record(shared, DRAIN, "drain_rebalance", rebalanced.map(drop));
         let reclaimed = engine::reclaim_expired(conn, 1000).map_err(Error::from);
         let reclaimed = match reclaimed {
             Ok(r) => r.len(),
@@ -1389,6 +1768,12 @@ fn drain(shared: &Shared, conn: &mut PgConnection, tally: &mut Tally) -> Result<
         }
     }
 }
+
+/// How long the drain runs under the limits set at setup.
+const DRAIN_AT_SETUP_LIMITS: Duration = Duration::from_secs(2);
+
+/// The limits of the rest of the drain.
+const DRAIN_LIMIT: i32 = 10_000;
 
 #[cfg(test)]
 mod tests {

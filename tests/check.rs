@@ -867,6 +867,320 @@ fn it_runs_with_select_privileges_only() {
     assert!(report.executions > 0);
 }
 
+// ---------------------------------------------------------------------------
+// Flow control (migration 000025): keys, queues, delayed starts.
+
+/// A one-node workflow; `config` is the node's (e.g. `{"queue": "q"}`).
+fn one_node(conn: &mut PgConnection, config: serde_json::Value) -> workflow_db::Workflow {
+    let graph = WorkflowGraph {
+        nodes: vec![Node::new("a", "task").config(config)],
+        edges: vec![],
+    };
+    NewWorkflow::from_graph("flow", &graph)
+        .create(conn)
+        .unwrap()
+}
+
+/// Starts an execution of `wf` with concurrency key `key`; returns it and
+/// its step's id.
+fn start_keyed(
+    conn: &mut PgConnection,
+    wf: &workflow_db::Workflow,
+    key: &str,
+) -> (Execution, Uuid) {
+    let ex = engine::start_execution(conn, &NewExecution::new(wf.id).concurrency_key(key))
+        .unwrap()
+        .execution;
+    let step = step_ids(conn, &ex)["a"];
+    (ex, step)
+}
+
+fn throttled(conn: &mut PgConnection, step: Uuid) -> bool {
+    use workflow_db::schema::execution_steps;
+    execution_steps::table
+        .find(step)
+        .select(execution_steps::throttled)
+        .first(conn)
+        .unwrap()
+}
+
+/// The nil id, which the checks of queues (rows of no execution) name.
+const NIL: Uuid = Uuid::nil();
+
+/// Flow control in ordinary use is clean: throttled steps behind a key at
+/// its limit, a limited queue at its limit, a paused queue, a delayed start
+/// still ahead, a deduplicated start, priorities.
+#[test]
+fn flow_control_in_ordinary_use_is_clean() {
+    let db = TestDatabase::new();
+    let mut conn = db.connect();
+    let wf = one_node(&mut conn, json!({}));
+    engine::set_concurrency_limit(&mut conn, "k", 1).unwrap();
+    let (_, first) = start_keyed(&mut conn, &wf, "k");
+    let (_, second) = start_keyed(&mut conn, &wf, "k");
+    assert!(!throttled(&mut conn, first));
+    assert!(throttled(&mut conn, second), "the key is at its limit");
+    let on_q = one_node(&mut conn, json!({"queue": "q", "priority": 5}));
+    engine::set_queue_limit(&mut conn, "q", Some(1)).unwrap();
+    for _ in 0..2 {
+        start(&mut conn, &on_q);
+    }
+    engine::claim_from(&mut conn, "w", &["q".to_owned()], 10, LEASE).unwrap();
+    let on_paused = one_node(&mut conn, json!({"queue": "p"}));
+    start(&mut conn, &on_paused);
+    engine::pause_queue(&mut conn, "p").unwrap();
+    let later = chrono::Utc::now() + chrono::Duration::hours(1);
+    let delayed = engine::start_execution(&mut conn, &NewExecution::new(wf.id).start_after(later))
+        .unwrap()
+        .execution;
+    assert_eq!(status(&mut conn, delayed.id), "pending");
+    let deduped = NewExecution::new(on_paused.id).dedup_key("once");
+    assert!(
+        engine::start_execution(&mut conn, &deduped)
+            .unwrap()
+            .created
+    );
+    assert!(
+        !engine::start_execution(&mut conn, &deduped)
+            .unwrap()
+            .created
+    );
+
+    let report = check(&mut conn);
+    assert_eq!(report.total(), 0, "{report}\n{:#?}", report.violations);
+    // Also with a grace of zero for overdue starts: the start is ahead.
+    let mut options = CheckOptions::default();
+    options.expired_lease_grace = Some(Duration::ZERO);
+    let report = engine::check_invariants(&mut conn, &options).unwrap();
+    assert_eq!(report.total(), 0, "{report}\n{:#?}", report.violations);
+}
+
+#[test]
+fn concurrency_key_over_limit() {
+    let db = TestDatabase::new();
+    let mut conn = db.connect();
+    let wf = one_node(&mut conn, json!({}));
+    engine::set_concurrency_limit(&mut conn, "k", 2).unwrap();
+    let started: Vec<(Execution, Uuid)> =
+        (0..3).map(|_| start_keyed(&mut conn, &wf, "k")).collect();
+    let running = engine::claim_steps(&mut conn, "w", 10, LEASE).unwrap();
+    assert_eq!(running.len(), 2, "the third is throttled");
+    let (_, third) = started
+        .iter()
+        .find(|(_, s)| !running.iter().any(|r| r.id == *s))
+        .unwrap();
+    assert!(throttled(&mut conn, *third));
+    assert_eq!(check(&mut conn).total(), 0);
+    // Admitted behind the trigger's back: 2 running + 1 admitted > 2.
+    corrupt(
+        &mut conn,
+        &format!("UPDATE execution_steps SET throttled = false WHERE id = '{third}'"),
+    );
+    let report = check(&mut conn);
+    assert_found(&report, &[InvariantKind::ConcurrencyKeyOverLimit], &[]);
+    assert_eq!(report.count(InvariantKind::ConcurrencyKeyOverLimit), 1);
+    let v = &report.violations[0];
+    // The execution named is one with a running step of the key.
+    assert!(
+        running.iter().any(|r| r.execution_id == v.execution_id),
+        "{v}"
+    );
+    assert_eq!(v.step_id, None);
+    assert_eq!(v.detail, "key k: 2 running + 1 admitted > max_running 2");
+}
+
+#[test]
+fn throttled_without_limit() {
+    let db = TestDatabase::new();
+    let mut conn = db.connect();
+    let wf = one_node(&mut conn, json!({}));
+    engine::set_concurrency_limit(&mut conn, "k", 1).unwrap();
+    start_keyed(&mut conn, &wf, "k");
+    let (second, step) = start_keyed(&mut conn, &wf, "k");
+    assert!(throttled(&mut conn, step));
+    // The limit removed without its trigger, which would release the step.
+    corrupt(&mut conn, "DELETE FROM concurrency_limits WHERE key = 'k'");
+    let report = check(&mut conn);
+    assert_found(
+        &report,
+        &[InvariantKind::ThrottledWithoutLimit],
+        &[(InvariantKind::ThrottledWithoutLimit, second.id, Some(step))],
+    );
+    assert_eq!(report.count(InvariantKind::ThrottledWithoutLimit), 1);
+    assert!(report.violations[0].detail.contains("has no limit"));
+}
+
+#[test]
+fn throttled_with_a_free_slot_is_a_warning_until_a_rebalance() {
+    let db = TestDatabase::new();
+    let mut conn = db.connect();
+    let wf = one_node(&mut conn, json!({}));
+    engine::set_concurrency_limit(&mut conn, "k", 1).unwrap();
+    start_keyed(&mut conn, &wf, "k");
+    let (second, step) = start_keyed(&mut conn, &wf, "k");
+    assert!(throttled(&mut conn, step));
+    // The limit raised without its trigger, which would admit the step.
+    corrupt(
+        &mut conn,
+        "UPDATE concurrency_limits SET max_running = 3 WHERE key = 'k'",
+    );
+    let report = check(&mut conn);
+    assert_eq!(
+        kinds(&report),
+        [InvariantKind::ThrottledWithFreeSlot].into(),
+        "{:#?}",
+        report.violations
+    );
+    assert!(report.is_clean(), "a warning only");
+    assert_eq!((report.errors(), report.warnings()), (0, 1));
+    let v = &report.violations[0];
+    assert_eq!((v.execution_id, v.step_id), (second.id, Some(step)));
+    assert_eq!(
+        v.detail,
+        "step a is throttled but key k has 0 running + 1 admitted of 3"
+    );
+    // What the maintenance loop does: admitted, and nothing left.
+    assert_eq!(engine::rebalance_concurrency_keys(&mut conn).unwrap(), 1);
+    assert!(!throttled(&mut conn, step));
+    assert_eq!(check(&mut conn).total(), 0);
+}
+
+#[test]
+fn queue_counter_mismatch() {
+    let db = TestDatabase::new();
+    let mut conn = db.connect();
+    let wf = one_node(&mut conn, json!({"queue": "q"}));
+    engine::set_queue_limit(&mut conn, "q", Some(5)).unwrap();
+    start(&mut conn, &wf);
+    start(&mut conn, &wf);
+    assert_eq!(
+        engine::claim_from(&mut conn, "w", &["q".to_owned()], 10, LEASE)
+            .unwrap()
+            .len(),
+        2
+    );
+    assert_eq!(check(&mut conn).total(), 0);
+    corrupt(&mut conn, "UPDATE queues SET running = 1 WHERE name = 'q'");
+    let report = check(&mut conn);
+    assert_found(
+        &report,
+        &[InvariantKind::QueueCounterMismatch],
+        &[(InvariantKind::QueueCounterMismatch, NIL, None)],
+    );
+    assert_eq!(report.count(InvariantKind::QueueCounterMismatch), 1);
+    assert_eq!(
+        report.violations[0].detail,
+        "queue q: running counter 1, running steps 2"
+    );
+    // A check of no execution in particular: once, whatever the batches.
+    let mut options = CheckOptions::default();
+    options.batch_size = 1;
+    let batched = engine::check_invariants(&mut conn, &options).unwrap();
+    assert_eq!(batched.batches, 2);
+    assert_eq!(batched.count(InvariantKind::QueueCounterMismatch), 1);
+}
+
+#[test]
+fn queue_over_limit() {
+    let db = TestDatabase::new();
+    let mut conn = db.connect();
+    let wf = one_node(&mut conn, json!({"queue": "q"}));
+    engine::set_queue_limit(&mut conn, "q", Some(3)).unwrap();
+    for _ in 0..4 {
+        start(&mut conn, &wf);
+    }
+    let running = engine::claim_steps(&mut conn, "w", 10, LEASE).unwrap();
+    assert_eq!(running.len(), 3, "the limit holds");
+    assert_eq!(check(&mut conn).total(), 0);
+    // The limit lowered under the 3 running steps, behind the triggers' back.
+    corrupt(
+        &mut conn,
+        "UPDATE queues SET max_running = 2 WHERE name = 'q'",
+    );
+    let report = check(&mut conn);
+    assert_found(
+        &report,
+        &[InvariantKind::QueueOverLimit],
+        &[(InvariantKind::QueueOverLimit, NIL, None)],
+    );
+    assert_eq!(report.count(InvariantKind::QueueOverLimit), 1);
+    assert_eq!(
+        report.violations[0].detail,
+        "queue q: 3 running steps > max_running 2"
+    );
+    // Nothing more is claimed meanwhile; once one finishes, it is not.
+    assert!(
+        engine::claim_steps(&mut conn, "w", 10, LEASE)
+            .unwrap()
+            .is_empty()
+    );
+    engine::complete_step(&mut conn, &running[0].lease().unwrap(), None).unwrap();
+    assert_eq!(check(&mut conn).total(), 0);
+}
+
+#[test]
+fn delayed_start_overdue_is_a_warning_after_the_grace_period() {
+    let db = TestDatabase::new();
+    let mut conn = db.connect();
+    let wf = one_node(&mut conn, json!({}));
+    let later = chrono::Utc::now() + chrono::Duration::hours(1);
+    let delayed = engine::start_execution(&mut conn, &NewExecution::new(wf.id).start_after(later))
+        .unwrap()
+        .execution;
+    assert_eq!(status(&mut conn, delayed.id), "pending");
+    let mut options = CheckOptions::default();
+    options.expired_lease_grace = Some(Duration::from_secs(1));
+    assert_eq!(
+        engine::check_invariants(&mut conn, &options)
+            .unwrap()
+            .total(),
+        0
+    );
+    // Its time came 10 minutes ago and nothing started it.
+    corrupt(
+        &mut conn,
+        &format!(
+            "UPDATE executions SET start_after = now() - interval '10 minutes' WHERE id = '{}'",
+            delayed.id
+        ),
+    );
+    for options in [options.clone(), CheckOptions::default()] {
+        let report = engine::check_invariants(&mut conn, &options).unwrap();
+        assert_eq!(
+            kinds(&report),
+            [InvariantKind::DelayedStartOverdue].into(),
+            "{:#?}",
+            report.violations
+        );
+        assert!(report.is_clean(), "a warning only");
+        assert_eq!((report.errors(), report.warnings()), (0, 1));
+        let v = &report.violations[0];
+        assert_eq!((v.execution_id, v.step_id), (delayed.id, None));
+        assert!(v.detail.starts_with("pending execution due at "), "{v}");
+    }
+    // Within a longer grace, or with the check off, nothing.
+    options.expired_lease_grace = Some(Duration::from_secs(3600));
+    assert_eq!(
+        engine::check_invariants(&mut conn, &options)
+            .unwrap()
+            .total(),
+        0
+    );
+    options.expired_lease_grace = None;
+    assert_eq!(
+        engine::check_invariants(&mut conn, &options)
+            .unwrap()
+            .total(),
+        0
+    );
+    // Started (what the maintenance loop does): nothing either.
+    assert_eq!(
+        engine::start_due_executions(&mut conn, 10).unwrap(),
+        vec![delayed.id]
+    );
+    assert_eq!(check(&mut conn).total(), 0);
+}
+
 #[cfg(feature = "cli")]
 mod binary {
     use std::process::{Command, Output};
@@ -1052,6 +1366,38 @@ mod binary {
         let lines = json_lines(&o);
         assert_eq!(lines.len(), 2, "target and check: {lines:#?}");
         assert_eq!(lines[1]["clean"], true);
+    }
+
+    /// A flow-control kind in the JSON lines: a queue whose counter is
+    /// wrong (an error, of no execution in particular: the nil id).
+    #[test]
+    fn json_lines_name_a_queue_counter_mismatch() {
+        let db = TestDatabase::new();
+        let mut conn = db.connect();
+        let wf = one_node(&mut conn, json!({"queue": "q"}));
+        engine::set_queue_limit(&mut conn, "q", Some(5)).unwrap();
+        start(&mut conn, &wf);
+        engine::claim_steps(&mut conn, "w", 10, LEASE).unwrap();
+        let o = db_check(db.url().expose(), &["--json"]);
+        assert_eq!(o.status.code(), Some(0), "{}", text(&o));
+        // Below the limit: queue_over_limit compares the counter, not the
+        // running steps, so a counter above it would report that kind too.
+        corrupt(&mut conn, "UPDATE queues SET running = 3 WHERE name = 'q'");
+        let o = db_check(db.url().expose(), &["--json"]);
+        assert_eq!(o.status.code(), Some(6), "{}", text(&o));
+        let lines = json_lines(&o);
+        let violations: Vec<&Value> = lines.iter().filter(|l| l["event"] == "violation").collect();
+        assert_eq!(violations.len(), 1, "{lines:#?}");
+        let v = violations[0];
+        assert_eq!(v["kind"], "queue_counter_mismatch");
+        assert_eq!(v["severity"], "error");
+        assert_eq!(v["execution_id"], NIL.to_string());
+        assert!(v["step_id"].is_null());
+        assert_eq!(v["detail"], "queue q: running counter 3, running steps 1");
+        let summary = lines.last().unwrap();
+        assert_eq!(summary["event"], "check");
+        assert_eq!(summary["errors"], 1);
+        assert_eq!(summary["warnings"], 0);
     }
 
     #[test]

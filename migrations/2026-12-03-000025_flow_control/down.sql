@@ -8,6 +8,7 @@ DROP TRIGGER executions_dedup ON executions;
 DROP FUNCTION workflow_db_execution_dedup();
 DROP FUNCTION workflow_db_find_duplicate(uuid, text);
 DROP TABLE concurrency_limits;
+DROP FUNCTION workflow_db_concurrency_limit_inserted();
 DROP FUNCTION workflow_db_concurrency_limit_changed();
 DROP FUNCTION workflow_db_rebalance_keys(text[], uuid[], text[]);
 DROP FUNCTION workflow_db_count_queue_running(text[], integer[]);

@@ -79,6 +79,7 @@ CREATE TRIGGER queues_set_updated_at BEFORE UPDATE ON queues
 CREATE FUNCTION workflow_db_queue_count_running() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
+    PERFORM workflow_db_require_read_committed();
     LOCK TABLE execution_steps IN SHARE MODE;
     SELECT count(*) INTO NEW.running FROM execution_steps s
      WHERE s.status = 'running' AND workflow_db_step_queue(s.queue, s.node_type) = NEW.name;
@@ -111,6 +112,7 @@ LANGUAGE plpgsql AS $$
 DECLARE
     q record;
 BEGIN
+    PERFORM workflow_db_require_read_committed();
     PERFORM 1 FROM queues u WHERE u.name = ANY (queue_names) ORDER BY u.name FOR NO KEY UPDATE;
     FOR q IN
         UPDATE queues u SET running = u.running + d.delta
@@ -162,21 +164,38 @@ DECLARE
     avail integer;
     chosen uuid[];
 BEGIN
+    -- Counts after the key's lock must see what committed while waiting.
+    PERFORM workflow_db_require_read_committed();
     FOR lim IN SELECT c.key, c.max_running FROM concurrency_limits c
                 WHERE c.key = ANY (keys) ORDER BY c.key FOR NO KEY UPDATE
     LOOP
-        SELECT count(*) INTO running_n FROM execution_steps s
-         WHERE s.concurrency_key = lim.key AND s.status = 'running';
-        SELECT count(*), count(*) FILTER (WHERE own IS NULL OR s.id = ANY (own))
-          INTO admitted_n, own_n
+        -- One statement, one snapshot: a claim (which takes no key lock)
+        -- moving an admitted step to running is counted once, either way.
+        SELECT (SELECT count(*) FROM execution_steps r
+                 WHERE r.concurrency_key = lim.key AND r.status = 'running'),
+               count(*), count(*) FILTER (WHERE own IS NULL OR s.id = ANY (own))
+          INTO running_n, admitted_n, own_n
           FROM execution_steps s
          WHERE s.concurrency_key = lim.key AND s.status = 'pending' AND s.upstream_pending = 0
            AND NOT s.parked AND NOT s.throttled;
         avail := lim.max_running - running_n - (admitted_n - own_n);
+        -- The candidates, each part read in admission order through
+        -- execution_steps_key_ready_idx (only the first `avail` throttled
+        -- ones can win); then the best `avail` of them still free.
         chosen := ARRAY(
             SELECT x.id FROM execution_steps x
-             WHERE x.concurrency_key = lim.key AND x.status = 'pending' AND x.upstream_pending = 0
-               AND NOT x.parked AND (x.throttled OR own IS NULL OR x.id = ANY (own))
+             WHERE x.id = ANY (ARRAY(
+                     (SELECT t.id FROM execution_steps t
+                       WHERE t.concurrency_key = lim.key AND t.throttled AND t.status = 'pending'
+                         AND t.upstream_pending = 0 AND NOT t.parked
+                       ORDER BY t.priority DESC, t.run_after, t.id
+                       LIMIT greatest(avail, 0))
+                     UNION ALL
+                     (SELECT a.id FROM execution_steps a
+                       WHERE a.concurrency_key = lim.key AND NOT a.throttled AND a.status = 'pending'
+                         AND a.upstream_pending = 0 AND NOT a.parked
+                         AND (own IS NULL OR a.id = ANY (own)))))
+               AND x.status = 'pending' AND x.upstream_pending = 0 AND NOT x.parked
              ORDER BY x.priority DESC, x.run_after, x.id
              LIMIT greatest(avail, 0)
              FOR UPDATE SKIP LOCKED);
@@ -201,6 +220,20 @@ BEGIN
 END;
 $$;
 COMMENT ON FUNCTION workflow_db_rebalance_keys(text[], uuid[], text[]) IS 'Keeps running + admitted steps of each limited key within its max_running: the free slots go to the best of the steps the calling statement admitted (all admitted ones when own is NULL) and the throttled ready steps, the others are throttled; refuses a start that holds no slot.';
+
+-- A new limit holds step writers off (SHARE lock on execution_steps) until
+-- it commits, so no writer that saw no limit admits steps beside its
+-- first rebalance.
+CREATE FUNCTION workflow_db_concurrency_limit_inserted() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    LOCK TABLE execution_steps IN SHARE MODE;
+    RETURN NEW;
+END;
+$$;
+COMMENT ON FUNCTION workflow_db_concurrency_limit_inserted() IS 'Holds step writers off while a new concurrency limit is inserted, so its first rebalance counts every step of the key.';
+CREATE TRIGGER concurrency_limits_inserted BEFORE INSERT ON concurrency_limits
+    FOR EACH ROW EXECUTE FUNCTION workflow_db_concurrency_limit_inserted();
 
 -- A new, raised or lowered limit rebalances its key; a removed one
 -- releases the key's throttled steps.
@@ -228,6 +261,8 @@ LANGUAGE plpgsql AS $$
 DECLARE
     found_id uuid;
 BEGIN
+    -- The lookup after the lock must see a racing insert that committed.
+    PERFORM workflow_db_require_read_committed();
     PERFORM pg_advisory_xact_lock(hashtextextended(workflow::text || '/' || key, 1463897154));
     SELECT x.id INTO found_id FROM executions x
      WHERE x.workflow_id = workflow AND x.dedup_key = key
@@ -358,7 +393,8 @@ BEGIN
     WITH zipped AS MATERIALIZED (
         SELECT c.*,
                c.status = 'running' OR (c.ready AND NOT c.throttled) AS holds,
-               c.from_status = 'running' OR (c.was_ready AND NOT c.was_throttled) AS held
+               (c.from_status = 'running' OR (c.was_ready AND NOT c.was_throttled))
+                   AND c.concurrency_key IS NOT DISTINCT FROM c.from_key AS held
           FROM (SELECT array_agg(id ORDER BY id) AS id,
                        array_agg(execution_id ORDER BY id) AS execution_id,
                        array_agg(node_id ORDER BY id) AS node_id,
@@ -465,6 +501,19 @@ BEGIN
     IF queue_names IS NOT NULL AND EXISTS (SELECT 1 FROM queues) THEN
         PERFORM workflow_db_count_queue_running(queue_names, queue_deltas);
     END IF;
+    -- The keys this statement may rebalance, here or in the statements it
+    -- causes (downstream steps made ready, steps skipped by a settle): the
+    -- touched ones and those of the unfinished steps of the executions it
+    -- ends attempts of, locked in key order before any nested trigger
+    -- locks one (the lock order: executions, queues, keys).
+    IF (touched_keys IS NOT NULL OR lock_ids IS NOT NULL) AND EXISTS (SELECT 1 FROM concurrency_limits) THEN
+        PERFORM 1 FROM concurrency_limits c
+         WHERE c.key = ANY (touched_keys)
+            OR c.key IN (SELECT s.concurrency_key FROM execution_steps s
+                          WHERE s.execution_id = ANY (lock_ids) AND s.status IN ('pending', 'running')
+                            AND s.concurrency_key IS NOT NULL)
+         ORDER BY c.key FOR NO KEY UPDATE;
+    END IF;
 
     -- Attempts sent back to pending (retry, reclaimed lease): skipped under a
     -- final execution, parked exactly when their execution is not running.
@@ -542,6 +591,12 @@ BEGIN
            array_agg(DISTINCT n.concurrency_key) FILTER (WHERE n.concurrency_key IS NOT NULL)
       INTO running_queues, running_keys
       FROM new_rows n WHERE n.status = 'running';
+    IF running_queues IS NOT NULL THEN
+        -- The lock order: the executions of the new steps first.
+        PERFORM 1 FROM executions x
+         WHERE x.id = ANY (ARRAY(SELECT DISTINCT n.execution_id FROM new_rows n))
+         ORDER BY x.id FOR NO KEY UPDATE;
+    END IF;
     IF running_queues IS NOT NULL AND EXISTS (SELECT 1 FROM queues) THEN
         PERFORM workflow_db_count_queue_running(running_queues,
                                                 array_fill(1, ARRAY[cardinality(running_queues)]));

@@ -5,8 +5,9 @@
 -- reset, dependency counters recomputed), completed steps keep their
 -- outputs, and the execution returns to running. These transitions
 -- (execution failed|cancelled -> running, step failed|skipped -> pending)
--- are refused unless the transaction set workflow_db.replay = 'on'
--- (engine::replay_execution does, with set_config(.., true)); the history
+-- are refused unless workflow_db.replay holds the current transaction's id
+-- (engine::replay_execution sets it with set_config(.., true), so neither
+-- a session-level SET nor a later transaction can turn the guard off); the history
 -- records them like any other. Re-run: a new execution of the same
 -- workflow and input, linked to the old one by rerun_of.
 --
@@ -20,8 +21,10 @@ ALTER TABLE executions ADD CONSTRAINT executions_rerun_of_fkey
     FOREIGN KEY (rerun_of) REFERENCES executions (id) ON DELETE SET NULL NOT VALID;
 
 CREATE FUNCTION workflow_db_replaying() RETURNS boolean
-LANGUAGE sql STABLE AS $$ SELECT coalesce(current_setting('workflow_db.replay', true), '') = 'on' $$;
-COMMENT ON FUNCTION workflow_db_replaying() IS 'Whether this transaction replays an execution (workflow_db.replay = on): only then may a final execution run again and a failed or skipped step return to pending.';
+LANGUAGE sql VOLATILE AS $$
+    SELECT coalesce(current_setting('workflow_db.replay', true), '') = txid_current()::text
+$$;
+COMMENT ON FUNCTION workflow_db_replaying() IS 'Whether this transaction replays an execution (workflow_db.replay holds its transaction id): only then may a final execution run again and a failed or skipped step return to pending.';
 
 CREATE OR REPLACE FUNCTION workflow_db_execution_transition() RETURNS trigger
 LANGUAGE plpgsql AS $$
@@ -101,6 +104,9 @@ BEGIN
         NEW.locked_by := NULL;
         IF NEW.status <> 'pending' THEN
             NEW.completed_at := now();
+            -- A finished step holds back nothing: a replay or a removed
+            -- limit must not find it throttled.
+            NEW.throttled := false;
         ELSIF OLD.status IN ('failed', 'skipped') THEN
             -- Replayed: a fresh retry budget, nothing finished.
             NEW.completed_at := NULL;

@@ -942,9 +942,12 @@ fn flow_checks(options: &CheckOptions) -> Vec<Check> {
             K::QueueOverLimit,
             format!(
                 "SELECT {nil} AS execution_id, NULL::uuid AS step_id, \
-                 format('queue %s: %s running steps > max_running %s', q.name, q.running, q.max_running) \
+                 format('queue %s: %s running steps > max_running %s', q.name, r.n, q.max_running) \
                      AS detail \
-                 FROM queues q WHERE q.running > q.max_running"
+                 FROM queues q CROSS JOIN LATERAL \
+                      (SELECT count(*) AS n FROM execution_steps s WHERE s.status = 'running' \
+                          AND workflow_db_step_queue(s.queue, s.node_type) = q.name) r \
+                 WHERE r.n > q.max_running"
             ),
         ),
     ];

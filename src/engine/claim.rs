@@ -69,10 +69,14 @@ names(queue) AS (
              ORDER BY workflow_db_step_queue(x.queue, x.node_type) LIMIT 1)
       FROM names n WHERE n.queue IS NOT NULL)";
 
-/// The claim, over the queues `{names}` yields: the queues' rows (paused,
-/// limited) locked in name order, so that the room of a limited queue
-/// (`max_running - running`, read from the locked row, which is always its
-/// latest version) is exact under concurrency; then per queue the first
+/// The claim, over the queues `{names}` yields: the rows of those queues
+/// that are limited (and not paused) locked in name order with SKIP LOCKED,
+/// so that their room (`max_running - running`) is exact under concurrency
+/// and a claim never waits for a queue row (another claim, or a report in a
+/// transaction not yet committed, holding one): a limited queue whose row
+/// is held counts as room 0 this time, and the claim comes back short, never
+/// over; paused ones are read without a lock (room 0; a start that races a
+/// pause is refused by the trigger); then per queue the first
 /// `room` claimable steps of `execution_steps_claimable_idx` (highest
 /// priority, then oldest `run_after`); the first `{over}` of those across
 /// the queues as candidates (nothing locked so far); then the first
@@ -89,13 +93,18 @@ names(queue) AS (
 const CLAIM: &str = concat!("\
 WITH RECURSIVE {names},
 q AS MATERIALIZED (
-    SELECT u.name, u.paused, u.max_running, u.running FROM queues u
-     WHERE u.name IN (SELECT n.queue FROM names n) ORDER BY u.name FOR NO KEY UPDATE),
+    SELECT u.name, u.paused, u.max_running FROM queues u
+     WHERE u.name IN (SELECT n.queue FROM names n)),
+lim AS MATERIALIZED (
+    SELECT u.name, u.max_running - u.running AS room FROM queues u
+     WHERE u.name IN (SELECT q.name FROM q WHERE NOT q.paused AND q.max_running IS NOT NULL)
+       AND NOT u.paused AND u.max_running IS NOT NULL
+     ORDER BY u.name FOR NO KEY UPDATE SKIP LOCKED),
 room AS MATERIALIZED (
     SELECT n.queue, CASE WHEN q.name IS NULL OR (NOT q.paused AND q.max_running IS NULL) THEN {over}
                          WHEN q.paused THEN 0
-                         ELSE least(greatest(q.max_running - q.running, 0), {over}) END AS room
-      FROM names n LEFT JOIN q ON q.name = n.queue
+                         ELSE least(greatest(coalesce(lim.room, 0), 0), {over}) END AS room
+      FROM names n LEFT JOIN q ON q.name = n.queue LEFT JOIN lim ON lim.name = n.queue
      WHERE n.queue IS NOT NULL)
 UPDATE execution_steps SET status = 'running', locked_by = $1, locked_until = statement_timestamp() + $2
 WHERE id = ANY(ARRAY(
@@ -187,11 +196,9 @@ struct NextRun {
 /// upstream done, execution running, admitted by their key) in queues that
 /// are neither paused nor full; it may be in the past when some are
 /// claimable now. `None` when no such step exists (the next work then comes
-/// with a notification: see `docs/engine.md`). Reads every such step of the
-/// queues (they are ordered by priority first); a worker calls it only when
-/// a claim found nothing, when those steps are few. A worker that found
-/// nothing to claim sleeps until this time (or a notification), instead of
-/// polling.
+/// with a notification: see `docs/engine.md`). One probe per queue of
+/// `execution_steps_claimable_at_idx`. A worker that found nothing to claim
+/// sleeps until this time (or a notification), instead of polling.
 #[tracing::instrument(skip(conn))]
 pub fn next_claimable_at(
     conn: &mut PgConnection,
@@ -201,10 +208,11 @@ pub fn next_claimable_at(
         diesel::sql_query(
             "SELECT min(c.at) AS at FROM unnest($1::text[]) AS t(queue) \
              LEFT JOIN queues u ON u.name = t.queue \
-             CROSS JOIN LATERAL (SELECT min(s.run_after) AS at FROM execution_steps s \
+             CROSS JOIN LATERAL (SELECT s.run_after AS at FROM execution_steps s \
                  WHERE workflow_db_step_queue(s.queue, s.node_type) = t.queue \
                    AND s.status = 'pending' AND s.upstream_pending = 0 AND NOT s.parked \
-                   AND NOT s.throttled) c \
+                   AND NOT s.throttled \
+                 ORDER BY s.run_after LIMIT 1) c \
              WHERE u.name IS NULL \
                 OR (NOT u.paused AND (u.max_running IS NULL OR u.running < u.max_running))",
         )

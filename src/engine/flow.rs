@@ -33,10 +33,11 @@ fn named<'a>(option: &'static str, name: &'a str) -> Result<&'a str> {
     }
 }
 
-/// How long configuring a new queue waits for the open transactions that
-/// write steps (its row's insert counts the queue's running steps while
-/// step writers wait): bounded, so a long transaction elsewhere makes the
-/// call fail with a lock timeout instead of stalling every writer behind it.
+/// How long configuring a new queue or concurrency limit waits for the open
+/// transactions that write steps (its row's insert counts while step
+/// writers wait, and every step write waits behind that request):
+/// bounded, so a long transaction elsewhere makes the call fail with a lock
+/// timeout instead of stalling every writer behind it.
 const NEW_QUEUE_LOCK_TIMEOUT: &str = "5s";
 
 /// Sets `paused` and/or `max_running` (`None` leaves a column as it is) on
@@ -200,16 +201,34 @@ pub fn set_concurrency_limit(
 ) -> Result<ConcurrencyLimit> {
     let key = named("key", key)?;
     let max_running = positive("max_running", max_running)?;
-    Ok(diesel::insert_into(concurrency_limits::table)
-        .values((
-            concurrency_limits::key.eq(key),
-            concurrency_limits::max_running.eq(max_running),
-        ))
-        .on_conflict(concurrency_limits::key)
-        .do_update()
-        .set(concurrency_limits::max_running.eq(max_running))
-        .returning(ConcurrencyLimit::as_returning())
-        .get_result(conn)?)
+    Ok(conn.transaction(|conn| {
+        let update = diesel::update(concurrency_limits::table.find(key))
+            .set(concurrency_limits::max_running.eq(max_running))
+            .returning(ConcurrencyLimit::as_returning());
+        if let Some(limit) = update.get_result(conn).optional()? {
+            return Ok(limit);
+        }
+        // A new limit holds step writers off while its first rebalance
+        // counts (its insert trigger): for at most NEW_QUEUE_LOCK_TIMEOUT.
+        let previous = set_lock_timeout(conn, NEW_QUEUE_LOCK_TIMEOUT)?;
+        let inserted = diesel::insert_into(concurrency_limits::table)
+            .values((
+                concurrency_limits::key.eq(key),
+                concurrency_limits::max_running.eq(max_running),
+            ))
+            .on_conflict_do_nothing()
+            .returning(ConcurrencyLimit::as_returning())
+            .get_result(conn)
+            .optional()?;
+        set_lock_timeout(conn, &previous)?;
+        match inserted {
+            Some(limit) => Ok(limit),
+            None => diesel::update(concurrency_limits::table.find(key))
+                .set(concurrency_limits::max_running.eq(max_running))
+                .returning(ConcurrencyLimit::as_returning())
+                .get_result(conn),
+        }
+    })?)
 }
 
 /// Removes a key's limit; its throttled steps become claimable at once.
@@ -236,24 +255,36 @@ struct Count {
     n: i64,
 }
 
-/// Admits throttled steps into free slots of their keys, for keys where a
-/// slot is free. The step trigger does this whenever a slot frees; a step
-/// that another transaction held at that moment is skipped (never waited
+/// Admits throttled steps into free slots of their keys, for the keys with
+/// throttled ready steps, in one call (keys locked in key order), and
+/// releases throttled steps whose key has no limit (left so by a write the
+/// triggers could not see). The step trigger admits whenever a slot frees;
+/// a step another transaction held at that moment is skipped (never waited
 /// for, so no deadlock) and admitted here. The maintenance loop runs it
 /// every round. Returns how many keys were looked at.
 #[tracing::instrument(skip(conn))]
 pub fn rebalance_concurrency_keys(conn: &mut PgConnection) -> QueryResult<i64> {
-    Ok(diesel::sql_query(
-        "WITH k AS (SELECT c.key FROM concurrency_limits c \
-                     WHERE EXISTS (SELECT 1 FROM execution_steps s \
-                                    WHERE s.concurrency_key = c.key AND s.throttled \
-                                      AND s.status = 'pending' AND s.upstream_pending = 0 \
-                                      AND NOT s.parked)) \
-         SELECT count(*) AS n FROM k, \
-                LATERAL (SELECT workflow_db_rebalance_keys(ARRAY[k.key], '{}', '{}')) r",
-    )
-    .get_result::<Count>(conn)?
-    .n)
+    conn.transaction(|conn| {
+        diesel::sql_query(
+            "UPDATE execution_steps s SET throttled = false \
+              WHERE s.throttled AND s.status = 'pending' \
+                AND NOT EXISTS (SELECT 1 FROM concurrency_limits c WHERE c.key = s.concurrency_key)",
+        )
+        .execute(conn)?;
+        Ok(diesel::sql_query(
+            "WITH k AS (SELECT array_agg(c.key ORDER BY c.key) AS keys FROM concurrency_limits c \
+                         WHERE EXISTS (SELECT 1 FROM execution_steps s \
+                                        WHERE s.concurrency_key = c.key AND s.throttled \
+                                          AND s.status = 'pending' AND s.upstream_pending = 0 \
+                                          AND NOT s.parked)) \
+             SELECT coalesce(cardinality(k.keys), 0)::bigint AS n FROM k, \
+                    LATERAL (SELECT workflow_db_rebalance_keys(k.keys, '{}', '{}') \
+                              WHERE k.keys IS NOT NULL) r",
+        )
+        .get_result::<Count>(conn)
+        .optional()?
+        .map_or(0, |c| c.n))
+    })
 }
 
 #[derive(QueryableByName)]

@@ -20,6 +20,7 @@ use crate::schema::executions;
 /// statement trigger records the history and makes the ready ones claimable.
 const RESET_STEPS: &str = "\
 UPDATE execution_steps s SET status = 'pending', run_after = statement_timestamp(), reclaims = 0,
+       throttled = false,
        upstream_pending = (SELECT count(*) FROM execution_steps u
                             WHERE u.execution_id = s.execution_id AND s.node_id = ANY (u.downstream)
                               AND u.status <> 'completed')
@@ -33,9 +34,12 @@ UPDATE execution_steps s SET status = 'pending', run_after = statement_timestamp
 /// The history records each of these transitions (`failed -> running`,
 /// `failed -> pending`, `skipped -> pending`), and the next runs are new
 /// attempts. An execution with nothing left to run completes. These
-/// transitions are refused to any writer that does not set
-/// `workflow_db.replay = 'on'` in its transaction, as this function does
-/// (and resets before it returns).
+/// transitions are refused to any writer whose transaction did not set
+/// `workflow_db.replay` to its own transaction id, as this function does
+/// (and resets before it returns). Every skipped step runs again, also one
+/// skipped by hand while the execution ran; a `start_after` is not waited
+/// for again; a dedup key held while unfinished is held again, even if a
+/// newer execution holds it too.
 ///
 /// Errors: [`Error::NotFound`]; [`Error::IllegalTransition`] when the
 /// execution is not failed or cancelled.
@@ -79,11 +83,16 @@ pub fn replay_execution(conn: &mut PgConnection, id: Uuid) -> Result<Execution> 
     })
 }
 
+/// Marks (or unmarks) this transaction as replaying: the setting holds the
+/// transaction's id, which is what the triggers compare it with.
 fn replaying(conn: &mut PgConnection, on: bool) -> QueryResult<()> {
-    diesel::sql_query("SELECT set_config('workflow_db.replay', $1, true)")
-        .bind::<Text, _>(if on { "on" } else { "" })
-        .execute(conn)
-        .map(drop)
+    diesel::sql_query(if on {
+        "SELECT set_config('workflow_db.replay', txid_current()::text, true)"
+    } else {
+        "SELECT set_config('workflow_db.replay', '', true)"
+    })
+    .execute(conn)
+    .map(drop)
 }
 
 /// Re-runs an execution from scratch: a new execution of the same workflow
