@@ -9,13 +9,10 @@
 
 mod common;
 
-use std::fmt::{Debug, Display};
-use std::sync::mpsc;
-use std::thread;
-use std::time::{Duration, Instant};
+use std::fmt::Debug;
+use std::time::Duration;
 
 use chrono::Utc;
-use diesel::connection::{AnsiTransactionManager, TransactionManager};
 use diesel::prelude::*;
 use diesel::result::{DatabaseErrorKind, Error as DieselError};
 use diesel::sql_types::{BigInt, Bool, Integer, Nullable, Text, Uuid as SqlUuid};
@@ -30,163 +27,8 @@ use workflow_db::{
     Error, Execution, ExecutionStatus, ExecutionStep, NewExecution, NewExecutionStep, StepStatus,
 };
 
+use common::session::{Outcome, Session, State};
 use common::{LEASE, start, workflow};
-
-// ---------------------------------------------------------------------------
-// Sessions: one connection per thread, driven statement by statement.
-
-/// How long a session may take to finish its statements or to start waiting
-/// on a lock before the test gives up (a hang guard, not a measurement).
-const SETTLE_LIMIT: Duration = Duration::from_secs(60);
-const POLL: Duration = Duration::from_millis(2);
-
-/// A statement's outcome: `Ok(debug of the value)` or `Err(the error's message)`.
-type Outcome = std::result::Result<String, String>;
-type Command = Box<dyn FnOnce(&mut PgConnection) -> Outcome + Send>;
-
-/// Where a session stands after [`Session::settle`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum State {
-    /// It ran everything it was given.
-    Done,
-    /// It waits on a lock held by another session.
-    Blocked,
-}
-
-struct Session {
-    name: &'static str,
-    pid: i32,
-    commands: Option<mpsc::Sender<(String, Command)>>,
-    outcomes: mpsc::Receiver<(String, Outcome)>,
-    sent: usize,
-    done: Vec<(String, Outcome)>,
-    thread: Option<thread::JoinHandle<()>>,
-}
-
-#[derive(QueryableByName)]
-struct Pid {
-    #[diesel(sql_type = Integer)]
-    pid: i32,
-}
-
-#[derive(QueryableByName)]
-struct Waiting {
-    #[diesel(sql_type = Bool)]
-    waiting: bool,
-}
-
-impl Session {
-    fn new(db: &TestDatabase, name: &'static str) -> Session {
-        let mut conn = db.connect();
-        let pid = diesel::sql_query("SELECT pg_backend_pid() AS pid")
-            .get_result::<Pid>(&mut conn)
-            .unwrap()
-            .pid;
-        let (commands, inbox) = mpsc::channel::<(String, Command)>();
-        let (report, outcomes) = mpsc::channel();
-        let thread = thread::spawn(move || {
-            for (label, command) in inbox {
-                let outcome = command(&mut conn);
-                if report.send((label, outcome)).is_err() {
-                    return;
-                }
-            }
-        });
-        Session {
-            name,
-            pid,
-            commands: Some(commands),
-            outcomes,
-            sent: 0,
-            done: Vec::new(),
-            thread: Some(thread),
-        }
-    }
-
-    /// Queues a statement (or several, in `f`); returns at once.
-    fn run<T: Debug, E: Display>(
-        &mut self,
-        label: &str,
-        f: impl FnOnce(&mut PgConnection) -> std::result::Result<T, E> + Send + 'static,
-    ) {
-        let command: Command =
-            Box::new(move |conn| f(conn).map(|v| format!("{v:?}")).map_err(|e| e.to_string()));
-        self.commands
-            .as_ref()
-            .expect("session still open")
-            .send((label.to_owned(), command))
-            .expect("session thread alive");
-        self.sent += 1;
-    }
-
-    /// `BEGIN` through Diesel's transaction manager, so that the engine's own
-    /// `conn.transaction(..)` calls nest as savepoints inside it.
-    fn begin(&mut self) {
-        self.run("BEGIN", AnsiTransactionManager::begin_transaction);
-    }
-
-    fn commit(&mut self) {
-        self.run("COMMIT", AnsiTransactionManager::commit_transaction);
-    }
-
-    fn drain(&mut self) {
-        while let Ok(outcome) = self.outcomes.try_recv() {
-            self.done.push(outcome);
-        }
-    }
-
-    /// Waits until the session has run every statement queued so far, or
-    /// waits on a lock (`pg_stat_activity.wait_event_type = 'Lock'`).
-    fn settle(&mut self, observer: &mut PgConnection) -> State {
-        let deadline = Instant::now() + SETTLE_LIMIT;
-        loop {
-            self.drain();
-            if self.done.len() == self.sent {
-                return State::Done;
-            }
-            let waiting = diesel::sql_query(
-                // `object` is the cluster-wide lock a committing NOTIFY takes:
-                // any notifying commit on the server (other tests) holds it a
-                // moment, so a wait on it is passing traffic, not the block
-                // a test is looking for.
-                "SELECT coalesce(bool_or(wait_event_type = 'Lock' AND wait_event NOT IN ('extend', 'object')), false) \
-                 AS waiting FROM pg_stat_activity WHERE pid = $1",
-            )
-            .bind::<Integer, _>(self.pid)
-            .get_result::<Waiting>(observer)
-            .unwrap()
-            .waiting;
-            if waiting {
-                return State::Blocked;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "session {} neither finished its statements nor waited on a lock within {SETTLE_LIMIT:?}; \
-                 done so far: {:?}",
-                self.name,
-                self.done
-            );
-            thread::sleep(POLL);
-        }
-    }
-
-    /// Closes the session (waiting for its queued statements) and returns
-    /// every outcome, in order.
-    fn finish(mut self) -> Vec<(String, Outcome)> {
-        drop(self.commands.take());
-        if let Some(thread) = self.thread.take() {
-            thread.join().expect("session thread panicked");
-        }
-        self.drain();
-        assert_eq!(
-            self.done.len(),
-            self.sent,
-            "session {} lost outcomes",
-            self.name
-        );
-        self.done
-    }
-}
 
 /// Asserts that every statement of every session succeeded; a deadlock
 /// (SQLSTATE 40P01, "deadlock detected") is called out by name.

@@ -8,17 +8,17 @@
 mod common;
 
 use std::collections::{BTreeSet, HashMap};
-use std::fmt::{Debug, Display};
+use std::fmt::Debug;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
 use std::sync::{Barrier, mpsc};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
-use diesel::connection::{AnsiTransactionManager, SimpleConnection, TransactionManager};
+use diesel::connection::SimpleConnection;
 use diesel::prelude::*;
 use diesel::result::{DatabaseErrorKind, Error as DieselError};
-use diesel::sql_types::{Array, BigInt, Bool, Integer, Nullable, Text, Uuid as SqlUuid};
+use diesel::sql_types::{BigInt, Integer, Nullable, Text, Uuid as SqlUuid};
 use serde_json::{Value, json};
 use uuid::Uuid;
 use workflow_db::engine::{self, CheckOptions, InvariantKind};
@@ -29,6 +29,7 @@ use workflow_db::{
 };
 
 use common::LEASE;
+use common::session::{Session, State, ok};
 
 /// Hang guard of every loop that waits for other threads (not a measurement).
 const DEADLINE: Duration = Duration::from_secs(30);
@@ -268,192 +269,6 @@ fn assert_invariants(conn: &mut PgConnection) -> std::collections::BTreeMap<Inva
 
 fn exec_status(conn: &mut PgConnection, id: Uuid) -> ExecutionStatus {
     execution(conn, id).status
-}
-
-// ---------------------------------------------------------------------------
-// Sessions: one connection per thread, driven statement by statement (the
-// pattern of tests/engine_interleavings.rs).
-
-const SETTLE_LIMIT: Duration = Duration::from_secs(30);
-const POLL: Duration = Duration::from_millis(2);
-
-type Outcome = std::result::Result<String, String>;
-type Command = Box<dyn FnOnce(&mut PgConnection) -> Outcome + Send>;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum State {
-    /// It ran everything it was given.
-    Done,
-    /// It waits on a lock another session holds.
-    Blocked,
-}
-
-#[derive(QueryableByName)]
-struct Pid {
-    #[diesel(sql_type = Integer)]
-    pid: i32,
-}
-
-#[derive(QueryableByName)]
-struct Waiting {
-    #[diesel(sql_type = Bool)]
-    waiting: bool,
-}
-
-#[derive(QueryableByName)]
-struct Blockers {
-    #[diesel(sql_type = Array<Integer>)]
-    pids: Vec<i32>,
-}
-
-struct Session {
-    name: &'static str,
-    pid: i32,
-    commands: Option<mpsc::Sender<(String, Command)>>,
-    outcomes: mpsc::Receiver<(String, Outcome)>,
-    sent: usize,
-    done: Vec<(String, Outcome)>,
-    thread: Option<thread::JoinHandle<()>>,
-}
-
-impl Session {
-    fn new(db: &TestDatabase, name: &'static str) -> Session {
-        let mut conn = db.connect();
-        let pid = diesel::sql_query("SELECT pg_backend_pid() AS pid")
-            .get_result::<Pid>(&mut conn)
-            .unwrap()
-            .pid;
-        let (commands, inbox) = mpsc::channel::<(String, Command)>();
-        let (report, outcomes) = mpsc::channel();
-        let thread = thread::spawn(move || {
-            for (label, command) in inbox {
-                let outcome = command(&mut conn);
-                if report.send((label, outcome)).is_err() {
-                    return;
-                }
-            }
-        });
-        Session {
-            name,
-            pid,
-            commands: Some(commands),
-            outcomes,
-            sent: 0,
-            done: Vec::new(),
-            thread: Some(thread),
-        }
-    }
-
-    /// Queues a statement (or several, in `f`); returns at once.
-    fn run<T: Debug, E: Display>(
-        &mut self,
-        label: &str,
-        f: impl FnOnce(&mut PgConnection) -> std::result::Result<T, E> + Send + 'static,
-    ) {
-        let command: Command =
-            Box::new(move |conn| f(conn).map(|v| format!("{v:?}")).map_err(|e| e.to_string()));
-        self.commands
-            .as_ref()
-            .expect("session still open")
-            .send((label.to_owned(), command))
-            .expect("session thread alive");
-        self.sent += 1;
-    }
-
-    /// `BEGIN` through Diesel's transaction manager, so that the engine's
-    /// own `conn.transaction(..)` calls nest as savepoints inside it.
-    fn begin(&mut self) {
-        self.run("BEGIN", AnsiTransactionManager::begin_transaction);
-    }
-
-    fn commit(&mut self) {
-        self.run("COMMIT", AnsiTransactionManager::commit_transaction);
-    }
-
-    fn rollback(&mut self) {
-        self.run("ROLLBACK", AnsiTransactionManager::rollback_transaction);
-    }
-
-    fn drain(&mut self) {
-        while let Ok(outcome) = self.outcomes.try_recv() {
-            self.done.push(outcome);
-        }
-    }
-
-    /// Waits until the session ran every statement queued so far, or waits
-    /// on a lock (`pg_stat_activity.wait_event_type = 'Lock'`).
-    fn settle(&mut self, observer: &mut PgConnection) -> State {
-        let deadline = Instant::now() + SETTLE_LIMIT;
-        loop {
-            self.drain();
-            if self.done.len() == self.sent {
-                return State::Done;
-            }
-            let waiting = diesel::sql_query(
-                // `object`: the cluster-wide lock a committing NOTIFY takes
-                // (other tests' traffic), not the block a test looks for.
-                // A waiter whose blocker just committed may not have woken
-                // yet: it still shows the wait, but no longer a blocker.
-                "SELECT coalesce(bool_or(wait_event_type = 'Lock' AND wait_event NOT IN ('extend', 'object') \
-                                         AND cardinality(pg_blocking_pids(pid)) > 0), false) \
-                 AS waiting FROM pg_stat_activity WHERE pid = $1",
-            )
-            .bind::<Integer, _>(self.pid)
-            .get_result::<Waiting>(observer)
-            .unwrap()
-            .waiting;
-            if waiting {
-                return State::Blocked;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "session {} neither finished nor waited on a lock within {SETTLE_LIMIT:?}; done: {:?}",
-                self.name,
-                self.done
-            );
-            thread::sleep(POLL);
-        }
-    }
-
-    /// The sessions this one waits for.
-    fn blockers(&self, observer: &mut PgConnection) -> Vec<i32> {
-        diesel::sql_query("SELECT pg_blocking_pids($1) AS pids")
-            .bind::<Integer, _>(self.pid)
-            .get_result::<Blockers>(observer)
-            .unwrap()
-            .pids
-    }
-
-    /// The outcome of the last statement (after a `settle` that returned `Done`).
-    fn last(&self) -> Outcome {
-        assert_eq!(
-            self.done.len(),
-            self.sent,
-            "session {} still busy",
-            self.name
-        );
-        self.done.last().expect("a statement ran").1.clone()
-    }
-
-    /// Closes the session (waiting for its statements); every outcome, in order.
-    fn finish(mut self) -> Vec<(String, Outcome)> {
-        drop(self.commands.take());
-        if let Some(thread) = self.thread.take() {
-            thread.join().expect("session thread panicked");
-        }
-        self.drain();
-        assert_eq!(
-            self.done.len(),
-            self.sent,
-            "session {} lost outcomes",
-            self.name
-        );
-        self.done
-    }
-}
-
-fn ok(outcome: &str) -> Outcome {
-    Ok(outcome.to_owned())
 }
 
 // ---------------------------------------------------------------------------

@@ -78,10 +78,15 @@ fn every_foreign_key_cascades_and_is_indexed() {
             "c"
         };
         assert_eq!(
-            fk.on_delete, expected,
+            fk.on_delete,
+            expected,
             "{} must be ON DELETE {}",
             fk.name,
-            if expected == "c" { "CASCADE" } else { "SET NULL" }
+            if expected == "c" {
+                "CASCADE"
+            } else {
+                "SET NULL"
+            }
         );
         assert!(fk.indexed, "{} has no index led by its columns", fk.name);
     }

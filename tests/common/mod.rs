@@ -2,6 +2,8 @@
 //! means (admin tests) and small graphs and executions (engine tests).
 #![allow(dead_code)]
 
+pub mod session;
+
 use std::process::Command;
 
 use diesel::prelude::*;
