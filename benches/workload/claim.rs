@@ -215,30 +215,8 @@ impl Bench {
     /// W5 rows, all running/pending) in the table.
     pub fn claim_growth(&mut self, rep: usize) -> Res<()> {
         eprintln!("claim latency growth (rep {rep})");
-        let scale = self.args.executions;
         for pending in [10_000u64, 1_000_000] {
-            self.reset_runs()?;
-            let execs = pending / NODES as u64;
-            let mut conn = self.conn()?;
-            bulk::copy_executions(
-                &mut conn,
-                (0..execs).map(|i| CopyExecution {
-                    status: ExecutionStatus::Running,
-                    ..w5_execution(i, scale)
-                }),
-            )?;
-            bulk::copy_steps(
-                &mut conn,
-                (0..pending).map(|j| CopyStep {
-                    status: StepStatus::Pending,
-                    output: None,
-                    error: None,
-                    retry_count: 0,
-                    started_at: None,
-                    completed_at: None,
-                    ..w5_step(j, scale)
-                }),
-            )?;
+            self.load_ready_steps(pending)?;
             self.sql("VACUUM ANALYZE executions, execution_steps")?;
             self.sql("CHECKPOINT")?;
             let name = format!(
@@ -254,6 +232,34 @@ impl Bench {
             })?;
             self.report.latency(&name, lat, false);
         }
+        Ok(())
+    }
+
+    /// No executions but `steps / 10` running ones of 10 independent
+    /// pending steps each (the W5 rows, loaded with COPY): `steps` ready steps.
+    pub fn load_ready_steps(&self, steps: u64) -> Res<()> {
+        self.reset_runs()?;
+        let scale = self.args.executions;
+        let mut conn = self.conn()?;
+        bulk::copy_executions(
+            &mut conn,
+            (0..steps / NODES as u64).map(|i| CopyExecution {
+                status: ExecutionStatus::Running,
+                ..w5_execution(i, scale)
+            }),
+        )?;
+        bulk::copy_steps(
+            &mut conn,
+            (0..steps).map(|j| CopyStep {
+                status: StepStatus::Pending,
+                output: None,
+                error: None,
+                retry_count: 0,
+                started_at: None,
+                completed_at: None,
+                ..w5_step(j, scale)
+            }),
+        )?;
         Ok(())
     }
 

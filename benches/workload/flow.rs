@@ -4,12 +4,10 @@
 //! 2 and so at their limit (their other steps throttled, out of the claim
 //! index); `engine::claim_steps` of one step, latency p50/p99, paired.
 
-use workflow_db::models::bulk::{self, CopyExecution, CopyStep};
-use workflow_db::{ExecutionStatus, StepStatus, engine};
+use workflow_db::engine;
 
 use crate::Res;
 use crate::claim::LEASE;
-use crate::data::{NODES, w5_execution, w5_step};
 use crate::db::Bench;
 
 /// Ready steps in both figures.
@@ -42,29 +40,8 @@ impl Bench {
     /// 1,000 keys and 500 keys get a limit of 2 (the limit's trigger
     /// throttles all but 2 ready steps of each).
     fn flow_data(&self, keys: bool) -> Res<()> {
-        self.reset_runs()?;
+        self.load_ready_steps(READY)?;
         self.sql("DELETE FROM concurrency_limits")?;
-        let scale = self.args.executions;
-        let mut conn = self.conn()?;
-        bulk::copy_executions(
-            &mut conn,
-            (0..READY / NODES as u64).map(|i| CopyExecution {
-                status: ExecutionStatus::Running,
-                ..w5_execution(i, scale)
-            }),
-        )?;
-        bulk::copy_steps(
-            &mut conn,
-            (0..READY).map(|j| CopyStep {
-                status: StepStatus::Pending,
-                output: None,
-                error: None,
-                retry_count: 0,
-                started_at: None,
-                completed_at: None,
-                ..w5_step(j, scale)
-            }),
-        )?;
         if keys {
             self.sql(&format!(
                 "UPDATE execution_steps SET concurrency_key = \

@@ -61,11 +61,7 @@ fn configure(
     .bind::<Nullable<diesel::sql_types::Bool>, _>(paused)
     .bind::<diesel::sql_types::Bool, _>(max_running.is_some())
     .bind::<Nullable<Integer>, _>(max_running.flatten());
-    if let Some(queue) = update.clone().get_result::<Queue>(conn).optional()? {
-        return Ok(queue);
-    }
-    let previous = set_lock_timeout(conn, NEW_QUEUE_LOCK_TIMEOUT)?;
-    let inserted = diesel::sql_query(
+    let insert = diesel::sql_query(
         "INSERT INTO queues (name, paused, max_running) \
          VALUES ($1, coalesce($2, false), CASE WHEN $3 THEN $4 END) \
          ON CONFLICT (name) DO NOTHING \
@@ -74,16 +70,27 @@ fn configure(
     .bind::<Text, _>(name)
     .bind::<Nullable<diesel::sql_types::Bool>, _>(paused)
     .bind::<diesel::sql_types::Bool, _>(max_running.is_some())
-    .bind::<Nullable<Integer>, _>(max_running.flatten())
-    .get_result::<Queue>(conn)
-    .optional()?;
-    set_lock_timeout(conn, &previous)?;
-    match inserted {
-        Some(queue) => Ok(queue),
-        // Inserted by a racing call meanwhile: update that row.
-        None => update.get_result(conn),
+    .bind::<Nullable<Integer>, _>(max_running.flatten());
+    // Update, else insert; a racing call may insert the row between the
+    // two, and another remove it again (a resume of a free queue), so
+    // try a few times before giving up with NotFound.
+    for _ in 0..RACE_ATTEMPTS {
+        if let Some(queue) = update.clone().get_result::<Queue>(conn).optional()? {
+            return Ok(queue);
+        }
+        let previous = set_lock_timeout(conn, NEW_QUEUE_LOCK_TIMEOUT)?;
+        let inserted = insert.clone().get_result::<Queue>(conn).optional()?;
+        set_lock_timeout(conn, &previous)?;
+        if let Some(queue) = inserted {
+            return Ok(queue);
+        }
     }
+    update.get_result(conn)
 }
+
+/// How often an update-else-insert tries before a race it keeps losing
+/// (the row inserted and removed again by others in between) is an error.
+const RACE_ATTEMPTS: usize = 3;
 
 #[derive(QueryableByName)]
 struct Setting {
@@ -202,32 +209,35 @@ pub fn set_concurrency_limit(
     let key = named("key", key)?;
     let max_running = positive("max_running", max_running)?;
     Ok(conn.transaction(|conn| {
-        let update = diesel::update(concurrency_limits::table.find(key))
-            .set(concurrency_limits::max_running.eq(max_running))
-            .returning(ConcurrencyLimit::as_returning());
-        if let Some(limit) = update.get_result(conn).optional()? {
-            return Ok(limit);
-        }
-        // A new limit holds step writers off while its first rebalance
-        // counts (its insert trigger): for at most NEW_QUEUE_LOCK_TIMEOUT.
-        let previous = set_lock_timeout(conn, NEW_QUEUE_LOCK_TIMEOUT)?;
-        let inserted = diesel::insert_into(concurrency_limits::table)
-            .values((
-                concurrency_limits::key.eq(key),
-                concurrency_limits::max_running.eq(max_running),
-            ))
-            .on_conflict_do_nothing()
-            .returning(ConcurrencyLimit::as_returning())
-            .get_result(conn)
-            .optional()?;
-        set_lock_timeout(conn, &previous)?;
-        match inserted {
-            Some(limit) => Ok(limit),
-            None => diesel::update(concurrency_limits::table.find(key))
+        let update = || {
+            diesel::update(concurrency_limits::table.find(key))
                 .set(concurrency_limits::max_running.eq(max_running))
                 .returning(ConcurrencyLimit::as_returning())
-                .get_result(conn),
+        };
+        // Update, else insert (as for queues: retried while racing calls
+        // insert and remove the row in between).
+        for _ in 0..RACE_ATTEMPTS {
+            if let Some(limit) = update().get_result(conn).optional()? {
+                return Ok(limit);
+            }
+            // A new limit holds step writers off while its first rebalance
+            // counts (its insert trigger): for at most NEW_QUEUE_LOCK_TIMEOUT.
+            let previous = set_lock_timeout(conn, NEW_QUEUE_LOCK_TIMEOUT)?;
+            let inserted = diesel::insert_into(concurrency_limits::table)
+                .values((
+                    concurrency_limits::key.eq(key),
+                    concurrency_limits::max_running.eq(max_running),
+                ))
+                .on_conflict_do_nothing()
+                .returning(ConcurrencyLimit::as_returning())
+                .get_result(conn)
+                .optional()?;
+            set_lock_timeout(conn, &previous)?;
+            if let Some(limit) = inserted {
+                return Ok(limit);
+            }
         }
+        update().get_result(conn)
     })?)
 }
 
@@ -261,30 +271,34 @@ struct Count {
 /// triggers could not see). The step trigger admits whenever a slot frees;
 /// a step another transaction held at that moment is skipped (never waited
 /// for, so no deadlock) and admitted here. The maintenance loop runs it
-/// every round. Returns how many keys were looked at.
+/// every round. Call it outside a transaction. Returns how many keys were
+/// looked at.
 #[tracing::instrument(skip(conn))]
 pub fn rebalance_concurrency_keys(conn: &mut PgConnection) -> QueryResult<i64> {
-    conn.transaction(|conn| {
-        diesel::sql_query(
-            "UPDATE execution_steps s SET throttled = false \
-              WHERE s.throttled AND s.status = 'pending' \
-                AND NOT EXISTS (SELECT 1 FROM concurrency_limits c WHERE c.key = s.concurrency_key)",
-        )
-        .execute(conn)?;
-        Ok(diesel::sql_query(
-            "WITH k AS (SELECT array_agg(c.key ORDER BY c.key) AS keys FROM concurrency_limits c \
-                         WHERE EXISTS (SELECT 1 FROM execution_steps s \
-                                        WHERE s.concurrency_key = c.key AND s.throttled \
-                                          AND s.status = 'pending' AND s.upstream_pending = 0 \
-                                          AND NOT s.parked)) \
-             SELECT coalesce(cardinality(k.keys), 0)::bigint AS n FROM k, \
-                    LATERAL (SELECT workflow_db_rebalance_keys(k.keys, '{}', '{}') \
-                              WHERE k.keys IS NOT NULL) r",
-        )
-        .get_result::<Count>(conn)
-        .optional()?
-        .map_or(0, |c| c.n))
-    })
+    // Two statements, each its own transaction when the caller has none:
+    // the release takes step rows, the rebalance keys then steps; held
+    // together, they would take steps before keys and could deadlock with
+    // a report that holds a key and waits for a step.
+    let looked_at = diesel::sql_query(
+        "WITH k AS (SELECT array_agg(c.key ORDER BY c.key) AS keys FROM concurrency_limits c \
+                     WHERE EXISTS (SELECT 1 FROM execution_steps s \
+                                    WHERE s.concurrency_key = c.key AND s.throttled \
+                                      AND s.status = 'pending' AND s.upstream_pending = 0 \
+                                      AND NOT s.parked)) \
+         SELECT coalesce(cardinality(k.keys), 0)::bigint AS n FROM k, \
+                LATERAL (SELECT workflow_db_rebalance_keys(k.keys, '{}', '{}') \
+                          WHERE k.keys IS NOT NULL) r",
+    )
+    .get_result::<Count>(conn)
+    .optional()?
+    .map_or(0, |c| c.n);
+    diesel::sql_query(
+        "UPDATE execution_steps s SET throttled = false \
+          WHERE s.throttled AND s.status = 'pending' \
+            AND NOT EXISTS (SELECT 1 FROM concurrency_limits c WHERE c.key = s.concurrency_key)",
+    )
+    .execute(conn)?;
+    Ok(looked_at)
 }
 
 #[derive(QueryableByName)]
