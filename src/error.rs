@@ -260,6 +260,19 @@ pub enum Error {
         /// What is wrong (the cron parser's message for a cron expression).
         reason: String,
     },
+
+    /// A signal was refused and nothing was written: its execution is
+    /// final (it can no longer wait for one), or its name is empty or
+    /// longer than [`crate::graph::MAX_SIGNAL_NAME_LEN`] characters.
+    #[error("signal {name:?} for execution {execution_id} refused: {reason}")]
+    SignalRefused {
+        /// The execution it was sent to.
+        execution_id: Uuid,
+        /// The signal's name.
+        name: String,
+        /// Why.
+        reason: String,
+    },
 }
 
 /// Constraint names the status triggers report (`RAISE .. USING CONSTRAINT`).

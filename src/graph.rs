@@ -15,9 +15,11 @@
 //! ```
 
 use std::collections::{HashMap, HashSet};
+use std::time::Duration;
 
+use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
+use serde_json::{Value, json};
 
 use crate::error::{Error, Result};
 
@@ -34,10 +36,28 @@ pub struct Node {
     /// step's retry budget), `priority` (an integer, over the execution's),
     /// `queue` (a non-empty string; default: the node type) and
     /// `concurrency_key` (a non-empty string, over the execution's); see
-    /// `docs/engine.md`, "Flow control".
+    /// `docs/engine.md`, "Flow control". The engine's own node types
+    /// ([`TIMER_NODE_TYPE`], [`SIGNAL_NODE_TYPE`]) read their wait from it:
+    /// see [`Node::timer`] and [`Node::signal`].
     #[serde(default)]
     pub config: Value,
 }
+
+/// The node type of a durable timer: the step completes, with no worker
+/// involved, when its time comes (`config.seconds` after its upstream steps
+/// are done, or at `config.until`). See [`Node::timer`].
+pub const TIMER_NODE_TYPE: &str = "workflow_db.timer";
+
+/// The node type of a signal wait: the step completes when a signal named
+/// `config.signal` is sent to its execution, with the signal's payload as
+/// its output, or fails after `config.timeout_seconds`. See [`Node::signal`].
+pub const SIGNAL_NODE_TYPE: &str = "workflow_db.signal";
+
+/// Node types (and queue names) starting with this are the engine's own.
+pub const RESERVED_PREFIX: &str = "workflow_db.";
+
+/// Longest signal name.
+pub const MAX_SIGNAL_NAME_LEN: usize = 200;
 
 /// A dependency: `target` runs after `source` completed (or was skipped).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -81,6 +101,45 @@ impl Node {
         self
     }
 
+    /// A durable timer that completes `delay` after its upstream steps are
+    /// done (a root node: after its execution starts), with output
+    /// `{"due_at", "fired_at"}`. No worker holds anything while it waits;
+    /// the maintenance loop fires it (see `docs/engine.md`, "Timers and
+    /// signals"). Sub-microsecond parts of `delay` are dropped.
+    pub fn timer(id: impl Into<String>, delay: Duration) -> Self {
+        Node::new(id, TIMER_NODE_TYPE).config(json!({"seconds": delay.as_secs_f64()}))
+    }
+
+    /// A durable timer that completes at `at` (or at once, when its
+    /// upstream steps finish later than that).
+    pub fn timer_until(id: impl Into<String>, at: DateTime<Utc>) -> Self {
+        Node::new(id, TIMER_NODE_TYPE).config(json!({"until": at.to_rfc3339()}))
+    }
+
+    /// A step that waits for the signal `name` sent to its execution
+    /// (`engine::send_signal`); the signal's payload becomes its output. A
+    /// signal sent before the step is reached is kept for it; each signal is
+    /// delivered to one step only. Waits for ever unless
+    /// [`with_timeout`](Self::with_timeout) is set.
+    pub fn signal(id: impl Into<String>, name: impl Into<String>) -> Self {
+        Node::new(id, SIGNAL_NODE_TYPE).config(json!({"signal": name.into()}))
+    }
+
+    /// Sets `config.timeout_seconds`: a signal wait fails when no signal came
+    /// within `timeout` of the step becoming ready.
+    pub fn with_timeout(mut self, timeout: Duration) -> Self {
+        if let Value::Object(config) = &mut self.config {
+            config.insert("timeout_seconds".into(), json!(timeout.as_secs_f64()));
+        }
+        self
+    }
+
+    /// Whether this is one of the engine's own wait nodes (a timer or a
+    /// signal wait), which no worker runs.
+    pub fn is_wait(&self) -> bool {
+        self.r#type == TIMER_NODE_TYPE || self.r#type == SIGNAL_NODE_TYPE
+    }
+
     /// The claim priority from `config.priority`, if set (validated by
     /// [`WorkflowGraph::validate`]).
     pub fn priority(&self) -> Option<i32> {
@@ -116,9 +175,68 @@ impl Node {
                 if v.as_str().is_none_or(str::is_empty) {
                     return bad(key, "a non-empty string");
                 }
+                if self.is_wait() {
+                    return Some(format!(
+                        "node {:?}: a {} node takes no config.{key} (it occupies no worker)",
+                        self.id, self.r#type
+                    ));
+                }
             }
         }
-        None
+        if self.queue().is_some_and(|q| q.starts_with(RESERVED_PREFIX)) {
+            return bad(
+                "queue",
+                "a name outside the engine's namespace workflow_db.*",
+            );
+        }
+        self.wait_config_error()
+    }
+
+    /// What is wrong with a wait node's config (the rules the database's
+    /// `workflow_db_wait_config_error` applies at insert), or with a type
+    /// in the engine's namespace that is not one of its own.
+    fn wait_config_error(&self) -> Option<String> {
+        let number = |key: &str| self.config.get(key).map(Value::as_f64);
+        let id = &self.id;
+        match self.r#type.as_str() {
+            TIMER_NODE_TYPE => match (number("seconds"), self.config.get("until")) {
+                (None, None) => Some(format!(
+                    "timer node {id:?} needs config.seconds (a delay) or config.until (an RFC 3339 time)"
+                )),
+                (Some(s), _) if s.is_none_or(|s| !(0.0..1e12).contains(&s)) => Some(format!(
+                    "timer node {id:?}: config.seconds must be a number of seconds, 0 or more"
+                )),
+                (_, Some(until))
+                    if until
+                        .as_str()
+                        .is_none_or(|u| DateTime::parse_from_rfc3339(u).is_err()) =>
+                {
+                    Some(format!(
+                        "timer node {id:?}: config.until must be an RFC 3339 time, got {until}"
+                    ))
+                }
+                _ => None,
+            },
+            SIGNAL_NODE_TYPE => {
+                let name = self.config.get("signal").and_then(Value::as_str);
+                if name.is_none_or(|n| n.is_empty() || n.chars().count() > MAX_SIGNAL_NAME_LEN) {
+                    return Some(format!(
+                        "signal node {id:?} needs config.signal, a name of 1 to {MAX_SIGNAL_NAME_LEN} characters"
+                    ));
+                }
+                match number("timeout_seconds") {
+                    Some(t) if t.is_none_or(|t| !(t > 0.0 && t < 1e12)) => Some(format!(
+                        "signal node {id:?}: config.timeout_seconds must be a number of seconds, more than 0"
+                    )),
+                    _ => None,
+                }
+            }
+            other if other.starts_with(RESERVED_PREFIX) => Some(format!(
+                "node {id:?}: type {other:?} is reserved: the engine's own types are \
+                 {TIMER_NODE_TYPE} and {SIGNAL_NODE_TYPE}"
+            )),
+            _ => None,
+        }
     }
 
     /// The retry budget from `config.max_retries`, if set.

@@ -33,7 +33,7 @@ pub use migrate::{MIGRATIONS, Migrator, run_pending_migrations};
 pub use models::{
     ConcurrencyLimit, Execution, ExecutionChanges, ExecutionEvent, ExecutionStep,
     ExecutionStepChanges, ExecutionWithSteps, Lease, NewExecution, NewExecutionStep, NewWorkflow,
-    Queue, Schedule, Workflow, WorkflowChanges, WorkflowWithExecutions,
+    Queue, Schedule, Signal, Workflow, WorkflowChanges, WorkflowWithExecutions,
 };
 pub use pool::{PgPool, PooledConn, build_pool, connect};
 
@@ -55,11 +55,12 @@ pub use pool::{PgPool, PooledConn, build_pool, connect};
 pub mod prelude {
     pub use crate::enums::{ExecutionStatus, StepStatus};
     pub use crate::models::{
-        Execution, ExecutionStep, NewExecution, NewExecutionStep, NewWorkflow, Schedule, Workflow,
+        Execution, ExecutionStep, NewExecution, NewExecutionStep, NewWorkflow, Schedule, Signal,
+        Workflow,
     };
     pub use crate::schema::{
-        concurrency_limits, execution_events, execution_steps, executions, queues, schedules,
-        workflows,
+        concurrency_limits, execution_events, execution_signals, execution_steps, executions,
+        queues, schedules, workflows,
     };
     pub use diesel::dsl::{exists, not, sql};
     pub use diesel::prelude::*;

@@ -72,6 +72,26 @@ diesel::table! {
 }
 
 diesel::table! {
+    /// Signals sent to executions: a mailbox per execution and name, first in first out. A workflow_db.signal step takes the oldest undelivered one of its name; one sent before the step is ready is kept.
+    execution_signals (id) {
+        /// Primary key (UUIDv7 from the crate; gen_random_uuid() for other writers).
+        id -> Uuid,
+        /// The execution it was sent to; deleting the execution deletes its signals.
+        execution_id -> Uuid,
+        /// Signal name (config.signal of the nodes that wait for it).
+        name -> Text,
+        /// JSON payload: the output of the step it is delivered to.
+        payload -> Nullable<Jsonb>,
+        /// When it was sent (delivery order within a name).
+        sent_at -> Timestamptz,
+        /// The step that took it; NULL while undelivered. Unique: a step takes at most one signal.
+        delivered_to -> Nullable<Uuid>,
+        /// When it was delivered; NULL while undelivered.
+        delivered_at -> Nullable<Timestamptz>,
+    }
+}
+
+diesel::table! {
     use diesel::sql_types::*;
     use super::sql_types::StepStatus;
 
@@ -131,6 +151,14 @@ diesel::table! {
         concurrency_key -> Nullable<Text>,
         /// Held back by its concurrency key's limit: not claimable until the trigger admits it when a slot frees. Never true for a running step.
         throttled -> Bool,
+        /// Wait steps: the timer's delay, or the signal's timeout, counted from the moment the step is ready (from its node's config, set by the database at insert).
+        wait_delay -> Nullable<Interval>,
+        /// Wait steps: the timer's absolute time (config.until), or the deadline of the signal wait in progress (armed when the step becomes ready).
+        wait_until -> Nullable<Timestamptz>,
+        /// Signal steps: the name of the signal the step waits for (config.signal).
+        wait_signal -> Nullable<Text>,
+        /// Wait steps: when engine::fire_due_waits looks at the ready step next (timer due, signal deadline, or now when a signal waits for it); NULL: a signal wait without timeout and no signal yet.
+        wake_at -> Nullable<Timestamptz>,
     }
 }
 
@@ -259,6 +287,8 @@ diesel::table! {
 
 diesel::joinable!(execution_events -> execution_steps (step_id));
 diesel::joinable!(execution_events -> executions (execution_id));
+diesel::joinable!(execution_signals -> execution_steps (delivered_to));
+diesel::joinable!(execution_signals -> executions (execution_id));
 diesel::joinable!(execution_steps -> executions (execution_id));
 diesel::joinable!(executions -> workflows (workflow_id));
 diesel::joinable!(schedules -> workflows (workflow_id));
@@ -267,6 +297,7 @@ diesel::allow_tables_to_appear_in_same_query!(
     concurrency_limits,
     event_feed_cursors,
     execution_events,
+    execution_signals,
     execution_steps,
     executions,
     queues,

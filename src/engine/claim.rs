@@ -83,7 +83,8 @@ names(queue) AS (
 /// `{limit}` candidates still claimable, locked with SKIP LOCKED (so at most
 /// `{limit}` step rows are locked). A paused queue, a full one, a throttled
 /// step (its key at its limit) and a step of a paused execution are never
-/// scanned past. `= ANY(ARRAY(..))` runs each subquery once as an init plan
+/// scanned past. The engine's own queues (`workflow_db.*`: timers and
+/// signal waits, which `engine::fire_due_waits` runs) are never claimed. `= ANY(ARRAY(..))` runs each subquery once as an init plan
 /// and updates by primary key. Batch sizes are literals: every call of one
 /// size reuses one prepared plan (at most [`MAX_PAGE_SIZE`] statements per
 /// form and connection). `{over}` is twice the limit, so that candidates
@@ -105,7 +106,7 @@ room AS MATERIALIZED (
                          WHEN q.paused THEN 0
                          ELSE least(greatest(coalesce(lim.room, 0), 0), {over}) END AS room
       FROM names n LEFT JOIN q ON q.name = n.queue LEFT JOIN lim ON lim.name = n.queue
-     WHERE n.queue IS NOT NULL)
+     WHERE n.queue IS NOT NULL AND NOT starts_with(n.queue, 'workflow_db.'))
 UPDATE execution_steps SET status = 'running', locked_by = $1, locked_until = statement_timestamp() + $2
 WHERE id = ANY(ARRAY(
     SELECT s.id FROM execution_steps s
@@ -213,8 +214,9 @@ pub fn next_claimable_at(
                    AND s.status = 'pending' AND s.upstream_pending = 0 AND NOT s.parked \
                    AND NOT s.throttled \
                  ORDER BY s.run_after LIMIT 1) c \
-             WHERE u.name IS NULL \
-                OR (NOT u.paused AND (u.max_running IS NULL OR u.running < u.max_running))",
+             WHERE (u.name IS NULL \
+                OR (NOT u.paused AND (u.max_running IS NULL OR u.running < u.max_running))) \
+               AND NOT starts_with(t.queue, 'workflow_db.')",
         )
         .bind::<Array<Text>, _>(queues),
     )
@@ -231,7 +233,8 @@ struct QueueCount {
 }
 
 /// The queue depth: steps claimable now (pending, upstream done, execution
-/// running, admitted by their key, `run_after` come), by queue, largest
+/// running, admitted by their key, `run_after` come), by queue (timers and
+/// signal waits, which wait for their time, not for a worker, left out), largest
 /// first (paused and full queues included: their steps are waiting). Reads
 /// the claimable steps' index, so it costs in proportion to them; the
 /// maintenance leader publishes it as a gauge every few seconds.
@@ -242,6 +245,7 @@ pub fn ready_steps_by_queue(conn: &mut PgConnection) -> QueryResult<Vec<(String,
            FROM execution_steps s \
           WHERE s.status = 'pending' AND s.upstream_pending = 0 AND NOT s.parked AND NOT s.throttled \
             AND s.run_after <= statement_timestamp() \
+            AND NOT starts_with(workflow_db_step_queue(s.queue, s.node_type), 'workflow_db.') \
           GROUP BY 1 ORDER BY steps DESC, queue",
     )
     .load::<QueueCount>(conn)?

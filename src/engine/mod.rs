@@ -13,7 +13,8 @@
 //! REPEATABLE READ and SERIALIZABLE.
 //!
 //! Cron schedules that start executions, exactly once per tick, are in
-//! [`schedule`].
+//! [`schedule`]; durable timers and signals (wait steps the engine runs
+//! itself) in [`wait`].
 //!
 //! The guide to this module — what PostgreSQL enforces, every operation, and
 //! the notes on worker ids, leases and transactions — is `docs/engine.md` in
@@ -58,6 +59,7 @@ mod query;
 mod recovery;
 pub mod schedule;
 mod start;
+pub mod wait;
 
 pub use check::{
     CheckOptions, CheckProgress, InvariantKind, InvariantReport, Severity, Violation,
@@ -90,3 +92,7 @@ pub use schedule::{
     schedule_tick_key,
 };
 pub use start::{DEFAULT_MAX_RETRIES, Started, start_execution};
+pub use wait::{
+    DEFAULT_WAIT_BATCH, SIGNAL_NODE_TYPE, SignalSent, TIMER_NODE_TYPE, WAITS_WORKER, WaitReport,
+    fire_due_waits, list_signals, send_signal,
+};

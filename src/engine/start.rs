@@ -142,7 +142,8 @@ fn find_workflow(conn: &mut PgConnection, new: &NewExecution) -> Result<Workflow
 
 /// One pending step per planned node, with its dependency counters, retry
 /// budget and flow control (the node's `config.priority`, `config.queue`
-/// and `config.concurrency_key` over the execution's).
+/// and `config.concurrency_key` over the execution's; a timer or signal
+/// wait takes no worker, so no concurrency key).
 fn plan_steps(execution: &NewExecution, plan: Vec<NodePlan<'_>>) -> Vec<NewExecutionStep> {
     plan.into_iter()
         .map(|p| NewExecutionStep {
@@ -157,7 +158,8 @@ fn plan_steps(execution: &NewExecution, plan: Vec<NodePlan<'_>>) -> Vec<NewExecu
                 .node
                 .concurrency_key()
                 .map(str::to_owned)
-                .or_else(|| execution.concurrency_key.clone()),
+                .or_else(|| execution.concurrency_key.clone())
+                .filter(|_| !p.node.is_wait()),
             ..NewExecutionStep::new(execution.id, p.node.id.clone())
         })
         .collect()

@@ -15,6 +15,8 @@
 //!   return the crate's `Result`.
 //! - `Schedule` (table `schedules`): cron schedules; created, fired, paused
 //!   and resumed through `crate::engine::schedule`.
+//! - `Signal` (table `execution_signals`): signals sent to executions,
+//!   through `crate::engine::send_signal`.
 //! - `bulk` streams executions and steps through binary `COPY FROM` (constant
 //!   memory) and inserts an execution with its steps in one statement.
 //!
@@ -105,6 +107,7 @@ mod event;
 mod execution;
 mod flow;
 mod schedule;
+mod signal;
 mod step;
 mod workflow;
 
@@ -112,5 +115,6 @@ pub use event::ExecutionEvent;
 pub use execution::{Execution, ExecutionChanges, ExecutionWithSteps, NewExecution};
 pub use flow::{ConcurrencyLimit, Queue};
 pub use schedule::Schedule;
+pub use signal::Signal;
 pub use step::{ExecutionStep, ExecutionStepChanges, Lease, NewExecutionStep};
 pub use workflow::{NewWorkflow, Workflow, WorkflowChanges, WorkflowWithExecutions};

@@ -1,0 +1,1 @@
+DROP INDEX CONCURRENTLY IF EXISTS execution_steps_wake_idx;
