@@ -82,7 +82,7 @@ diesel::table! {
         name -> Text,
         /// JSON payload: the output of the step it is delivered to.
         payload -> Nullable<Jsonb>,
-        /// When it was sent (delivery order within a name).
+        /// When it was sent (clock_timestamp(): signals sent in one transaction keep their order); delivery order within a name.
         sent_at -> Timestamptz,
         /// The step that took it; NULL while undelivered. Unique: a step takes at most one signal.
         delivered_to -> Nullable<Uuid>,

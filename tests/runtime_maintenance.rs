@@ -496,7 +496,7 @@ async fn invalid_options_are_refused_with_a_clear_error_before_connecting() {
     let db = TestDatabase::new();
     let observer = async_pool(&db, 1);
     type Spoil = fn(&mut MaintenanceOptions);
-    let cases: [(&str, &str, Spoil); 6] = [
+    let cases: [(&str, &str, Spoil); 7] = [
         ("interval", "0ns is out of range", |o| {
             o.interval = Duration::ZERO
         }),
@@ -504,6 +504,7 @@ async fn invalid_options_are_refused_with_a_clear_error_before_connecting() {
             o.reclaim_batch = 0
         }),
         ("prune_batch", "-5 is out of range", |o| o.prune_batch = -5),
+        ("wait_batch", "0 is out of range", |o| o.wait_batch = 0),
         ("retention", "0ns is out of range", |o| {
             o.retention = Some(Duration::ZERO)
         }),
@@ -542,6 +543,100 @@ async fn invalid_options_are_refused_with_a_clear_error_before_connecting() {
     // Nothing connected, nothing holds the lock.
     assert_eq!(sessions_named(&observer, "maint-refused").await, 0);
     assert_eq!(lock_holder(&observer).await, None);
+}
+
+// ------------------------------------------------------------ waits
+
+/// Timers and signal waits run with nobody calling `fire_due_waits`: the
+/// leader fires a due timer, delivers a signal that came before its step
+/// was reached, and fails a wait past its timeout; with `fire_waits` off,
+/// an instance leaves them alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_leader_fires_timers_and_delivers_kept_signals_every_round() {
+    use serde_json::json;
+    use workflow_db::{Edge, NewExecution, NewWorkflow, Node, WorkflowGraph};
+    let db = TestDatabase::new();
+    let pool = async_pool(&db, 2);
+    let (timer, kept, timed_out) = pool
+        .run(|c| {
+            let graph = WorkflowGraph {
+                nodes: vec![
+                    Node::timer("t", Duration::from_millis(300)),
+                    Node::signal("s", "go"),
+                ],
+                edges: vec![Edge::new("t", "s")],
+            };
+            let wf = NewWorkflow::from_graph("waits", &graph).create(c)?;
+            let e = engine::start_execution(c, &NewExecution::new(wf.id))?.execution;
+            // Sent before "s" is reached (it waits for the timer): kept.
+            let sent = engine::send_signal(c, e.id, "go", Some(&json!({"ok": true})))?;
+            assert_eq!(sent.signal.delivered_to, None);
+            let graph = WorkflowGraph {
+                nodes: vec![Node::signal("late", "never").with_timeout(Duration::from_millis(300))],
+                edges: vec![],
+            };
+            let wf = NewWorkflow::from_graph("timeout", &graph).create(c)?;
+            let other = engine::start_execution(c, &NewExecution::new(wf.id))?.execution;
+            let mut steps = ExecutionStep::list_for_execution(c, e.id)?;
+            steps.extend(ExecutionStep::list_for_execution(c, other.id)?);
+            let id = |n: &str| steps.iter().find(|s| s.node_id == n).unwrap().id;
+            Ok((id("t"), id("s"), id("late")))
+        })
+        .await
+        .unwrap();
+
+    let mut off = options("maint-off");
+    off.fire_waits = false;
+    let idle = spawn(&db, off);
+    eventually("the instance without waits leads", PATIENCE, || async {
+        idle.is_leader().then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let stats = idle.shutdown().await.unwrap();
+    assert!(stats.leader_rounds > 0);
+    assert_eq!(
+        (
+            stats.timers_fired,
+            stats.signals_delivered,
+            stats.signals_timed_out
+        ),
+        (0, 0, 0)
+    );
+
+    let leader = spawn(&db, options("maint-waits"));
+    for (step, status) in [
+        (timer, StepStatus::Completed),
+        (kept, StepStatus::Completed),
+        (timed_out, StepStatus::Failed),
+    ] {
+        let got = eventually("the wait ran", PATIENCE, || async {
+            let s = pool
+                .run(move |c| Ok(ExecutionStep::find(c, step)?))
+                .await
+                .unwrap();
+            (s.status != StepStatus::Pending).then_some(s)
+        })
+        .await;
+        assert_eq!(got.status, status, "{got:?}");
+        if step == kept {
+            assert_eq!(got.output, Some(json!({"ok": true})));
+        }
+    }
+    let stats = eventually("the leader counted them", PATIENCE, || async {
+        let s = leader.stats();
+        (s.timers_fired + s.signals_delivered + s.signals_timed_out == 3).then_some(s)
+    })
+    .await;
+    assert_eq!(
+        (
+            stats.timers_fired,
+            stats.signals_delivered,
+            stats.signals_timed_out
+        ),
+        (1, 1, 1)
+    );
+    leader.shutdown().await.unwrap();
 }
 
 /// A pool on one database and a URL naming another would elect the

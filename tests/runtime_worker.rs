@@ -449,6 +449,29 @@ async fn invalid_options_and_a_worker_without_handlers_are_refused() {
         err.to_string(),
         "invalid Worker::handle: the worker has no handler"
     );
+    // The engine's own node types and queues run without a worker.
+    let err = Worker::new(pool(&db), options(1))
+        .handle(workflow_db::engine::TIMER_NODE_TYPE, |_| async { Ok(None) })
+        .spawn()
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("\"workflow_db.timer\" is the engine's own"),
+        "{err}"
+    );
+    let mut o = options(1);
+    o.queues = vec!["q".into(), workflow_db::engine::SIGNAL_NODE_TYPE.into()];
+    let err = Worker::new(pool(&db), o)
+        .handle("x", |_| async { Ok(None) })
+        .spawn()
+        .await
+        .unwrap_err();
+    assert!(
+        err.to_string()
+            .starts_with("invalid WorkerOptions::queues: \"workflow_db.signal\" is one of the engine's own queues"),
+        "{err}"
+    );
     // A listener that cannot connect: refused at start, nothing running.
     let nowhere = workflow_db::DatabaseUrl::parse("postgres://postgres@127.0.0.1:1/none").unwrap();
     let err = Worker::new(pool(&db), options(1))

@@ -525,11 +525,18 @@ fn a_signal_inserted_with_plain_sql_is_delivered_by_the_next_fire() {
     let mut conn = db.connect();
     let wf = workflow_of(&mut conn, vec![Node::signal("s", "go")], &[]);
     let e = start(&mut conn, NewExecution::new(wf.id));
-    diesel::sql_query(
-        "INSERT INTO execution_signals (execution_id, name, payload) VALUES ($1, 'go', '{\"x\": 1}')",
-    )
-    .bind::<SqlUuid, _>(e.id)
-    .execute(&mut conn)
+    // Two in one transaction keep their order (sent_at is the clock's, ids are random).
+    conn.transaction(|c| {
+        for payload in ["{\"x\": 1}", "{\"x\": 2}"] {
+            diesel::sql_query(
+                "INSERT INTO execution_signals (execution_id, name, payload) VALUES ($1, 'go', $2::jsonb)",
+            )
+            .bind::<SqlUuid, _>(e.id)
+            .bind::<Text, _>(payload)
+            .execute(c)?;
+        }
+        QueryResult::Ok(())
+    })
     .unwrap();
     let s = step_of(&mut conn, e.id, "s");
     assert_eq!(s.status, StepStatus::Pending);

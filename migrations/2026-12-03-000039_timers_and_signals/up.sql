@@ -53,7 +53,7 @@ CREATE TABLE execution_signals (
     execution_id uuid NOT NULL REFERENCES executions (id) ON DELETE CASCADE,
     name text NOT NULL CHECK (name <> '' AND length(name) <= 200),
     payload jsonb,
-    sent_at timestamptz NOT NULL DEFAULT now(),
+    sent_at timestamptz NOT NULL DEFAULT clock_timestamp(),
     delivered_to uuid REFERENCES execution_steps (id) ON DELETE CASCADE,
     delivered_at timestamptz,
     CONSTRAINT execution_signals_delivery_check CHECK ((delivered_to IS NULL) = (delivered_at IS NULL))
@@ -63,7 +63,7 @@ COMMENT ON COLUMN execution_signals.id IS 'Primary key (UUIDv7 from the crate; g
 COMMENT ON COLUMN execution_signals.execution_id IS 'The execution it was sent to; deleting the execution deletes its signals.';
 COMMENT ON COLUMN execution_signals.name IS 'Signal name (config.signal of the nodes that wait for it).';
 COMMENT ON COLUMN execution_signals.payload IS 'JSON payload: the output of the step it is delivered to.';
-COMMENT ON COLUMN execution_signals.sent_at IS 'When it was sent (delivery order within a name).';
+COMMENT ON COLUMN execution_signals.sent_at IS 'When it was sent (clock_timestamp(): signals sent in one transaction keep their order); delivery order within a name.';
 COMMENT ON COLUMN execution_signals.delivered_to IS 'The step that took it; NULL while undelivered. Unique: a step takes at most one signal.';
 COMMENT ON COLUMN execution_signals.delivered_at IS 'When it was delivered; NULL while undelivered.';
 -- squawk-ignore require-concurrent-index-creation

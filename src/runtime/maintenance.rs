@@ -28,6 +28,15 @@
 //!   (see [`engine::schedule`]). A tick fires at the first round after it,
 //!   so at most about one interval late.
 //!
+//! - **Run due timers and signal waits**, every round, unless
+//!   [`MaintenanceOptions::fire_waits`] is off: `engine::fire_due_waits` in
+//!   batches of [`MaintenanceOptions::wait_batch`] until a batch comes back
+//!   short. A durable timer completes at the first round after its time (at
+//!   most about one interval late); a signal sent before its step was
+//!   reached is delivered at the first round after the step is; a signal
+//!   wait fails at the first round after its timeout (see
+//!   [`engine::wait`]).
+//!
 //! Later periodic work (partitions) belongs here too.
 //!
 //! # The interval against the lease length
@@ -94,7 +103,10 @@
 //! counters `workflow_db_steps_reclaimed_total`,
 //! `workflow_db_executions_pruned_total`,
 //! `workflow_db_schedule_ticks_fired_total` (executions started by
-//! schedules), `workflow_db_schedule_ticks_skipped_total` (missed ticks
+//! schedules), `workflow_db_timers_fired_total`,
+//! `workflow_db_signals_delivered_total` (by the maintenance loop; a
+//! signal `engine::send_signal` delivers at once is not counted here),
+//! `workflow_db_signal_timeouts_total`, `workflow_db_schedule_ticks_skipped_total` (missed ticks
 //! dropped by a schedule's policy),
 //! `workflow_db_schedules_paused_on_error_total` (schedules that could not
 //! fire and were paused, with the reason in `schedules.last_error`),
@@ -228,6 +240,14 @@ pub struct MaintenanceOptions {
     /// Schedules fired per transaction (default 100; 1 to 10,000). A round
     /// repeats until a batch comes back short.
     pub schedule_batch: i64,
+    /// Whether the leader runs due timers and signal waits every round
+    /// (default true; see [`engine::wait`]). Without a maintenance loop
+    /// that does, timers never fire: call `engine::fire_due_waits` yourself.
+    pub fire_waits: bool,
+    /// Wait steps run per transaction (default
+    /// [`engine::DEFAULT_WAIT_BATCH`]; 1 to 10,000). A round repeats until
+    /// a batch comes back short.
+    pub wait_batch: i64,
     /// How often the leader publishes the queue depth, the gauge
     /// `workflow_db_ready_steps{queue}` (steps claimable now, from
     /// [`engine::ready_steps_by_queue`]; default 15 s; `None`: never).
@@ -252,6 +272,8 @@ impl Default for MaintenanceOptions {
             prune_batch: 100,
             fire_schedules: true,
             schedule_batch: engine::DEFAULT_SCHEDULE_BATCH,
+            fire_waits: true,
+            wait_batch: engine::DEFAULT_WAIT_BATCH,
             queue_depth_every: Some(Duration::from_secs(15)),
             application_name: MAINTENANCE_APPLICATION_NAME.to_owned(),
             connect_timeout: DEFAULT_CONNECT_TIMEOUT,
@@ -285,6 +307,7 @@ impl MaintenanceOptions {
             ("MaintenanceOptions::reclaim_batch", self.reclaim_batch),
             ("MaintenanceOptions::prune_batch", self.prune_batch),
             ("MaintenanceOptions::schedule_batch", self.schedule_batch),
+            ("MaintenanceOptions::wait_batch", self.wait_batch),
         ] {
             if !(1..=MAX_BATCH).contains(&batch) {
                 return invalid(
@@ -356,6 +379,12 @@ pub struct MaintenanceStats {
     pub started: u64,
     /// Executions started by schedules (one per tick fired).
     pub schedule_ticks_fired: u64,
+    /// Timers completed.
+    pub timers_fired: u64,
+    /// Signals delivered to steps that became ready after the signal came.
+    pub signals_delivered: u64,
+    /// Signal waits failed at their timeout.
+    pub signals_timed_out: u64,
     /// Failed attempts at anything (connecting, the lock, a reclaim, a
     /// prune, firing schedules), each logged at `warn` or `debug`.
     pub errors: u64,
@@ -372,6 +401,9 @@ struct Shared {
     pruned: AtomicU64,
     started: AtomicU64,
     schedule_ticks_fired: AtomicU64,
+    timers_fired: AtomicU64,
+    signals_delivered: AtomicU64,
+    signals_timed_out: AtomicU64,
     errors: AtomicU64,
 }
 
@@ -386,6 +418,9 @@ impl Shared {
             pruned: self.pruned.load(Ordering::Relaxed),
             started: self.started.load(Ordering::Relaxed),
             schedule_ticks_fired: self.schedule_ticks_fired.load(Ordering::Relaxed),
+            timers_fired: self.timers_fired.load(Ordering::Relaxed),
+            signals_delivered: self.signals_delivered.load(Ordering::Relaxed),
+            signals_timed_out: self.signals_timed_out.load(Ordering::Relaxed),
             errors: self.errors.load(Ordering::Relaxed),
         }
     }
@@ -558,6 +593,7 @@ impl Maintenance {
         self.reclaim(state).await;
         self.flow_control(state).await;
         self.fire_schedules(state).await;
+        self.fire_waits(state).await;
         self.prune(state).await;
         self.queue_depth(state).await;
         Ok(())
@@ -782,6 +818,61 @@ impl Maintenance {
             }
             if (report.schedules as i64) < batch
                 || state.session.as_ref().is_none_or(Session::is_closed)
+            {
+                break;
+            }
+        }
+    }
+
+    /// Runs the due timers and signal waits, batch after batch, until a
+    /// batch is short.
+    async fn fire_waits(&self, state: &State) {
+        if !self.options.fire_waits {
+            return;
+        }
+        let batch = self.options.wait_batch;
+        loop {
+            let report = self
+                .pool
+                .run(move |c| engine::fire_due_waits(c, batch))
+                .await;
+            let report = match report {
+                Ok(report) => report,
+                Err(error) => {
+                    self.shared.error();
+                    tracing::warn!(error = %chain(&error), "maintenance: running due timers and signal waits failed; retrying next round");
+                    break;
+                }
+            };
+            let shared = &self.shared;
+            shared
+                .timers_fired
+                .fetch_add(report.timers_fired, Ordering::Relaxed);
+            shared
+                .signals_delivered
+                .fetch_add(report.signals_delivered, Ordering::Relaxed);
+            shared
+                .signals_timed_out
+                .fetch_add(report.signals_timed_out, Ordering::Relaxed);
+            metrics::counter!("workflow_db_timers_fired_total").increment(report.timers_fired);
+            metrics::counter!("workflow_db_signals_delivered_total")
+                .increment(report.signals_delivered);
+            metrics::counter!("workflow_db_signal_timeouts_total")
+                .increment(report.signals_timed_out);
+            if report.signals_timed_out > 0 {
+                tracing::info!(
+                    timed_out = report.signals_timed_out,
+                    "maintenance failed signal waits at their timeout"
+                );
+            }
+            if report.due > 0 {
+                tracing::debug!(
+                    timers = report.timers_fired,
+                    signals = report.signals_delivered,
+                    "maintenance ran due waits"
+                );
+            }
+            if (report.due as i64) < batch || state.session.as_ref().is_none_or(Session::is_closed)
             {
                 break;
             }

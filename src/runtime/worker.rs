@@ -96,6 +96,7 @@ use super::pool::AsyncPool;
 use crate::config::DatabaseUrl;
 use crate::engine::{self, Backoff};
 use crate::error::{Error, Result};
+use crate::graph::RESERVED_PREFIX;
 use crate::models::{ExecutionStep, Lease};
 
 /// The error a handler returns: anything that converts into a boxed error
@@ -266,6 +267,15 @@ impl WorkerOptions {
         }
         if self.queues.iter().any(String::is_empty) {
             return invalid("WorkerOptions::queues", "a queue name is empty".into());
+        }
+        if let Some(q) = self.queues.iter().find(|q| q.starts_with(RESERVED_PREFIX)) {
+            return invalid(
+                "WorkerOptions::queues",
+                format!(
+                    "{q:?} is one of the engine's own queues (timers and signal waits, run by \
+                     engine::fire_due_waits): no worker claims from it"
+                ),
+            );
         }
         Ok(Settings {
             id,
@@ -439,6 +449,19 @@ impl Worker {
             return Err(Error::InvalidOption {
                 option: "Worker::handle",
                 reason: "the worker has no handler".into(),
+            });
+        }
+        if let Some(t) = self
+            .handlers
+            .keys()
+            .find(|t| t.starts_with(RESERVED_PREFIX))
+        {
+            return Err(Error::InvalidOption {
+                option: "Worker::handle",
+                reason: format!(
+                    "node type {t:?} is the engine's own (timers and signal waits run without \
+                     a worker, by engine::fire_due_waits): no handler may take it"
+                ),
             });
         }
         let notifier = match &self.url {
