@@ -68,7 +68,8 @@ struct Due {
 /// executions locked first in id order (the engine's lock order), then the
 /// steps still due locked with SKIP LOCKED. The second read of the steps
 /// runs after the execution locks were granted, so a signal or a completion
-/// that held one is seen.
+/// that held one is seen. `= ANY(ARRAY(..))` reads the steps by primary
+/// key (a semi-join would scan every due step: quadratic over a backlog).
 const DUE: &str = "\
 WITH due AS (
     SELECT s.id, s.execution_id FROM execution_steps s
@@ -80,7 +81,7 @@ locked AS (
      ORDER BY e.id FOR NO KEY UPDATE)
 SELECT s.id, s.execution_id, s.wait_signal, s.wait_until, s.wake_at, statement_timestamp() AS now
   FROM execution_steps s
- WHERE s.id IN (SELECT d.id FROM due d) AND (SELECT count(*) FROM locked) > 0
+ WHERE s.id = ANY(ARRAY(SELECT d.id FROM due d)) AND (SELECT count(*) FROM locked) > 0
    AND s.status = 'pending' AND s.upstream_pending = 0 AND NOT s.parked
    AND s.wake_at <= statement_timestamp()
  ORDER BY s.id
