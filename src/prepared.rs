@@ -27,7 +27,7 @@ macro_rules! step_columns {
         "id, execution_id, node_id, status, input, output, validation, retry_count, error, \
          started_at, completed_at, created_at, updated_at, upstream_pending, downstream, \
          max_retries, run_after, locked_by, locked_until, parked, attempt, node_type, reclaims, \
-         priority, queue, concurrency_key, throttled, wait_signal, wait_until, wake_at"
+         priority, queue, concurrency_key, throttled, wait_seconds, wait_until, wait_signal, wake_at"
     };
 }
 pub(crate) use step_columns;

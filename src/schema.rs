@@ -151,8 +151,8 @@ diesel::table! {
         concurrency_key -> Nullable<Text>,
         /// Held back by its concurrency key's limit: not claimable until the trigger admits it when a slot frees. Never true for a running step.
         throttled -> Bool,
-        /// Wait steps: the timer's delay, or the signal's timeout, counted from the moment the step is ready (from its node's config, set by the database at insert).
-        wait_delay -> Nullable<Interval>,
+        /// Wait steps: the timer's delay (config.seconds), or the signal's timeout (config.timeout_seconds), in seconds counted from the moment the step is ready; set by the database at insert.
+        wait_seconds -> Nullable<Float8>,
         /// Wait steps: the timer's absolute time (config.until), or the deadline of the signal wait in progress (armed when the step becomes ready).
         wait_until -> Nullable<Timestamptz>,
         /// Signal steps: the name of the signal the step waits for (config.signal).

@@ -445,6 +445,7 @@ fn reset_empties_every_application_table_and_keeps_schema_bookkeeping_and_stamp(
             "concurrency_limits",
             "event_feed_cursors",
             "execution_events",
+            "execution_signals",
             "execution_steps",
             "executions",
             "later_table",

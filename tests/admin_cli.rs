@@ -321,7 +321,7 @@ fn reset_with_seed_keeps_bookkeeping_and_stamp_and_reseeds() {
         &[],
     );
     assert_eq!(r.code, 0, "{}", r.output());
-    assert!(r.stdout.contains("emptied 8 table(s)"), "{}", r.stdout);
+    assert!(r.stdout.contains("emptied 9 table(s)"), "{}", r.stdout);
     assert_eq!(common::row_counts(&mut db.connect()), seeded_rows);
     assert_eq!(common::pg_dump(&db, "--schema-only"), schema);
     assert_eq!(stamp(&db), stamp_before);

@@ -12,7 +12,7 @@ DROP TABLE execution_signals;
 ALTER TABLE queues DROP CONSTRAINT queues_reserved_name;
 ALTER TABLE execution_steps DROP CONSTRAINT execution_steps_wait_check;
 ALTER TABLE execution_steps
-    DROP COLUMN wait_delay,
+    DROP COLUMN wait_seconds,
     DROP COLUMN wait_until,
     DROP COLUMN wait_signal,
     DROP COLUMN wake_at;

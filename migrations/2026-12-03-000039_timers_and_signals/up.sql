@@ -28,11 +28,11 @@
 --   own (it occupies no worker), and no worker claims them.
 
 ALTER TABLE execution_steps
-    ADD COLUMN wait_delay interval,
+    ADD COLUMN wait_seconds double precision,
     ADD COLUMN wait_until timestamptz,
     ADD COLUMN wait_signal text,
     ADD COLUMN wake_at timestamptz;
-COMMENT ON COLUMN execution_steps.wait_delay IS 'Wait steps: the timer''s delay, or the signal''s timeout, counted from the moment the step is ready (from its node''s config, set by the database at insert).';
+COMMENT ON COLUMN execution_steps.wait_seconds IS 'Wait steps: the timer''s delay (config.seconds), or the signal''s timeout (config.timeout_seconds), in seconds counted from the moment the step is ready; set by the database at insert.';
 COMMENT ON COLUMN execution_steps.wait_until IS 'Wait steps: the timer''s absolute time (config.until), or the deadline of the signal wait in progress (armed when the step becomes ready).';
 COMMENT ON COLUMN execution_steps.wait_signal IS 'Signal steps: the name of the signal the step waits for (config.signal).';
 COMMENT ON COLUMN execution_steps.wake_at IS 'Wait steps: when engine::fire_due_waits looks at the ready step next (timer due, signal deadline, or now when a signal waits for it); NULL: a signal wait without timeout and no signal yet.';
@@ -41,7 +41,7 @@ ALTER TABLE execution_steps ADD CONSTRAINT execution_steps_wait_check CHECK (
     CASE WHEN node_type IN ('workflow_db.timer', 'workflow_db.signal')
          THEN queue IS NULL AND concurrency_key IS NULL
               AND (wait_signal IS NULL OR node_type = 'workflow_db.signal')
-         ELSE wait_delay IS NULL AND wait_until IS NULL AND wait_signal IS NULL AND wake_at IS NULL
+         ELSE wait_seconds IS NULL AND wait_until IS NULL AND wait_signal IS NULL AND wake_at IS NULL
               AND NOT starts_with(workflow_db_step_queue(queue, node_type), 'workflow_db.') END) NOT VALID;
 COMMENT ON CONSTRAINT execution_steps_wait_check ON execution_steps IS 'Wait steps (workflow_db.timer, workflow_db.signal) have no queue and no concurrency key of their own; other steps have no wait columns and no queue in the engine''s namespace workflow_db.*.';
 
@@ -172,21 +172,22 @@ BEGIN
                   TABLE = 'execution_steps';
     END IF;
     UPDATE execution_steps s
-       SET wait_delay = d.delay, wait_signal = d.signal,
+       SET wait_seconds = d.seconds, wait_signal = d.signal,
            wait_until = CASE WHEN d.ready THEN a.armed_until ELSE d.until END,
            wake_at = CASE WHEN d.ready THEN a.armed_wake END
       FROM (SELECT c.id, c.ready, c.base, c.execution_id,
                    (c.config->>CASE WHEN c.node_type = 'workflow_db.timer' THEN 'seconds' ELSE 'timeout_seconds' END)::float8
-                       * interval '1 second' AS delay,
+                       AS seconds,
                    CASE WHEN c.node_type = 'workflow_db.timer' THEN (c.config->>'until')::timestamptz END AS until,
                    CASE WHEN c.node_type = 'workflow_db.signal' THEN c.config->>'signal' END AS signal
               FROM workflow_db_wait_configs(wait_ids) c) d
-           CROSS JOIN LATERAL workflow_db_wait_armed(d.execution_id, d.signal, d.delay, d.until, d.base) a
+           CROSS JOIN LATERAL workflow_db_wait_armed(d.execution_id, d.signal, d.seconds * interval '1 second',
+                                                     d.until, d.base) a
      WHERE s.id = d.id;
     RETURN NULL;
 END;
 $$;
-COMMENT ON FUNCTION workflow_db_steps_wait_setup() IS 'AFTER INSERT statement trigger on execution_steps: wait steps (workflow_db.timer, workflow_db.signal) take wait_delay, wait_until and wait_signal from their node''s config (refused with check_violation when it is wrong), and the ready ones are armed (workflow_db_wait_armed).';
+COMMENT ON FUNCTION workflow_db_steps_wait_setup() IS 'AFTER INSERT statement trigger on execution_steps: wait steps (workflow_db.timer, workflow_db.signal) take wait_seconds, wait_until and wait_signal from their node''s config (refused with check_violation when it is wrong), and the ready ones are armed (workflow_db_wait_armed).';
 CREATE TRIGGER execution_steps_wait_setup AFTER INSERT ON execution_steps
     REFERENCING NEW TABLE AS new_rows
     FOR EACH STATEMENT EXECUTE FUNCTION workflow_db_steps_wait_setup();
@@ -202,14 +203,14 @@ BEGIN
         PERFORM 1 FROM executions x WHERE x.id = NEW.execution_id FOR NO KEY UPDATE;
     END IF;
     SELECT a.armed_until, a.armed_wake INTO NEW.wait_until, NEW.wake_at
-      FROM workflow_db_wait_armed(NEW.execution_id, NEW.wait_signal, NEW.wait_delay,
+      FROM workflow_db_wait_armed(NEW.execution_id, NEW.wait_signal, NEW.wait_seconds * interval '1 second',
                                   NEW.wait_until, statement_timestamp()) a;
     RETURN NEW;
 END;
 $$;
 COMMENT ON FUNCTION workflow_db_step_arm_wait() IS 'BEFORE UPDATE trigger on execution_steps (wait steps becoming ready only): sets wait_until and wake_at (workflow_db_wait_armed).';
 CREATE TRIGGER execution_steps_wait_arm BEFORE UPDATE ON execution_steps
-    FOR EACH ROW WHEN ((NEW.wait_delay IS NOT NULL OR NEW.wait_until IS NOT NULL OR NEW.wait_signal IS NOT NULL)
+    FOR EACH ROW WHEN ((NEW.wait_seconds IS NOT NULL OR NEW.wait_until IS NOT NULL OR NEW.wait_signal IS NOT NULL)
                        AND NEW.status = 'pending' AND NEW.upstream_pending = 0
                        AND (OLD.status <> 'pending' OR OLD.upstream_pending <> 0))
     EXECUTE FUNCTION workflow_db_step_arm_wait();
@@ -299,7 +300,7 @@ BEGIN
     IF s.node_type = 'workflow_db.timer' THEN
         RETURN QUERY SELECT 'timer', CASE
             WHEN s.upstream_pending > 0 THEN
-                format('then waits %s', coalesce('until ' || s.wait_until::text, s.wait_delay::text))
+                format('then waits %s', coalesce('until ' || s.wait_until::text, (s.wait_seconds * interval '1 second')::text))
             WHEN s.wake_at IS NULL THEN 'the timer is not armed (db-check reports it)'
             WHEN s.wake_at > now() THEN format('the timer fires at %s', s.wake_at)
             ELSE format('the timer was due at %s; the maintenance loop fires it (engine::fire_due_waits)', s.wake_at) END;
@@ -316,7 +317,7 @@ BEGIN
                 format('signal %L arrived at %s and is kept until the step is reached', s.wait_signal, signal_sent)
             WHEN s.upstream_pending > 0 THEN
                 format('then waits for signal %L', s.wait_signal)
-                    || coalesce(format(' (timeout %s)', s.wait_delay), '')
+                    || coalesce(format(' (timeout %s)', s.wait_seconds * interval '1 second'), '')
             ELSE format('waits for signal %L', s.wait_signal)
                     || coalesce(format(' until %s, then fails', s.wait_until), '') END;
         RETURN;

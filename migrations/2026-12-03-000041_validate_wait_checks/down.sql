@@ -5,7 +5,7 @@ ALTER TABLE execution_steps ADD CONSTRAINT execution_steps_wait_check CHECK (
     CASE WHEN node_type IN ('workflow_db.timer', 'workflow_db.signal')
          THEN queue IS NULL AND concurrency_key IS NULL
               AND (wait_signal IS NULL OR node_type = 'workflow_db.signal')
-         ELSE wait_delay IS NULL AND wait_until IS NULL AND wait_signal IS NULL AND wake_at IS NULL
+         ELSE wait_seconds IS NULL AND wait_until IS NULL AND wait_signal IS NULL AND wake_at IS NULL
               AND NOT starts_with(workflow_db_step_queue(queue, node_type), 'workflow_db.') END) NOT VALID;
 COMMENT ON CONSTRAINT execution_steps_wait_check ON execution_steps IS 'Wait steps (workflow_db.timer, workflow_db.signal) have no queue and no concurrency key of their own; other steps have no wait columns and no queue in the engine''s namespace workflow_db.*.';
 

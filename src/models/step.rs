@@ -83,12 +83,15 @@ pub struct ExecutionStep {
     /// Held back because its concurrency key is at its limit: not
     /// claimable until a slot frees; maintained by the database.
     pub throttled: bool,
-    /// A signal wait ([`crate::graph::SIGNAL_NODE_TYPE`]): the name of the
-    /// signal it waits for.
-    pub wait_signal: Option<String>,
+    /// A wait step: the timer's delay, or the signal wait's timeout, in
+    /// seconds from the moment the step is ready (from its node's config).
+    pub wait_seconds: Option<f64>,
     /// A timer's absolute time (`config.until`), or the deadline of a
     /// signal wait in progress.
     pub wait_until: Option<DateTime<Utc>>,
+    /// A signal wait ([`crate::graph::SIGNAL_NODE_TYPE`]): the name of the
+    /// signal it waits for.
+    pub wait_signal: Option<String>,
     /// A ready timer or signal wait: when the engine looks at it next (the
     /// timer's time, the signal's deadline, or now when a signal waits for
     /// it); maintained by the database.
