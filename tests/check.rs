@@ -1181,6 +1181,521 @@ fn delayed_start_overdue_is_a_warning_after_the_grace_period() {
     assert_eq!(check(&mut conn).total(), 0);
 }
 
+// ---------------------------------------------------------------------------
+// Timers and signals (migration 000039): every wait kind against data the
+// engine wrote (Node::timer, Node::signal, send_signal, fire_due_waits),
+// then broken with the triggers off.
+
+const HOUR: Duration = Duration::from_secs(3600);
+
+fn waits_workflow(
+    conn: &mut PgConnection,
+    nodes: Vec<Node>,
+    edges: &[(&str, &str)],
+) -> workflow_db::Workflow {
+    let graph = WorkflowGraph {
+        nodes,
+        edges: edges
+            .iter()
+            .map(|(s, t)| workflow_db::Edge::new(*s, *t))
+            .collect(),
+    };
+    NewWorkflow::from_graph("waits", &graph)
+        .create(conn)
+        .unwrap()
+}
+
+fn step_status(conn: &mut PgConnection, step: Uuid) -> String {
+    #[derive(QueryableByName)]
+    struct S {
+        #[diesel(sql_type = diesel::sql_types::Text)]
+        status: String,
+    }
+    diesel::sql_query("SELECT status::text FROM execution_steps WHERE id = $1")
+        .bind::<diesel::sql_types::Uuid, _>(step)
+        .get_result::<S>(conn)
+        .unwrap()
+        .status
+}
+
+fn fire(conn: &mut PgConnection) -> engine::WaitReport {
+    engine::fire_due_waits(conn, 100).unwrap()
+}
+
+fn with_grace(grace: Option<Duration>) -> CheckOptions {
+    let mut options = CheckOptions::default();
+    options.expired_lease_grace = grace;
+    options
+}
+
+/// Waits in every state are clean, also with a grace of zero once the due
+/// ones ran: an armed timer, signal waits with and without a timeout, a
+/// signal delivered at once and one kept for a step not reached yet, a
+/// signal inserted with plain SQL that woke its step (before the
+/// maintenance loop delivers it), a timer fired, a signal wait timed out,
+/// a due timer of a paused execution, a root timer of a delayed start.
+#[test]
+fn waits_in_every_state_are_clean() {
+    let db = TestDatabase::new();
+    let mut conn = db.connect();
+    let wf = waits_workflow(
+        &mut conn,
+        vec![
+            Node::timer("t", HOUR),
+            Node::signal("s", "go"),
+            Node::signal("st", "go2").with_timeout(HOUR),
+        ],
+        &[],
+    );
+    let waiting = start(&mut conn, &wf);
+    let ids = step_ids(&mut conn, &waiting);
+
+    let wf = waits_workflow(
+        &mut conn,
+        vec![
+            Node::signal("now", "go"),
+            Node::new("work", "task"),
+            Node::signal("later", "go"),
+        ],
+        &[("work", "later")],
+    );
+    let mailbox = start(&mut conn, &wf);
+    let mailbox_ids = step_ids(&mut conn, &mailbox);
+    let first = engine::send_signal(&mut conn, mailbox.id, "go", Some(&json!(1))).unwrap();
+    assert_eq!(first.signal.delivered_to, Some(mailbox_ids["now"]));
+    let second = engine::send_signal(&mut conn, mailbox.id, "go", Some(&json!(2))).unwrap();
+    assert_eq!(second.signal.delivered_to, None, "kept for `later`");
+
+    let wf = waits_workflow(&mut conn, vec![Node::signal("w", "sql")], &[]);
+    let woken = start(&mut conn, &wf);
+    diesel::sql_query("INSERT INTO execution_signals (execution_id, name) VALUES ($1, 'sql')")
+        .bind::<diesel::sql_types::Uuid, _>(woken.id)
+        .execute(&mut conn)
+        .unwrap();
+
+    let wf = waits_workflow(
+        &mut conn,
+        vec![Node::timer("z", Duration::ZERO), Node::new("next", "task")],
+        &[("z", "next")],
+    );
+    let fired = start(&mut conn, &wf);
+    let wf = waits_workflow(
+        &mut conn,
+        vec![Node::signal("late", "never").with_timeout(Duration::from_millis(1))],
+        &[],
+    );
+    let timed_out = start(&mut conn, &wf);
+    let wf = waits_workflow(&mut conn, vec![Node::timer("p", Duration::ZERO)], &[]);
+    let paused = start(&mut conn, &wf);
+    engine::pause(&mut conn, paused.id).unwrap();
+    let wf = waits_workflow(&mut conn, vec![Node::timer("d", HOUR)], &[]);
+    let later = chrono::Utc::now() + chrono::Duration::hours(1);
+    let delayed = engine::start_execution(&mut conn, &NewExecution::new(wf.id).start_after(later))
+        .unwrap()
+        .execution;
+    std::thread::sleep(Duration::from_millis(20));
+
+    // Due waits not yet run, within the grace: clean.
+    let report = check(&mut conn);
+    assert_eq!(report.total(), 0, "{report}\n{:#?}", report.violations);
+    let mut expected = engine::WaitReport::default();
+    expected.due = 3;
+    expected.timers_fired = 1;
+    expected.signals_delivered = 1;
+    expected.signals_timed_out = 1;
+    assert_eq!(fire(&mut conn), expected, "z, w and late (p is paused)");
+    assert_eq!(status(&mut conn, timed_out.id), "failed");
+    assert_eq!(status(&mut conn, woken.id), "completed");
+    assert_eq!(status(&mut conn, fired.id), "running");
+    assert_eq!(status(&mut conn, paused.id), "paused");
+    assert_eq!(status(&mut conn, delayed.id), "pending");
+    for node in ["t", "s", "st"] {
+        assert_eq!(step_status(&mut conn, ids[node]), "pending", "{node}");
+    }
+
+    for options in [CheckOptions::default(), with_grace(Some(Duration::ZERO)), {
+        let mut o = with_grace(Some(Duration::ZERO));
+        o.batch_size = 1;
+        o
+    }] {
+        let report = engine::check_invariants(&mut conn, &options).unwrap();
+        assert_eq!(report.total(), 0, "{report}\n{:#?}", report.violations);
+        assert_eq!(report.executions, 7);
+    }
+}
+
+#[test]
+fn timer_unarmed() {
+    let db = TestDatabase::new();
+    let mut conn = db.connect();
+    let wf = waits_workflow(
+        &mut conn,
+        vec![Node::timer("t", HOUR), Node::signal("s", "go")],
+        &[],
+    );
+    let ex = start(&mut conn, &wf);
+    let ids = step_ids(&mut conn, &ex);
+    assert_eq!(check(&mut conn).total(), 0, "a signal wait has no wake_at");
+    corrupt(
+        &mut conn,
+        &format!(
+            "UPDATE execution_steps SET wake_at = NULL WHERE id = '{}'",
+            ids["t"]
+        ),
+    );
+    let report = check(&mut conn);
+    assert_found(
+        &report,
+        &[InvariantKind::TimerUnarmed],
+        &[(InvariantKind::TimerUnarmed, ex.id, Some(ids["t"]))],
+    );
+    assert_eq!(report.count(InvariantKind::TimerUnarmed), 1);
+    assert!(
+        report.violations[0]
+            .detail
+            .starts_with("ready timer step t has no wake_at (wait_delay '01:00:00'"),
+        "{}",
+        report.violations[0]
+    );
+    // Nothing ever fires it.
+    assert_eq!(fire(&mut conn), engine::WaitReport::default());
+    // The explanation's fix: armed, it fires at the next round.
+    diesel::sql_query("UPDATE execution_steps SET wake_at = now() WHERE id = $1")
+        .bind::<diesel::sql_types::Uuid, _>(ids["t"])
+        .execute(&mut conn)
+        .unwrap();
+    assert_eq!(check(&mut conn).total(), 0);
+    assert_eq!(fire(&mut conn).timers_fired, 1);
+    assert_eq!(step_status(&mut conn, ids["t"]), "completed");
+    assert_eq!(check(&mut conn).total(), 0);
+}
+
+#[test]
+fn wait_overdue_is_a_warning_after_the_grace_period() {
+    let db = TestDatabase::new();
+    let mut conn = db.connect();
+    let wf = waits_workflow(&mut conn, vec![Node::timer("t", HOUR)], &[]);
+    let timer = start(&mut conn, &wf);
+    let t = step_ids(&mut conn, &timer)["t"];
+    let wf = waits_workflow(
+        &mut conn,
+        vec![Node::signal("s", "go").with_timeout(HOUR)],
+        &[],
+    );
+    let signal = start(&mut conn, &wf);
+    let s = step_ids(&mut conn, &signal)["s"];
+    let mut options = with_grace(Some(Duration::from_secs(1)));
+    assert_eq!(
+        engine::check_invariants(&mut conn, &options)
+            .unwrap()
+            .total(),
+        0
+    );
+    // Their time came 10 minutes ago and nothing ran them.
+    corrupt(
+        &mut conn,
+        &format!(
+            "UPDATE execution_steps SET wake_at = now() - interval '10 minutes', \
+                    wait_until = CASE WHEN wait_signal IS NOT NULL THEN now() - interval '10 minutes' END \
+              WHERE id IN ('{t}', '{s}')"
+        ),
+    );
+    for options in [options.clone(), CheckOptions::default()] {
+        let report = engine::check_invariants(&mut conn, &options).unwrap();
+        assert_eq!(
+            kinds(&report),
+            [InvariantKind::WaitOverdue].into(),
+            "{:#?}",
+            report.violations
+        );
+        assert!(report.is_clean(), "a warning only");
+        assert_eq!((report.errors(), report.warnings()), (0, 2));
+        let found: BTreeSet<(Uuid, Option<Uuid>)> = report
+            .violations
+            .iter()
+            .map(|v| (v.execution_id, v.step_id))
+            .collect();
+        assert_eq!(found, [(timer.id, Some(t)), (signal.id, Some(s))].into());
+        let v = report
+            .violations
+            .iter()
+            .find(|v| v.step_id == Some(t))
+            .unwrap();
+        assert!(
+            v.detail
+                .starts_with("ready workflow_db.timer step t was due at "),
+            "{v}"
+        );
+    }
+    // Within a longer grace, or with the check off, nothing.
+    options.expired_lease_grace = Some(HOUR);
+    assert_eq!(
+        engine::check_invariants(&mut conn, &options)
+            .unwrap()
+            .total(),
+        0
+    );
+    options.expired_lease_grace = None;
+    assert_eq!(
+        engine::check_invariants(&mut conn, &options)
+            .unwrap()
+            .total(),
+        0
+    );
+    // A paused execution's wait is not due (it is parked).
+    engine::pause(&mut conn, timer.id).unwrap();
+    let report = check(&mut conn);
+    assert_eq!(
+        report
+            .violations
+            .iter()
+            .map(|v| v.step_id)
+            .collect::<Vec<_>>(),
+        [Some(s)]
+    );
+    engine::resume(&mut conn, timer.id).unwrap();
+    // What the maintenance loop does: fired and timed out, nothing left.
+    let ran = fire(&mut conn);
+    assert_eq!((ran.timers_fired, ran.signals_timed_out), (1, 1));
+    assert_eq!(status(&mut conn, timer.id), "completed");
+    assert_eq!(status(&mut conn, signal.id), "failed");
+    assert_eq!(check(&mut conn).total(), 0);
+}
+
+#[test]
+fn signal_undelivered() {
+    let db = TestDatabase::new();
+    let mut conn = db.connect();
+    let wf = waits_workflow(&mut conn, vec![Node::signal("s", "go")], &[]);
+    let forever = start(&mut conn, &wf);
+    let wf = waits_workflow(
+        &mut conn,
+        vec![Node::signal("s", "go").with_timeout(HOUR)],
+        &[],
+    );
+    let bounded = start(&mut conn, &wf);
+    let steps = [
+        step_ids(&mut conn, &forever)["s"],
+        step_ids(&mut conn, &bounded)["s"],
+    ];
+    // A signal nobody waits for is kept, not a violation.
+    engine::send_signal(&mut conn, forever.id, "other", None).unwrap();
+    assert_eq!(check(&mut conn).total(), 0);
+    // Signals inserted without their trigger, which would wake the steps.
+    let signals = [Uuid::now_v7(), Uuid::now_v7()];
+    for (ex, id) in [(forever.id, signals[0]), (bounded.id, signals[1])] {
+        corrupt(
+            &mut conn,
+            &format!(
+                "INSERT INTO execution_signals (id, execution_id, name, payload) \
+                 VALUES ('{id}', '{ex}', 'go', '1')"
+            ),
+        );
+    }
+    let report = check(&mut conn);
+    assert_found(
+        &report,
+        &[InvariantKind::SignalUndelivered],
+        &[
+            (InvariantKind::SignalUndelivered, forever.id, Some(steps[0])),
+            (InvariantKind::SignalUndelivered, bounded.id, Some(steps[1])),
+        ],
+    );
+    assert_eq!(report.count(InvariantKind::SignalUndelivered), 2);
+    for v in &report.violations {
+        let signal = if v.execution_id == forever.id {
+            signals[0]
+        } else {
+            signals[1]
+        };
+        assert!(
+            v.detail
+                .starts_with("step s waits for signal 'go' (wake_at ")
+                && v.detail.contains(&format!(
+                    "1 undelivered signal(s) of that name wait, the oldest {signal} sent at "
+                )),
+            "{v}"
+        );
+    }
+    // Stuck: the maintenance loop does not see them.
+    assert_eq!(fire(&mut conn), engine::WaitReport::default());
+    // The explanation's fix: woken, they are delivered at the next round.
+    diesel::sql_query("UPDATE execution_steps SET wake_at = now() WHERE id = ANY($1)")
+        .bind::<diesel::sql_types::Array<diesel::sql_types::Uuid>, _>(&steps[..])
+        .execute(&mut conn)
+        .unwrap();
+    assert_eq!(check(&mut conn).total(), 0);
+    assert_eq!(fire(&mut conn).signals_delivered, 2);
+    assert_eq!(status(&mut conn, forever.id), "completed");
+    assert_eq!(status(&mut conn, bounded.id), "completed");
+    assert_eq!(check(&mut conn).total(), 0);
+}
+
+#[test]
+fn signal_delivery_mismatch() {
+    let db = TestDatabase::new();
+    let mut conn = db.connect();
+    let wf = waits_workflow(&mut conn, vec![Node::signal("s", "go")], &[]);
+    // Four executions whose signal step took its signal, one still waiting,
+    // one with an ordinary step done.
+    let mut delivered = Vec::new();
+    for _ in 0..3 {
+        let ex = start(&mut conn, &wf);
+        let step = step_ids(&mut conn, &ex)["s"];
+        let sent = engine::send_signal(&mut conn, ex.id, "go", None).unwrap();
+        assert_eq!(sent.signal.delivered_to, Some(step));
+        delivered.push((ex.id, step, sent.signal.id));
+    }
+    let waiting = start(&mut conn, &wf);
+    let waiting_step = step_ids(&mut conn, &waiting)["s"];
+    let plain = workflow(&mut conn, &["a"], &[]);
+    let done = start(&mut conn, &plain);
+    complete(&mut conn, &[]);
+    assert_eq!(status(&mut conn, done.id), "completed");
+    let done_step = step_ids(&mut conn, &done)["a"];
+    assert_eq!(check(&mut conn).total(), 0);
+
+    let [
+        (moved_from, moved_step, moved),
+        (_, renamed_step, renamed),
+        (other, _, _),
+    ] = delivered[..]
+    else {
+        unreachable!()
+    };
+    corrupt(
+        &mut conn,
+        &format!(
+            // Its signal now belongs to another execution.
+            "UPDATE execution_signals SET execution_id = '{other}' WHERE id = '{moved}'; \
+             UPDATE execution_signals SET name = 'went' WHERE id = '{renamed}'; \
+             INSERT INTO execution_signals (execution_id, name, delivered_to, delivered_at) \
+             VALUES ('{w}', 'go', '{waiting_step}', now()), \
+                    ('{d}', 'go', '{done_step}', now());",
+            w = waiting.id,
+            d = done.id,
+        ),
+    );
+    let located = [
+        (
+            InvariantKind::SignalDeliveryMismatch,
+            other,
+            Some(moved_step),
+        ),
+        (
+            InvariantKind::SignalDeliveryMismatch,
+            delivered[1].0,
+            Some(renamed_step),
+        ),
+        (
+            InvariantKind::SignalDeliveryMismatch,
+            waiting.id,
+            Some(waiting_step),
+        ),
+        (
+            InvariantKind::SignalDeliveryMismatch,
+            done.id,
+            Some(done_step),
+        ),
+    ];
+    let report = check(&mut conn);
+    assert_found(&report, &[InvariantKind::SignalDeliveryMismatch], &located);
+    assert_eq!(report.count(InvariantKind::SignalDeliveryMismatch), 4);
+    let detail = |step: Uuid| {
+        report
+            .violations
+            .iter()
+            .find(|v| v.step_id == Some(step))
+            .unwrap()
+            .detail
+            .clone()
+    };
+    assert!(
+        detail(moved_step).starts_with(&format!("signal {moved} 'go' was delivered at "))
+            && detail(moved_step).ends_with(&format!(
+                "to completed step s ('workflow_db.signal', waits for 'go') of execution {moved_from}"
+            )),
+        "{}",
+        detail(moved_step)
+    );
+    assert!(
+        detail(renamed_step).contains(" 'went' was delivered at "),
+        "{}",
+        detail(renamed_step)
+    );
+    assert!(
+        detail(waiting_step).contains("to pending step s "),
+        "{}",
+        detail(waiting_step)
+    );
+    assert!(
+        detail(done_step).contains("to completed step a ('task', waits for NULL) of execution"),
+        "{}",
+        detail(done_step)
+    );
+    // Found once each, whatever the batches (the moved signal's step and
+    // its new execution are in different batches).
+    let mut options = CheckOptions::default();
+    options.batch_size = 1;
+    let batched = engine::check_invariants(&mut conn, &options).unwrap();
+    assert_eq!(batched.batches, 5);
+    assert_eq!(batched.count(InvariantKind::SignalDeliveryMismatch), 4);
+    assert_found(&batched, &[InvariantKind::SignalDeliveryMismatch], &located);
+}
+
+#[test]
+fn signal_step_without_signal() {
+    let db = TestDatabase::new();
+    let mut conn = db.connect();
+    // With a timer, fired: a completed timer takes no signal.
+    let wf = waits_workflow(
+        &mut conn,
+        vec![Node::signal("s", "go"), Node::timer("t", Duration::ZERO)],
+        &[],
+    );
+    let mut done = Vec::new();
+    for _ in 0..2 {
+        let ex = start(&mut conn, &wf);
+        let sent = engine::send_signal(&mut conn, ex.id, "go", Some(&json!({"ok": true}))).unwrap();
+        assert_eq!(sent.report.timers_fired, 1);
+        assert_eq!(status(&mut conn, ex.id), "completed");
+        done.push((ex.id, step_ids(&mut conn, &ex)["s"], sent.signal.id));
+    }
+    assert_eq!(check(&mut conn).total(), 0);
+    // One signal taken back (undelivered: kept in a finished execution,
+    // which waits for nothing, so not a violation itself), one deleted.
+    corrupt(
+        &mut conn,
+        &format!(
+            "UPDATE execution_signals SET delivered_to = NULL, delivered_at = NULL WHERE id = '{}'; \
+             DELETE FROM execution_signals WHERE id = '{}'",
+            done[0].2, done[1].2
+        ),
+    );
+    let report = check(&mut conn);
+    assert_found(
+        &report,
+        &[InvariantKind::SignalStepWithoutSignal],
+        &[
+            (
+                InvariantKind::SignalStepWithoutSignal,
+                done[0].0,
+                Some(done[0].1),
+            ),
+            (
+                InvariantKind::SignalStepWithoutSignal,
+                done[1].0,
+                Some(done[1].1),
+            ),
+        ],
+    );
+    assert_eq!(report.count(InvariantKind::SignalStepWithoutSignal), 2);
+    assert_eq!(
+        report.violations[0].detail,
+        "completed signal step s (waits for 'go') took no signal"
+    );
+}
+
 #[cfg(feature = "cli")]
 mod binary {
     use std::process::{Command, Output};

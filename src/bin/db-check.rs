@@ -28,7 +28,8 @@ struct Args {
     #[arg(long, default_value_t = 1_000, value_name = "N")]
     limit: usize,
     /// Warn about running steps whose lease expired more than SECS ago and
-    /// were not reclaimed.
+    /// were not reclaimed, and about delayed starts and timer and signal
+    /// waits due more than SECS ago that nothing ran.
     #[arg(long, default_value_t = 300, value_name = "SECS")]
     lease_grace: u64,
 }

@@ -82,6 +82,24 @@ pub enum InvariantKind {
     /// A pending execution whose delayed start is overdue by more than the
     /// grace period (a warning: is the maintenance loop running?).
     DelayedStartOverdue,
+    /// A ready timer step without `wake_at`: `fire_due_waits` never takes
+    /// it. Checked, like the other wait kinds, only when the wait columns
+    /// (migration 000039) exist.
+    TimerUnarmed,
+    /// A ready wait step (timer or signal) of a running execution whose
+    /// `wake_at` passed longer ago than the grace period (a warning: is the
+    /// maintenance loop running `fire_due_waits`?).
+    WaitOverdue,
+    /// An undelivered signal while a ready step of its execution waits for
+    /// its name and is not woken (`wake_at` NULL or ahead).
+    SignalUndelivered,
+    /// A delivered signal whose step is not a completed step of the same
+    /// execution waiting for the signal's name. (Found from the steps, by
+    /// `delivered_to`: a signal delivered to a step that no longer exists,
+    /// possible only with the foreign-key triggers off, is not seen.)
+    SignalDeliveryMismatch,
+    /// A completed signal step to which no signal was delivered.
+    SignalStepWithoutSignal,
 }
 
 /// How bad a violation is.
@@ -106,7 +124,7 @@ impl Severity {
 
 impl InvariantKind {
     /// Every kind, in report order.
-    pub const ALL: [InvariantKind; 23] = [
+    pub const ALL: [InvariantKind; 28] = [
         Self::RunningWithoutLease,
         Self::ExpiredLease,
         Self::LeaseWhileNotRunning,
@@ -130,6 +148,11 @@ impl InvariantKind {
         Self::QueueCounterMismatch,
         Self::QueueOverLimit,
         Self::DelayedStartOverdue,
+        Self::TimerUnarmed,
+        Self::WaitOverdue,
+        Self::SignalUndelivered,
+        Self::SignalDeliveryMismatch,
+        Self::SignalStepWithoutSignal,
     ];
 
     /// The stable snake_case name (as in JSON).
@@ -158,6 +181,11 @@ impl InvariantKind {
             Self::QueueCounterMismatch => "queue_counter_mismatch",
             Self::QueueOverLimit => "queue_over_limit",
             Self::DelayedStartOverdue => "delayed_start_overdue",
+            Self::TimerUnarmed => "timer_unarmed",
+            Self::WaitOverdue => "wait_overdue",
+            Self::SignalUndelivered => "signal_undelivered",
+            Self::SignalDeliveryMismatch => "signal_delivery_mismatch",
+            Self::SignalStepWithoutSignal => "signal_step_without_signal",
         }
     }
 
@@ -238,18 +266,37 @@ impl InvariantKind {
             Self::DelayedStartOverdue => {
                 "a pending execution's start_after passed longer ago than the grace period and it was not started: is the maintenance loop (start_due_executions) running?"
             }
+            Self::TimerUnarmed => {
+                "a ready timer step (pending, upstream done) has no wake_at, so engine::fire_due_waits never fires it and its execution waits for ever (row written with the triggers off?): set its wake_at (its wait_until, or now() to fire it at the next maintenance round)"
+            }
+            Self::WaitOverdue => {
+                "a ready timer or signal wait of a running execution was due (wake_at) longer ago than the grace period and nothing ran it: is the maintenance loop (engine::fire_due_waits) running? It fires once maintenance runs again"
+            }
+            Self::SignalUndelivered => {
+                "an undelivered signal waits while a ready step of its execution waits for that name, but the step is not woken (wake_at NULL or ahead): the signal is never delivered, or only at the wait's timeout, which then fails the step (signal inserted with the triggers off?); set the step's wake_at to now() and the maintenance loop (engine::fire_due_waits) delivers it"
+            }
+            Self::SignalDeliveryMismatch => {
+                "a signal is recorded as delivered (delivered_to) to a step that is not a completed step of the signal's execution waiting for that name (other execution, other or no signal name, or not completed): the record of who took which signal is wrong (rows written by hand or with the triggers off); compare engine::list_signals with the step before changing either"
+            }
+            Self::SignalStepWithoutSignal => {
+                "a completed signal step (workflow_db.signal) took no signal (no execution_signals row has delivered_to = the step): it completed without its signal, so its output is no signal's payload (written by hand or with the triggers off); find the signal it should have taken with engine::list_signals"
+            }
         }
     }
 
-    /// [`Severity::Warning`] for [`InvariantKind::ExpiredLease`] (maintenance
-    /// recovers it) and [`InvariantKind::DanglingDownstream`] (rows written
-    /// by hand; nothing waits for the missing step), else [`Severity::Error`].
+    /// [`Severity::Warning`] for [`InvariantKind::ExpiredLease`],
+    /// [`InvariantKind::ThrottledWithFreeSlot`],
+    /// [`InvariantKind::DelayedStartOverdue`] and
+    /// [`InvariantKind::WaitOverdue`] (maintenance recovers them) and
+    /// [`InvariantKind::DanglingDownstream`] (rows written by hand; nothing
+    /// waits for the missing step), else [`Severity::Error`].
     pub const fn severity(self) -> Severity {
         match self {
             Self::ExpiredLease
             | Self::DanglingDownstream
             | Self::ThrottledWithFreeSlot
-            | Self::DelayedStartOverdue => Severity::Warning,
+            | Self::DelayedStartOverdue
+            | Self::WaitOverdue => Severity::Warning,
             _ => Severity::Error,
         }
     }
@@ -294,7 +341,10 @@ pub struct CheckOptions {
     /// kind are always complete); default 1,000.
     pub max_per_kind: usize,
     /// Report running steps whose lease expired more than this long ago as
-    /// [`InvariantKind::ExpiredLease`] warnings; `None` skips the check.
+    /// [`InvariantKind::ExpiredLease`] warnings, and delayed starts and
+    /// waits due more than this long ago as
+    /// [`InvariantKind::DelayedStartOverdue`] and
+    /// [`InvariantKind::WaitOverdue`] warnings; `None` skips these checks.
     /// Default 5 minutes.
     pub expired_lease_grace: Option<Duration>,
 }
@@ -431,7 +481,11 @@ pub fn check_invariants_with_progress(
         .build_transaction()
         .read_only()
         .run(|conn| has_column(conn, "execution_steps", "throttled"))?;
-    let checks = checks(options, parked, flow);
+    let waits = conn
+        .build_transaction()
+        .read_only()
+        .run(|conn| has_column(conn, "execution_steps", "wake_at"))?;
+    let checks = checks(options, parked, flow, waits);
     let mut report = InvariantReport {
         parked_checked: parked,
         ..InvariantReport::default()
@@ -672,7 +726,7 @@ const CHAIN: &str = "\
        OR (ev.prev_id IS NOT NULL AND ev.from_status IS DISTINCT FROM ev.prev_to) \
        OR (ev.next_id IS NULL AND ev.to_status <> x.status::text)";
 
-fn checks(options: &CheckOptions, parked: bool, flow: bool) -> Vec<Check> {
+fn checks(options: &CheckOptions, parked: bool, flow: bool, waits: bool) -> Vec<Check> {
     use InvariantKind as K;
     let plain = |kind, sql: &str| Check {
         kind,
@@ -860,6 +914,9 @@ fn checks(options: &CheckOptions, parked: bool, flow: bool) -> Vec<Check> {
     if flow {
         checks.extend(flow_checks(options));
     }
+    if waits {
+        checks.extend(wait_checks(options));
+    }
     checks
 }
 
@@ -967,6 +1024,99 @@ fn flow_checks(options: &CheckOptions) -> Vec<Check> {
     checks
 }
 
+/// The batch's ready steps (pending, upstream done); `{STEPS}` with more.
+const READY: &str = "execution_steps s WHERE s.execution_id BETWEEN $1 AND $2 \
+    AND s.status = 'pending' AND s.upstream_pending = 0";
+
+/// Checks of timers and signals (migration 000039).
+fn wait_checks(options: &CheckOptions) -> Vec<Check> {
+    use InvariantKind as K;
+    let batch = |kind, sql: String| Check {
+        kind,
+        sql,
+        extra: Extra::None,
+        global: false,
+    };
+    let mut checks = vec![batch(
+        K::TimerUnarmed,
+        format!(
+            "SELECT s.execution_id, s.id AS step_id, \
+             format('ready timer step %s has no wake_at (wait_delay %s, wait_until %s)', s.node_id, \
+                    quote_nullable(s.wait_delay), quote_nullable(s.wait_until)) AS detail \
+             FROM {READY} AND s.node_type = 'workflow_db.timer' AND s.wake_at IS NULL"
+        ),
+    )];
+    if let Some(grace) = options.expired_lease_grace {
+        // Its predicate implies that of execution_steps_wake_idx.
+        checks.push(Check {
+            kind: K::WaitOverdue,
+            sql: format!(
+                "SELECT s.execution_id, s.id AS step_id, \
+                 format('ready %s step %s was due at %s (%s ago)', s.node_type, s.node_id, s.wake_at, \
+                        date_trunc('second', now() - s.wake_at)) AS detail \
+                 FROM {READY} AND NOT s.parked \
+                   AND s.node_type IN ('workflow_db.timer', 'workflow_db.signal') \
+                   AND s.wake_at < now() - make_interval(secs => $4)"
+            ),
+            extra: Extra::Seconds(grace.as_secs_f64()),
+            global: false,
+        });
+    }
+    checks.extend([
+        // The batch's undelivered signals (execution_signals_undelivered_idx)
+        // by waiting step. statement_timestamp(), not now(): a signal whose
+        // trigger woke the step just before this transaction's snapshot has
+        // a wake_at after the transaction's start.
+        batch(
+            K::SignalUndelivered,
+            "SELECT s.execution_id, s.id AS step_id, \
+             format('step %s waits for signal %L (wake_at %s), but %s undelivered signal(s) of that name wait, \
+                     the oldest %s sent at %s', s.node_id, s.wait_signal, quote_nullable(s.wake_at), count(*), \
+                    (array_agg(g.id ORDER BY g.sent_at, g.id))[1], min(g.sent_at)) AS detail \
+             FROM execution_signals g \
+             JOIN execution_steps s ON s.execution_id = g.execution_id AND s.wait_signal = g.name \
+             WHERE g.execution_id BETWEEN $1 AND $2 AND g.delivered_to IS NULL \
+               AND s.status = 'pending' AND s.upstream_pending = 0 \
+               AND (s.wake_at IS NULL OR s.wake_at > statement_timestamp()) \
+             GROUP BY s.execution_id, s.id, s.node_id, s.wait_signal, s.wake_at"
+                .to_owned(),
+        ),
+        // From the batch's steps to the signals delivered to them, one probe
+        // of execution_signals_delivered_to_key per step: delivered signals
+        // have no index by execution, and a hash join would read the whole
+        // table once per batch (the planner prefers it while the table is
+        // small; OFFSET 0 keeps the subquery, and so the probes, as they
+        // are). Named by the signal's execution.
+        batch(
+            K::SignalDeliveryMismatch,
+            "SELECT g.execution_id, s.id AS step_id, \
+             format('signal %s %L was delivered at %s to %s step %s (%s, waits for %s) of execution %s', \
+                    g.id, g.name, g.delivered_at, s.status, s.node_id, quote_nullable(s.node_type), \
+                    quote_nullable(s.wait_signal), s.execution_id) AS detail \
+             FROM execution_steps s \
+             CROSS JOIN LATERAL (SELECT g.id, g.execution_id, g.name, g.delivered_at FROM execution_signals g \
+                                 WHERE g.delivered_to = s.id OFFSET 0) g \
+             WHERE s.execution_id BETWEEN $1 AND $2 \
+               AND (g.execution_id <> s.execution_id OR s.wait_signal IS DISTINCT FROM g.name \
+                    OR s.status <> 'completed')"
+                .to_owned(),
+        ),
+        // A probe of execution_signals_delivered_to_key per completed signal
+        // step of the batch (OFFSET 0: not a hash anti-join over the table).
+        batch(
+            K::SignalStepWithoutSignal,
+            format!(
+                "SELECT s.execution_id, s.id AS step_id, \
+                 format('completed signal step %s (waits for %s) took no signal', s.node_id, \
+                        quote_nullable(s.wait_signal)) AS detail \
+                 FROM {STEPS} AND s.node_type = 'workflow_db.signal' AND s.status = 'completed' \
+                   AND NOT EXISTS (SELECT 1 FROM execution_signals g WHERE g.delivered_to = s.id OFFSET 0)"
+            ),
+        ),
+    ]);
+    checks
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -985,6 +1135,29 @@ mod tests {
         names.sort_unstable();
         names.dedup();
         assert_eq!(names.len(), InvariantKind::ALL.len());
+    }
+
+    #[test]
+    fn wait_kinds_are_errors_but_an_overdue_wait() {
+        use InvariantKind as K;
+        for kind in [
+            K::TimerUnarmed,
+            K::SignalUndelivered,
+            K::SignalDeliveryMismatch,
+            K::SignalStepWithoutSignal,
+        ] {
+            assert_eq!(kind.severity(), Severity::Error, "{kind}");
+        }
+        assert_eq!(K::WaitOverdue.severity(), Severity::Warning);
+        assert_eq!(K::from_name("wait_overdue"), Some(K::WaitOverdue));
+        // Without a grace, the overdue-wait check is not run; the others are.
+        let mut options = CheckOptions::default();
+        let kinds =
+            |o: &CheckOptions| -> Vec<K> { wait_checks(o).iter().map(|c| c.kind).collect() };
+        assert_eq!(kinds(&options).len(), 5);
+        options.expired_lease_grace = None;
+        assert!(!kinds(&options).contains(&K::WaitOverdue));
+        assert_eq!(kinds(&options).len(), 4);
     }
 
     #[test]
