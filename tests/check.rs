@@ -1353,7 +1353,7 @@ fn timer_unarmed() {
     assert!(
         report.violations[0]
             .detail
-            .starts_with("ready timer step t has no wake_at (wait_delay '01:00:00'"),
+            .starts_with("ready timer step t has no wake_at (wait_seconds '3600'"),
         "{}",
         report.violations[0]
     );

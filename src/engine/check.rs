@@ -1041,8 +1041,8 @@ fn wait_checks(options: &CheckOptions) -> Vec<Check> {
         K::TimerUnarmed,
         format!(
             "SELECT s.execution_id, s.id AS step_id, \
-             format('ready timer step %s has no wake_at (wait_delay %s, wait_until %s)', s.node_id, \
-                    quote_nullable(s.wait_delay), quote_nullable(s.wait_until)) AS detail \
+             format('ready timer step %s has no wake_at (wait_seconds %s, wait_until %s)', s.node_id, \
+                    quote_nullable(s.wait_seconds), quote_nullable(s.wait_until)) AS detail \
              FROM {READY} AND s.node_type = 'workflow_db.timer' AND s.wake_at IS NULL"
         ),
     )];
