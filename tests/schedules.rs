@@ -522,6 +522,52 @@ fn a_paused_schedule_does_not_fire_and_resuming_skips_the_ticks_missed_while_pau
     ));
 }
 
+/// "Why is it not running?" for a schedule, in Rust and in SQL (by name
+/// or id): its next tick, a due tick, a pause with its reason.
+#[test]
+fn why_a_schedule_has_not_fired_says_next_tick_due_or_paused() {
+    let (_db, mut conn, wf) = setup();
+    let s = NewSchedule::new("nightly", wf.id, "30 2 * * *")
+        .time_zone("Europe/Berlin")
+        .create(&mut conn)
+        .unwrap();
+    let why = |conn: &mut PgConnection| {
+        let rows = engine::why_schedule_not_firing(conn, s.id).unwrap();
+        assert_eq!(rows.len(), 1, "{rows:?}");
+        assert_eq!((rows[0].step_id, rows[0].node_id.as_deref()), (None, None));
+        (rows[0].reason.clone(), rows[0].detail.clone())
+    };
+    let (reason, detail) = why(&mut conn);
+    assert_eq!(reason, "schedule_next");
+    assert!(
+        detail.contains("fires next at") && detail.contains("Europe/Berlin"),
+        "{detail}"
+    );
+    set_next_fire_at(&mut conn, s.id, Utc::now() - TimeDelta::minutes(1));
+    let (reason, detail) = why(&mut conn);
+    assert_eq!(reason, "schedule_due");
+    assert!(detail.contains("maintenance loop"), "{detail}");
+    engine::pause_schedule(&mut conn, s.id).unwrap();
+    assert_eq!(why(&mut conn).0, "schedule_paused");
+    // psql users ask by name.
+    #[derive(QueryableByName)]
+    struct Reason {
+        #[diesel(sql_type = Text)]
+        reason: String,
+    }
+    let by_name: Vec<Reason> =
+        diesel::sql_query("SELECT reason FROM workflow_db_why_schedule('nightly')")
+            .load(&mut conn)
+            .unwrap();
+    assert_eq!(by_name.len(), 1);
+    assert_eq!(by_name[0].reason, "schedule_paused");
+    let missing: Vec<Reason> =
+        diesel::sql_query("SELECT reason FROM workflow_db_why_schedule('nope')")
+            .load(&mut conn)
+            .unwrap();
+    assert_eq!(missing[0].reason, "not_found");
+}
+
 #[test]
 fn a_duplicate_start_of_a_tick_is_refused_or_deduplicated_by_the_database() {
     let (_db, mut conn, wf) = setup();

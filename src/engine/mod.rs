@@ -84,7 +84,10 @@ pub use query::{
     ExecutionFilter, ExecutionPage, ancestors, count_by_status, descendants,
     find_execution_by_short_id, find_workflow_by_short_id, list_executions, prune_executions,
 };
-pub use recovery::{Why, replay_execution, rerun_execution, why_not_running, why_step_not_running};
+pub use recovery::{
+    Why, replay_execution, rerun_execution, why_not_running, why_schedule_not_firing,
+    why_step_not_running,
+};
 pub use schedule::{
     DEFAULT_SCHEDULE_BATCH, FireReport, Fired, MAX_CATCH_UP, MissedTicks, NewSchedule,
     PausedOnError, delete_schedule, find_schedule, fire_due_schedules, fire_due_schedules_batch,

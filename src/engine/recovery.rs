@@ -123,7 +123,7 @@ pub fn rerun_execution(conn: &mut PgConnection, id: Uuid) -> Result<Started> {
 /// One thing a step, or an execution, waits for (see [`why_not_running`]).
 #[derive(Debug, Clone, PartialEq, Eq, QueryableByName, Serialize)]
 pub struct Why {
-    /// The step concerned (`None`: the execution itself).
+    /// The step concerned (`None`: the execution itself, or a schedule).
     #[diesel(sql_type = Nullable<SqlUuid>)]
     pub step_id: Option<Uuid>,
     /// Its node id.
@@ -131,9 +131,11 @@ pub struct Why {
     pub node_id: Option<String>,
     /// A stable code: `not_found`, `finished`, `no_runnable_step`,
     /// `running`, `execution_final`, `delayed_start`, `execution_pending`,
-    /// `execution_paused`, `upstream`, `retry_backoff`, `scheduled`,
-    /// `concurrency_key`, `queue_paused`, `queue_full`, or `claimable`
-    /// (nothing holds it back: it waits for a worker of its queue).
+    /// `execution_paused`, `upstream`, `timer`, `signal`, `retry_backoff`,
+    /// `scheduled`, `concurrency_key`, `queue_paused`, `queue_full`, or
+    /// `claimable` (nothing holds it back: it waits for a worker of its
+    /// queue); for a schedule `schedule_paused`, `schedule_due`,
+    /// `schedule_next`.
     #[diesel(sql_type = Text)]
     pub reason: String,
     /// The facts, in words (which upstream steps, until when, which key).
@@ -152,6 +154,24 @@ pub fn why_not_running(conn: &mut PgConnection, execution_id: Uuid) -> QueryResu
     diesel::sql_query("SELECT step_id, node_id, reason, detail FROM workflow_db_why_execution($1)")
         .bind::<SqlUuid, _>(execution_id)
         .load(conn)
+}
+
+/// What a schedule waits for (`workflow_db_why_schedule(name or id)` in
+/// SQL): one row, `schedule_paused` (with the error that paused it),
+/// `schedule_due` (a tick is due: the maintenance loop fires it) or
+/// `schedule_next` (when its next tick comes); `not_found`. `step_id` and
+/// `node_id` are `None`.
+#[tracing::instrument(skip(conn))]
+pub fn why_schedule_not_firing(
+    conn: &mut PgConnection,
+    schedule_id: Uuid,
+) -> QueryResult<Vec<Why>> {
+    diesel::sql_query(
+        "SELECT NULL::uuid AS step_id, NULL::text AS node_id, reason, detail \
+           FROM workflow_db_why_schedule($1::text)",
+    )
+    .bind::<SqlUuid, _>(schedule_id)
+    .load(conn)
 }
 
 /// [`why_not_running`] for one step (`workflow_db_why_step(id)` in SQL).

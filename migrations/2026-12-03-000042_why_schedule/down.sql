@@ -1,0 +1,1 @@
+DROP FUNCTION workflow_db_why_schedule(text);
