@@ -35,9 +35,11 @@ pub const MAX_BATCH: i64 = workflow_db::models::MAX_PAGE_SIZE;
 pub const USAGE: &str = "\
 usage: cargo bench --bench workload -- [options]
   --only W1,W3      run only these figure groups (W1..W6, ASYNC, WORKER, CLAIM,
-                    FLOW, R2D2, CANCEL, FANIN, DRAIN; default all; FLOW is the
+                    FLOW, WAITS, R2D2, CANCEL, FANIN, DRAIN; default all; FLOW is the
                     claim latency with 1,000 concurrency keys, half at their
-                    limit, against none; ASYNC is W2 through
+                    limit, against none; WAITS is 20k due timers run by
+                    fire_due_waits against 20k ordinary steps claimed and
+                    completed; ASYNC is W2 through
                     the async face, paired with W2 when both run; WORKER is W2
                     and W6 through runtime::Worker, paired with W2 and W6)
   --runs N          repetitions of every figure (default 3)

@@ -32,6 +32,7 @@ mod read;
 mod report;
 mod settle;
 mod start;
+mod waits;
 mod worker;
 
 use chrono::Utc;
@@ -152,6 +153,9 @@ fn run_figures(b: &mut Bench) -> Res<()> {
         }
         if b.args.wants("FLOW") {
             b.flow_group(rep)?;
+        }
+        if b.args.wants("WAITS") {
+            b.waits_group(rep)?;
         }
         if b.args.wants("R2D2") {
             b.r2d2(rep)?;
