@@ -866,3 +866,141 @@ struct StepCount {
     #[diesel(sql_type = BigInt)]
     n: i64,
 }
+
+/// Review finding: a signal sent in a REPEATABLE READ transaction while its
+/// step became ready was kept for ever (its wake-up read an old snapshot).
+/// Signals, and inserts of wait steps, require READ COMMITTED, as every
+/// status change does; the refusal writes nothing.
+#[test]
+fn signals_and_wait_steps_are_refused_outside_read_committed() {
+    let db = TestDatabase::new();
+    let mut conn = db.connect();
+    let wf = signal_workflow(&mut conn);
+    let e = start(&mut conn, NewExecution::new(wf.id));
+    let refused = |conn: &mut PgConnection, what: &str, f: &dyn Fn(&mut PgConnection) -> String| {
+        conn.build_transaction()
+            .repeatable_read()
+            .run(|c| {
+                let err = f(c);
+                assert!(err.contains("READ COMMITTED"), "{what}: {err}");
+                QueryResult::Ok(())
+            })
+            .unwrap_or(());
+    };
+    refused(&mut conn, "send_signal", &|c| {
+        engine::send_signal(c, e.id, "go", None)
+            .unwrap_err()
+            .to_string()
+    });
+    refused(&mut conn, "plain insert", &|c| {
+        diesel::sql_query("INSERT INTO execution_signals (execution_id, name) VALUES ($1, 'go')")
+            .bind::<SqlUuid, _>(e.id)
+            .execute(c)
+            .unwrap_err()
+            .to_string()
+    });
+    refused(&mut conn, "start with a wait step", &|c| {
+        engine::start_execution(c, &NewExecution::new(wf.id))
+            .unwrap_err()
+            .to_string()
+    });
+    assert_eq!(
+        scalar(&mut conn, "SELECT count(*) AS n FROM execution_signals"),
+        0
+    );
+    assert_eq!(scalar(&mut conn, "SELECT count(*) AS n FROM executions"), 1);
+}
+
+/// Review finding: a plain multi-row INSERT of signals for two executions,
+/// listed against id order, locked them in row order and deadlocked with a
+/// batch of completions (which locks executions in id order). The signals'
+/// trigger now locks the executions of the whole statement in id order.
+#[test]
+fn a_multi_row_signal_insert_and_a_batch_of_completions_do_not_deadlock() {
+    let db = TestDatabase::new();
+    let mut conn = db.connect();
+    let wf = workflow_of(
+        &mut conn,
+        vec![Node::new("w", "work"), Node::signal("s", "go")],
+        &[],
+    );
+    let e1 = start(&mut conn, NewExecution::new(wf.id)).id;
+    let e2 = start(&mut conn, NewExecution::new(wf.id)).id;
+    assert!(e1 < e2);
+    let s2 = step_of(&mut conn, e2, "s").id;
+    let leases: Vec<(workflow_db::Lease, Option<Value>)> = claim_all(&mut conn)
+        .iter()
+        .map(|s| (s.lease().unwrap(), None))
+        .collect();
+    assert_eq!(leases.len(), 2);
+
+    // H holds E2's signal step; S inserts signals for E2 then E1; W
+    // completes the work steps of E1 and E2 in one batch.
+    let mut h = Session::new(&db, "holder");
+    let mut s = Session::new(&db, "sender");
+    let mut w = Session::new(&db, "worker");
+    h.begin();
+    h.run("lock E2's signal step", move |c| {
+        diesel::sql_query("SELECT 1 FROM execution_steps WHERE id = $1 FOR UPDATE")
+            .bind::<SqlUuid, _>(s2)
+            .execute(c)
+    });
+    assert_eq!(h.settle(&mut conn), State::Done);
+    s.run("insert E2, E1", move |c| {
+        diesel::sql_query(
+            "INSERT INTO execution_signals (execution_id, name) VALUES ($1, 'go'), ($2, 'go')",
+        )
+        .bind::<SqlUuid, _>(e2)
+        .bind::<SqlUuid, _>(e1)
+        .execute(c)
+    });
+    assert_eq!(s.settle(&mut conn), State::Blocked);
+    w.run("complete both", move |c| {
+        engine::complete_steps(c, &leases).map(|d| d.len())
+    });
+    assert_eq!(w.settle(&mut conn), State::Blocked);
+    h.commit();
+    assert_eq!(h.settle(&mut conn), State::Done);
+    assert_eq!(s.settle(&mut conn), State::Done);
+    assert_eq!(w.settle(&mut conn), State::Done);
+    for (name, outcomes) in [("sender", s.finish()), ("worker", w.finish())] {
+        for (label, outcome) in outcomes {
+            assert!(outcome.is_ok(), "{name} {label}: {outcome:?}");
+        }
+    }
+    h.finish();
+    assert_eq!(fire(&mut conn), report(2, 0, 2, 0));
+    for e in [e1, e2] {
+        assert_eq!(status(&mut conn, e), ExecutionStatus::Completed);
+    }
+    assert_clean(&mut conn);
+}
+
+/// Review finding: `fire_due_waits` waited for an execution another
+/// transaction held (an idle session in a transaction stalled every wait
+/// and the maintenance round). It skips such an execution and takes it at
+/// a later call.
+#[test]
+fn a_fire_skips_an_execution_another_transaction_holds() {
+    let db = TestDatabase::new();
+    let mut conn = db.connect();
+    let wf = workflow_of(&mut conn, vec![Node::timer("t", Duration::ZERO)], &[]);
+    let held = start(&mut conn, NewExecution::new(wf.id)).id;
+    let free = start(&mut conn, NewExecution::new(wf.id)).id;
+    let mut h = Session::new(&db, "holder");
+    h.begin();
+    h.run("hold the execution", move |c| {
+        diesel::sql_query("SELECT 1 FROM executions WHERE id = $1 FOR NO KEY UPDATE")
+            .bind::<SqlUuid, _>(held)
+            .execute(c)
+    });
+    assert_eq!(h.settle(&mut conn), State::Done);
+    assert_eq!(fire(&mut conn), report(1, 1, 0, 0));
+    assert_eq!(status(&mut conn, free), ExecutionStatus::Completed);
+    assert_eq!(status(&mut conn, held), ExecutionStatus::Running);
+    h.rollback();
+    assert_eq!(h.settle(&mut conn), State::Done);
+    h.finish();
+    assert_eq!(fire(&mut conn), report(1, 1, 0, 0));
+    assert_eq!(status(&mut conn, held), ExecutionStatus::Completed);
+}

@@ -1,6 +1,6 @@
 -- Restores 000038's schema.
 DROP TRIGGER execution_signals_sent ON execution_signals;
-DROP FUNCTION workflow_db_signal_sent();
+DROP FUNCTION workflow_db_signals_sent();
 DROP TRIGGER execution_steps_wait_arm ON execution_steps;
 DROP FUNCTION workflow_db_step_arm_wait();
 DROP TRIGGER execution_steps_wait_setup ON execution_steps;

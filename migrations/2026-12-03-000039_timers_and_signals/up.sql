@@ -108,8 +108,10 @@ LANGUAGE sql IMMUTABLE AS $$
         WHEN node_type = 'workflow_db.timer' AND config ? 'seconds'
              AND (jsonb_typeof(config->'seconds') <> 'number' OR (config->>'seconds')::float8 < 0) THEN
             'config.seconds must be a number of seconds, 0 or more'
-        WHEN node_type = 'workflow_db.timer' AND config ? 'until' AND jsonb_typeof(config->'until') <> 'string' THEN
-            'config.until must be an RFC 3339 time (a string)'
+        WHEN node_type = 'workflow_db.timer' AND config ? 'until'
+             AND (jsonb_typeof(config->'until') <> 'string'
+                  OR config->>'until' !~ '^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})$') THEN
+            'config.until must be an RFC 3339 time with its offset (2026-12-24T18:00:00Z), as a string'
         WHEN node_type = 'workflow_db.signal'
              AND (jsonb_typeof(config->'signal') IS DISTINCT FROM 'string' OR config->>'signal' = ''
                   OR length(config->>'signal') > 200) THEN
@@ -161,6 +163,9 @@ BEGIN
     IF wait_ids IS NULL THEN
         RETURN NULL;
     END IF;
+    -- A wait is armed with a look at the signals sent so far: a fresh
+    -- snapshot per statement, as every status change needs.
+    PERFORM workflow_db_require_read_committed();
     SELECT c.node_id, c.execution_id, workflow_db_wait_config_error(c.node_type, c.config) AS error
       INTO bad FROM workflow_db_wait_configs(wait_ids) c
      WHERE workflow_db_wait_config_error(c.node_type, c.config) IS NOT NULL
@@ -216,30 +221,44 @@ CREATE TRIGGER execution_steps_wait_arm BEFORE UPDATE ON execution_steps
     EXECUTE FUNCTION workflow_db_step_arm_wait();
 
 -- A signal may only be sent to an unfinished execution; the steps waiting
--- for it are woken (wake_at now), under the execution's lock.
-CREATE FUNCTION workflow_db_signal_sent() RETURNS trigger
+-- for it are woken (wake_at now). One statement trigger: the executions of
+-- all the statement's signals are locked first, in id order (the engine's
+-- lock order: a multi-row INSERT listing them in any order cannot deadlock
+-- with a batch that locks them in order), then read, then the steps woken.
+CREATE FUNCTION workflow_db_signals_sent() RETURNS trigger
 LANGUAGE plpgsql AS $$
 DECLARE
-    execution_status execution_status;
+    execution_ids uuid[];
+    refused record;
 BEGIN
-    SELECT x.status INTO execution_status FROM executions x WHERE x.id = NEW.execution_id FOR NO KEY UPDATE;
-    IF execution_status IN ('completed', 'failed', 'cancelled') THEN
-        RAISE EXCEPTION 'execution % is %: it takes no more signals', NEW.execution_id, execution_status
+    -- The wake-up reads the steps as they are now (a step that just became
+    -- ready must be seen): a fresh snapshot per statement.
+    PERFORM workflow_db_require_read_committed();
+    SELECT array_agg(DISTINCT n.execution_id) INTO execution_ids FROM new_rows n;
+    PERFORM 1 FROM executions e WHERE e.id = ANY (execution_ids) ORDER BY e.id FOR NO KEY UPDATE;
+    SELECT e.id, e.status INTO refused FROM executions e
+     WHERE e.id = ANY (execution_ids) AND e.status IN ('completed', 'failed', 'cancelled')
+     ORDER BY e.id LIMIT 1;
+    IF FOUND THEN
+        RAISE EXCEPTION 'execution % is %: it takes no more signals', refused.id, refused.status
             USING ERRCODE = 'check_violation',
                   CONSTRAINT = 'execution_signals_unfinished',
                   TABLE = 'execution_signals',
                   HINT = 'Signals are for executions that may still wait for them (pending, running, paused).';
     END IF;
     UPDATE execution_steps s SET wake_at = statement_timestamp()
-     WHERE s.execution_id = NEW.execution_id AND s.wait_signal = NEW.name
+      FROM (SELECT DISTINCT n.execution_id, n.name FROM new_rows n) g
+     WHERE s.execution_id = ANY (execution_ids)
+       AND s.execution_id = g.execution_id AND s.wait_signal = g.name
        AND s.status = 'pending' AND s.upstream_pending = 0
        AND (s.wake_at IS NULL OR s.wake_at > statement_timestamp());
     RETURN NULL;
 END;
 $$;
-COMMENT ON FUNCTION workflow_db_signal_sent() IS 'AFTER INSERT trigger on execution_signals: refuses a signal to a final execution (check_violation, constraint execution_signals_unfinished) and wakes the steps waiting for it.';
+COMMENT ON FUNCTION workflow_db_signals_sent() IS 'AFTER INSERT statement trigger on execution_signals: requires READ COMMITTED, locks the signals'' executions in id order, refuses a signal to a final execution (check_violation, constraint execution_signals_unfinished) and wakes the steps waiting for the signals.';
 CREATE TRIGGER execution_signals_sent AFTER INSERT ON execution_signals
-    FOR EACH ROW EXECUTE FUNCTION workflow_db_signal_sent();
+    REFERENCING NEW TABLE AS new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION workflow_db_signals_sent();
 
 -- What a step waits for (000035), with the waits of timers and signals.
 -- Codes: not_found, finished, running, execution_final, delayed_start,

@@ -17,11 +17,10 @@ use diesel::sql_types::{Array, BigInt, Jsonb, Nullable, Text, Timestamptz, Uuid 
 use serde_json::{Value, json};
 use uuid::Uuid;
 
-use super::complete_steps;
 use crate::error::{Error, Result};
 use crate::graph::MAX_SIGNAL_NAME_LEN;
 pub use crate::graph::{SIGNAL_NODE_TYPE, TIMER_NODE_TYPE};
-use crate::models::{Lease, Signal};
+use crate::models::Signal;
 use crate::prepared::prepared;
 use crate::schema::execution_signals;
 
@@ -65,11 +64,16 @@ struct Due {
 }
 
 /// The due wait steps (`{filter}`: all, or one execution's), their
-/// executions locked first in id order (the engine's lock order), then the
-/// steps still due locked with SKIP LOCKED. The second read of the steps
-/// runs after the execution locks were granted, so a signal or a completion
-/// that held one is seen. `= ANY(ARRAY(..))` reads the steps by primary
-/// key (a semi-join would scan every due step: quadratic over a backlog).
+/// executions locked first in id order (the engine's lock order) with SKIP
+/// LOCKED (an execution another transaction holds, a sender or a worker
+/// reporting, is left for a later call: a fire never waits for one), then
+/// the steps of the locked executions still due, locked with SKIP LOCKED.
+/// The statement reads one snapshot; a step whose row changed since is
+/// re-checked on its newest version when locked (a step completed or
+/// parked meanwhile drops out), and a step woken by a transaction that
+/// committed meanwhile is found by the next call. `= ANY(ARRAY(..))` reads
+/// the steps by primary key (a semi-join would scan every due step:
+/// quadratic over a backlog) after the execution locks are taken.
 const DUE: &str = "\
 WITH due AS (
     SELECT s.id, s.execution_id FROM execution_steps s
@@ -78,10 +82,11 @@ WITH due AS (
      ORDER BY s.wake_at LIMIT $1),
 locked AS (
     SELECT e.id FROM executions e WHERE e.id IN (SELECT d.execution_id FROM due d)
-     ORDER BY e.id FOR NO KEY UPDATE)
+     ORDER BY e.id FOR NO KEY UPDATE SKIP LOCKED)
 SELECT s.id, s.execution_id, s.wait_signal, s.wait_until, s.wake_at, statement_timestamp() AS now
   FROM execution_steps s
- WHERE s.id = ANY(ARRAY(SELECT d.id FROM due d)) AND (SELECT count(*) FROM locked) > 0
+ WHERE s.id = ANY(ARRAY(SELECT d.id FROM due d))
+   AND s.execution_id = ANY(ARRAY(SELECT l.id FROM locked l))
    AND s.status = 'pending' AND s.upstream_pending = 0 AND NOT s.parked
    AND s.wake_at <= statement_timestamp()
  ORDER BY s.id
@@ -99,14 +104,6 @@ struct Waiting {
     payload: Option<Value>,
 }
 
-#[derive(QueryableByName)]
-struct Started {
-    #[diesel(sql_type = SqlUuid)]
-    id: Uuid,
-    #[diesel(sql_type = diesel::sql_types::Integer)]
-    attempt: i32,
-}
-
 /// Runs the wait steps that are due, up to `limit` (clamped to 1..=10,000)
 /// in one transaction: completes the timers whose time has come (output
 /// `{"due_at", "fired_at"}`), delivers to each signal step that a signal of
@@ -118,9 +115,14 @@ struct Started {
 /// completes or fails, as for any step.
 ///
 /// Safe to call from many processes at once (the maintenance leader does,
-/// every round): it locks the executions concerned, then the steps with
-/// SKIP LOCKED, then the signals, so no step runs twice and no signal is
-/// delivered twice. Call it in a loop while `due` equals `limit`.
+/// every round): it locks the executions concerned, then the steps, both
+/// with SKIP LOCKED, then the signals, so no step runs twice and no signal
+/// is delivered twice, and it never waits for an execution another
+/// transaction holds (that one's waits are left for a later call). The
+/// completions and failures are one statement (one pass over the
+/// concurrency keys, in key order). Call it outside a transaction (it is
+/// one), in a loop while `due` equals `limit`: calls repeated inside one
+/// outer transaction lock executions out of order and may deadlock.
 #[tracing::instrument(skip(conn))]
 pub fn fire_due_waits(conn: &mut PgConnection, limit: i64) -> Result<WaitReport> {
     fire_waits(conn, None, limit)
@@ -220,38 +222,56 @@ fn fire_waits(conn: &mut PgConnection, execution: Option<Uuid>, limit: i64) -> R
             return Ok(report);
         }
         // pending -> running: the lease lasts the transaction.
-        let started: Vec<Started> = prepared(
+        let started = prepared(
             diesel::sql_query(
                 "UPDATE execution_steps SET status = 'running', locked_by = $2, \
                         locked_until = statement_timestamp() + interval '5 minutes' \
-                 WHERE id = ANY($1) AND status = 'pending' RETURNING id, attempt",
+                 WHERE id = ANY($1) AND status = 'pending'",
             )
             .bind::<Array<SqlUuid>, _>(&run)
             .bind::<Text, _>(WAITS_WORKER),
         )
-        .load(conn)?;
-        let lease = |id: Uuid| {
-            let attempt = started.iter().find(|s| s.id == id).map_or(0, |s| s.attempt);
-            Lease::new(id, WAITS_WORKER, attempt)
-        };
-        let done: Vec<(Lease, Option<Value>)> = complete
-            .into_iter()
-            .map(|(id, output)| (lease(id), output))
-            .collect();
-        complete_steps(conn, &done)?;
-        if !timed_out.is_empty() {
-            let (ids, errors): (Vec<Uuid>, Vec<String>) = timed_out.into_iter().unzip();
-            prepared(
-                diesel::sql_query(
-                    "UPDATE execution_steps s SET status = 'failed', error = x.error \
-                     FROM unnest($1::uuid[], $2::text[]) AS x(id, error) \
-                     WHERE s.id = x.id AND s.status = 'running' AND s.locked_by = $3",
-                )
-                .bind::<Array<SqlUuid>, _>(&ids)
-                .bind::<Array<Text>, _>(&errors)
-                .bind::<Text, _>(WAITS_WORKER),
+        .execute(conn)?;
+        // The steps are locked by this transaction: both updates take them
+        // all (anything else is a broken invariant; roll back).
+        if started != run.len() {
+            return Err(Error::Query(diesel::result::Error::NotFound));
+        }
+        // Completions (timers, delivered signals) and timeouts in ONE
+        // statement: its trigger settles the executions and locks the
+        // concurrency keys of their unfinished steps once, in key order.
+        let mut ids: Vec<Uuid> = Vec::with_capacity(run.len());
+        let mut statuses: Vec<&str> = Vec::with_capacity(run.len());
+        let mut outputs: Vec<Option<Value>> = Vec::with_capacity(run.len());
+        let mut errors: Vec<Option<String>> = Vec::with_capacity(run.len());
+        for (id, output) in complete {
+            ids.push(id);
+            statuses.push("completed");
+            outputs.push(output);
+            errors.push(None);
+        }
+        for (id, error) in timed_out {
+            ids.push(id);
+            statuses.push("failed");
+            outputs.push(None);
+            errors.push(Some(error));
+        }
+        let ended = prepared(
+            diesel::sql_query(
+                "UPDATE execution_steps s SET status = x.status::step_status, output = x.output, \
+                        error = coalesce(x.error, s.error) \
+                 FROM unnest($1::uuid[], $2::text[], $3::jsonb[], $4::text[]) AS x(id, status, output, error) \
+                 WHERE s.id = x.id AND s.status = 'running' AND s.locked_by = $5",
             )
-            .execute(conn)?;
+            .bind::<Array<SqlUuid>, _>(&ids)
+            .bind::<Array<Text>, _>(&statuses)
+            .bind::<Array<Nullable<Jsonb>>, _>(&outputs)
+            .bind::<Array<Nullable<Text>>, _>(&errors)
+            .bind::<Text, _>(WAITS_WORKER),
+        )
+        .execute(conn)?;
+        if ended != ids.len() {
+            return Err(Error::Query(diesel::result::Error::NotFound));
         }
         if !deliveries.is_empty() {
             let (signals, steps): (Vec<Uuid>, Vec<Uuid>) = deliveries.into_iter().unzip();
