@@ -15,18 +15,52 @@
 //! one thread raises (never lowers) the limits; delayed starts are started
 //! by [`engine::start_due_executions`] and throttled steps admitted by
 //! [`engine::rebalance_concurrency_keys`] as operations of their own.
+//!
+//! Timers and signals are in the mix too: some workflows have timer nodes
+//! (0 to 50 ms, now and then a `timer_until` in the past, and workflows made
+//! on the fly with a `timer_until` up to 200 ms in the past or the future)
+//! and signal nodes (one in three with a timeout of 20 to 300 ms), as roots
+//! and in the middle of DAGs, two of them sometimes waiting for the same
+//! name. Due waits are fired by [`engine::fire_due_waits`] from a thread of
+//! their own (a maintenance leader) and from the workers now and then (also
+//! in a slow transaction, as several leaders would); a signal-sender thread
+//! and the workers send signals ([`engine::send_signal`]) to executions
+//! with signal nodes: mostly to a step that waits, sometimes before the step
+//! is reached, twice, to a name no step will take, inside a transaction that
+//! pauses the execution, and to executions seen final, where
+//! [`Error::SignalRefused`] is expected (counted, like a signal to an
+//! execution that finished meanwhile). A sampler checks four times a second,
+//! in one statement, that every ready wait step is armed (a timer has a
+//! `wake_at`; a signal wait with a signal in its mailbox is due). Triggers
+//! log every status change of a wait step and every signal sent and
+//! delivered, and at the end the logs are checked (the executions pruned
+//! meanwhile included): each completed signal step took exactly one signal,
+//! of its execution and name, and its output is that signal's payload; no
+//! signal was delivered twice; every completed timer fired when due and not
+//! before its upstream steps finished plus its delay (or its time); every
+//! timed-out signal wait failed after its deadline, which its error names;
+//! each wait step went `pending -> running -> completed|failed` under
+//! [`engine::WAITS_WORKER`], or was skipped (its execution cancelled or
+//! failed first), which the history of the executions left at the end
+//! shows too; and what the reports of `fire_due_waits` and `send_signal`
+//! counted is what the logs hold. The report's [`WaitSummary`] has the counts
+//! (timers fired, signals sent, delivered, refused, timed out) and
+//! [`WaitSummary::missing`] names the kinds a run did not exercise.
+//!
 //! Then it drains (resumes every paused queue and execution, restores the
-//! setup limits for a moment, then lifts them, starts what is due, claims
-//! and completes until nothing is left) and checks that every execution is
+//! setup limits for a moment, then lifts them, starts what is due, fires
+//! due waits, signals the steps still waiting without timeout, claims and
+//! completes until nothing is left) and checks that every execution is
 //! final and that
 //! [`check_invariants`](crate::engine::check_invariants) finds nothing (no
 //! error, and no throttled step with a free slot after a final rebalance).
 //!
 //! Expected refusals ([`Error::LeaseLost`], [`Error::TransitionConflict`],
 //! [`Error::IllegalTransition`], [`Error::NotFound`], a sub-execution whose
-//! parent was pruned) are counted; any other error (a deadlock, a
-//! serialization failure, a trigger's exception, a statement timeout) fails
-//! the run. While the threads run, a checker thread runs the invariant
+//! parent was pruned, a signal refused by a final execution) are counted;
+//! any other error (a deadlock, a serialization failure, a trigger's
+//! exception, a statement timeout) fails the run (the deadlocks and
+//! serialization failures of wait operations are also counted apart). While the threads run, a checker thread runs the invariant
 //! checker every few seconds (each batch sees one snapshot, so a committed
 //! state must already be consistent), a sampler thread counts ten times a
 //! second, in one statement, the running steps of every configured queue
@@ -51,9 +85,9 @@
 //! # Ok::<(), workflow_db::Error>(())
 //! ```
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::fmt;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -71,6 +105,10 @@ use crate::engine::{self, Backoff, CheckOptions, InvariantKind, InvariantReport,
 use crate::error::{Error, Result};
 use crate::graph::{Edge, Node, WorkflowGraph};
 use crate::models::{ExecutionStep, Lease, NewExecution, NewWorkflow};
+
+mod waits;
+
+pub use waits::{WaitChecked, WaitCounts, WaitSummary};
 
 /// What to run.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -155,7 +193,8 @@ fn seed_from_clock() -> u64 {
 pub struct Failure {
     /// When, from the start of the run.
     pub at: Duration,
-    /// Which thread (`usize::MAX` for the drain).
+    /// Which thread (`usize::MAX` for the drain, `usize::MAX - 1` for the
+    /// thread firing due waits, `usize::MAX - 2` for the signal sender).
     pub thread: usize,
     /// The operation that failed.
     pub op: &'static str,
@@ -229,13 +268,17 @@ pub struct TortureReport {
     pub final_check: InvariantReport,
     /// What the delete triggers recorded (the first 100 rows).
     pub audit: Vec<AuditRow>,
+    /// Timers and signals: what was done, and what was wrong with them
+    /// while the threads ran and in the logs at the end.
+    pub waits: WaitSummary,
 }
 
 impl TortureReport {
     /// Nothing unexpected: no error, no broken invariant during or after the
     /// run, every execution final, no throttled step left with a free slot
     /// after the final rebalance (a warning elsewhere), nothing deleted that
-    /// was in use.
+    /// was in use, nothing wrong with a timer or a signal
+    /// ([`WaitSummary::violations`]).
     pub fn passed(&self) -> bool {
         self.failure_count == 0
             && self.detections.is_empty()
@@ -243,6 +286,7 @@ impl TortureReport {
             && self.final_check.is_clean()
             && self.final_check.count(InvariantKind::ThrottledWithFreeSlot) == 0
             && self.audit.is_empty()
+            && self.waits.violation_count == 0
     }
 
     /// The time of the first failure of any kind (error or broken invariant
@@ -359,15 +403,16 @@ impl fmt::Display for TortureReport {
                 a.what, a.execution_id, a.step_id, a.status
             )?;
         }
-        Ok(())
+        write!(f, "{}", self.waits)
     }
 }
 
 fn thread_name(thread: usize) -> String {
-    if thread == usize::MAX {
-        "drain".into()
-    } else {
-        thread.to_string()
+    match thread {
+        usize::MAX => "drain".into(),
+        waits::LEADER => "waits-leader".into(),
+        waits::SENDER => "signal-sender".into(),
+        _ => thread.to_string(),
     }
 }
 
@@ -529,28 +574,63 @@ fn fan(rng: &mut SplitMix, k: u64) -> WorkflowGraph {
     WorkflowGraph { nodes, edges }
 }
 
-/// The workflows of a run, with how often each is started.
-fn workflows(conn: &mut PgConnection, rng: &mut SplitMix) -> Result<Vec<(Uuid, u64)>> {
+/// Workflows with how often each is started.
+type Weighted = Vec<(Uuid, u64)>;
+
+/// The workflows of a run, with how often each is started, and the ones
+/// with signal nodes. Timers and signal waits ([`waits`]) are sprinkled
+/// over some of the shapes (roots and middle nodes alike), and some shapes
+/// are made of them.
+fn workflows(conn: &mut PgConnection, rng: &mut SplitMix) -> Result<(Weighted, HashSet<Uuid>)> {
     let mut shapes: Vec<(&str, WorkflowGraph, u64)> =
         vec![("single", chain(rng, 1), 4), ("diamond", fan(rng, 2), 10)];
-    for _ in 0..3 {
+    for i in 0..3 {
         let n = rng.range(2, 8);
-        shapes.push(("chain", chain(rng, n), 8));
+        let g = chain(rng, n);
+        let g = if i < 2 {
+            waits::with_waits(rng, g, 10, 6)
+        } else {
+            g
+        };
+        shapes.push(("chain", g, 8));
         let k = rng.range(5, 40);
-        shapes.push(("fan", fan(rng, k), 4));
+        let g = fan(rng, k);
+        let g = if i == 0 {
+            waits::with_waits(rng, g, 5, 3)
+        } else {
+            g
+        };
+        shapes.push(("fan", g, 4));
         let (layers, width) = (rng.range(3, 6), rng.range(2, 6));
-        shapes.push(("layered", layered(rng, layers, (1, width), 3), 8));
+        let g = layered(rng, layers, (1, width), 3);
+        let g = if i < 2 {
+            waits::with_waits(rng, g, 8, 4)
+        } else {
+            g
+        };
+        shapes.push(("layered", g, 8));
     }
     // About 200 nodes: 10 layers of 16 to 24.
-    for _ in 0..2 {
-        shapes.push(("large", layered(rng, 10, (16, 24), 2), 1));
+    for i in 0..2 {
+        let g = layered(rng, 10, (16, 24), 2);
+        let g = if i == 0 {
+            waits::with_waits(rng, g, 2, 1)
+        } else {
+            g
+        };
+        shapes.push(("large", g, 1));
     }
+    shapes.extend(waits::shapes(rng, node));
     let mut out = Vec::new();
+    let mut with_signals = HashSet::new();
     for (name, graph, weight) in shapes {
         let wf = NewWorkflow::from_graph(name, &graph).create(conn)?;
         out.push((wf.id, weight));
+        if !waits::signal_names(&graph).is_empty() {
+            with_signals.insert(wf.id);
+        }
     }
-    Ok(out)
+    Ok((out, with_signals))
 }
 
 // ---------------------------------------------------------------------------
@@ -573,6 +653,19 @@ struct Shared {
     /// keys, and of [`LIMITED_QUEUE`].
     key_limits: Vec<(&'static str, i32)>,
     queue_limit: i32,
+    /// The workflows with signal nodes.
+    signal_workflows: HashSet<Uuid>,
+    /// Executions of those (a bounded sample, newest last; the final ones
+    /// leave it when the sender sees them).
+    signal_executions: Mutex<Vec<Uuid>>,
+    /// Numbers the signals' payloads (unique in the run).
+    signal_seq: AtomicU64,
+    /// What was done with timers and signals (what committed).
+    waits: Mutex<WaitCounts>,
+    /// Wait violations seen while running: the first 100, and how many.
+    wait_violations: Mutex<(Vec<String>, u64)>,
+    /// The wait sampler's samples and the largest lateness it saw.
+    wait_samples: Mutex<(u64, Duration)>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -666,6 +759,7 @@ impl Tally {
     fn record(&mut self, shared: &Shared, thread: usize, op: &'static str, result: Result<()>) {
         *self.ops.entry(op).or_default() += 1;
         let Err(e) = result else { return };
+        waits::count_retryable(shared, op, &e);
         // With transactions outside the lock order, any session may be the
         // victim of a deadlock one of them caused: all are tolerated then.
         let kind = expected(&e)
@@ -703,6 +797,10 @@ fn expected(e: &Error) -> Option<&'static str> {
         Error::TransitionConflict { .. } => Some("transition conflict"),
         Error::IllegalTransition { .. } => Some("illegal transition"),
         Error::NotFound { .. } => Some("not found"),
+        // A signal to an execution that was final by then.
+        Error::SignalRefused { reason, .. } if reason.contains("takes no more signals") => {
+            Some("signal refused")
+        }
         // A sub-execution whose parent was pruned meanwhile.
         Error::Query(DieselError::DatabaseError(DatabaseErrorKind::ForeignKeyViolation, info))
             if info.constraint_name() == Some("executions_parent_execution_id_fkey") =>
@@ -795,7 +893,8 @@ pub fn run(url: &DatabaseUrl, config: &TortureConfig) -> Result<TortureReport> {
     let shared_url = url.clone();
     let mut setup = crate::pool::connect_as(url, "workflow-db-torture")?;
     setup.batch_execute(AUDIT)?;
-    let workflows = workflows(&mut setup, &mut rng)?;
+    setup.batch_execute(waits::WAIT_LOG)?;
+    let (workflows, signal_workflows) = workflows(&mut setup, &mut rng)?;
     // Flow control: limits on the first keys and the first queue.
     let mut key_limits = Vec::new();
     for key in &KEYS[..LIMITED_KEYS] {
@@ -817,6 +916,12 @@ pub fn run(url: &DatabaseUrl, config: &TortureConfig) -> Result<TortureReport> {
         crash_counter: AtomicUsize::new(0),
         key_limits,
         queue_limit,
+        signal_workflows,
+        signal_executions: Mutex::new(Vec::new()),
+        signal_seq: AtomicU64::new(0),
+        waits: Mutex::new(WaitCounts::default()),
+        wait_violations: Mutex::new((Vec::new(), 0)),
+        wait_samples: Mutex::new((0, Duration::ZERO)),
     });
 
     let mut workers = Vec::new();
@@ -834,6 +939,25 @@ pub fn run(url: &DatabaseUrl, config: &TortureConfig) -> Result<TortureReport> {
         let shared = Arc::clone(&shared);
         thread::spawn(move || sample_limits_while_running(&shared, Duration::from_millis(100)))
     };
+    // Timers and signals: a maintenance leader firing due waits (the
+    // workers fire them too, now and then), a signal sender, a sampler of
+    // the armed waits.
+    let mut wait_threads = Vec::new();
+    for (which, salt) in [(waits::LEADER, 0x1EAD_u64), (waits::SENDER, 0x5E4D)] {
+        let shared = Arc::clone(&shared);
+        let seed = SplitMix(config.seed ^ salt.wrapping_mul(0x9E37_79B9)).next();
+        wait_threads.push(thread::spawn(move || {
+            if which == waits::LEADER {
+                waits::leader(&shared, seed)
+            } else {
+                waits::sender(&shared, seed)
+            }
+        }));
+    }
+    let wait_sampler = {
+        let shared = Arc::clone(&shared);
+        thread::spawn(move || waits::sample_while_running(&shared, Duration::from_millis(250)))
+    };
 
     let deadline = shared.start + config.duration;
     while Instant::now() < deadline {
@@ -848,7 +972,7 @@ pub fn run(url: &DatabaseUrl, config: &TortureConfig) -> Result<TortureReport> {
     }
     shared.stop.store(true, Ordering::SeqCst);
     let mut tally = Tally::default();
-    for w in workers {
+    for w in workers.into_iter().chain(wait_threads) {
         match w.join() {
             Ok(t) => tally.merge(t),
             Err(_) => {
@@ -868,6 +992,7 @@ pub fn run(url: &DatabaseUrl, config: &TortureConfig) -> Result<TortureReport> {
         None => (Vec::new(), 0),
     };
     let (sampled, samples_during_run) = sampler.join().unwrap_or_default();
+    *lock(&shared.wait_samples) = wait_sampler.join().unwrap_or_default();
     let detections = merge_detections(detections, sampled);
     let ran_for = shared.elapsed();
     if config.verbose {
@@ -910,6 +1035,7 @@ pub fn run(url: &DatabaseUrl, config: &TortureConfig) -> Result<TortureReport> {
     )
     .bind::<BigInt, _>(AUDIT_LIMIT as i64)
     .load(&mut setup)?;
+    let waits = waits::check(&shared, &mut setup)?;
 
     tally.failures.sort_by_key(|f| f.at);
     Ok(TortureReport {
@@ -928,6 +1054,7 @@ pub fn run(url: &DatabaseUrl, config: &TortureConfig) -> Result<TortureReport> {
         unfinished,
         final_check,
         audit,
+        waits,
     })
 }
 
@@ -980,10 +1107,20 @@ const OPS: &[(&str, u64)] = &[
     ("raise_key_limit", 1),
     ("raise_queue_limit", 1),
     ("tx_queue_pause_resume", 1),
+    ("fire_waits", 3),
+    ("tx_fire_waits_slow", 1),
+    ("signal", 3),
+    ("tx_signal_slow", 1),
+    ("tx_pause_signal", 1),
+    ("start_until", 1),
 ];
 
 /// With [`TortureConfig::cross_execution`]: transactions outside the lock order.
-const CROSS_OPS: &[(&str, u64)] = &[("tx_claim_finish", 2), ("tx_finish_two_executions", 2)];
+const CROSS_OPS: &[(&str, u64)] = &[
+    ("tx_claim_finish", 2),
+    ("tx_finish_two_executions", 2),
+    ("tx_complete_fire_waits", 1),
+];
 
 const WORKER: &str = "w";
 
@@ -1123,6 +1260,7 @@ fn start(shared: &Shared, conn: &mut PgConnection, rng: &mut SplitMix, parent: b
     let started = engine::start_execution(conn, &new)?;
     if started.created {
         shared.remember(started.execution.id);
+        shared.remember_signal_execution(wf, started.execution.id);
     }
     Ok(())
 }
@@ -1136,6 +1274,9 @@ fn step(
     held: &mut Vec<Held>,
     op: &'static str,
 ) -> Result<()> {
+    if waits::WAIT_OPS.contains(&op) {
+        return waits::step(shared, conn, rng, op, held);
+    }
     match op {
         "start" => start(shared, conn, rng, false),
         "sub_start" => start(shared, conn, rng, true),
@@ -1714,6 +1855,9 @@ fn drain(shared: &Shared, conn: &mut PgConnection, tally: &mut Tally) -> Result<
         // freed while another transaction held them.
         let rebalanced = engine::rebalance_concurrency_keys(conn).map_err(Error::from);
         tally.record(shared, DRAIN, "drain_rebalance", rebalanced.map(drop));
+        // Timers and signal waits: fire what is due, signal the steps
+        // waiting without timeout.
+        let waited = waits::drain(shared, conn, tally)?;
         let reclaimed = engine::reclaim_expired(conn, 1000).map_err(Error::from);
         let reclaimed = match reclaimed {
             Ok(r) => r.len(),
@@ -1747,7 +1891,7 @@ fn drain(shared: &Shared, conn: &mut PgConnection, tally: &mut Tally) -> Result<
         if Instant::now() > deadline {
             return Ok(false);
         }
-        if claimed.is_empty() && reclaimed == 0 {
+        if claimed.is_empty() && reclaimed == 0 && waited == 0 {
             // Waiting for leases to expire or backoffs to pass is fine; with
             // nothing running or pending for a few seconds, it is stuck.
             let waiting = diesel::sql_query(

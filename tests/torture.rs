@@ -1,7 +1,8 @@
 //! The randomized concurrency torture (`workflow_db::torture`), bounded for
 //! CI: 4 threads for 40 s by default, then a drain and the invariant check;
 //! flow control (priorities, queues, concurrency keys, delayed starts, dedup
-//! keys) is in its mix.
+//! keys) and timers and signals (a maintenance leader firing due waits, a
+//! signal sender, the checks of every wait step at the end) are in its mix.
 //! `TORTURE_SEED` replays a run's choices, `TORTURE_SECONDS` and
 //! `TORTURE_THREADS` change its size; for long runs use the example:
 //! `cargo run --release --example torture --features test-utils -- --seconds 600 --seed 42`.
@@ -37,7 +38,21 @@ fn torture() {
             "{op}: {report}"
         );
     }
+    // Timers and signals were: timers fired, signals delivered at once and
+    // later, refused, timed out, and the end-of-run checks looked at each
+    // kind of wait step (a run of normal length; a short one may miss some).
+    if config.duration >= NORMAL_LENGTH {
+        let missing = report.waits.missing();
+        assert!(
+            missing.is_empty(),
+            "waits not exercised: {}\n{report}",
+            missing.join(", ")
+        );
+    }
 }
+
+/// A run at least this long must show every kind of wait activity.
+const NORMAL_LENGTH: std::time::Duration = std::time::Duration::from_secs(20);
 
 /// Flow control under races the torture met, made deterministic (a third
 /// session holding a row, or a sleep in the test database's copy of a
