@@ -596,7 +596,7 @@ impl SignalState {
 /// signals of their names.
 const SIGNAL_STATE: &str = "\
 SELECT x.status::text AS execution_status, s.wait_signal AS name, s.status::text AS status,
-       s.upstream_pending, s.wait_delay IS NOT NULL AS timed,
+       s.upstream_pending, s.wait_seconds IS NOT NULL AS timed,
        (SELECT count(*) FROM execution_signals g
          WHERE g.execution_id = x.id AND g.name = s.wait_signal AND g.delivered_to IS NULL) AS kept
   FROM executions x LEFT JOIN execution_steps s ON s.execution_id = x.id AND s.wait_signal IS NOT NULL
@@ -1055,7 +1055,7 @@ BEGIN
                                   worker, output, error, wait_delay, wait_until, wake_at, wait_signal,
                                   upstream_done, upstream_open)
     VALUES (NEW.id, NEW.execution_id, NEW.node_id, NEW.node_type, OLD.status::text, NEW.status::text,
-            coalesce(NEW.locked_by, OLD.locked_by), NEW.output, NEW.error, NEW.wait_delay,
+            coalesce(NEW.locked_by, OLD.locked_by), NEW.output, NEW.error, NEW.wait_seconds * interval '1 second',
             NEW.wait_until, NEW.wake_at, NEW.wait_signal, done, open);
     RETURN NULL;
 END $$;
