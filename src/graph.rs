@@ -102,7 +102,8 @@ impl Node {
     }
 
     /// A durable timer that completes `delay` after its upstream steps are
-    /// done (a root node: after its execution starts), with output
+    /// done (a root node: after its insert, or its execution's
+    /// `start_after`), with output
     /// `{"due_at", "fired_at"}`. No worker holds anything while it waits;
     /// the maintenance loop fires it (see `docs/engine.md`, "Timers and
     /// signals"). Sub-microsecond parts of `delay` are dropped.

@@ -3,8 +3,9 @@
 -- ("Timers and signals") is the guide; the rules:
 --
 -- * A node of type 'workflow_db.timer' (config.seconds: a delay counted from
---   the moment its upstream steps are done, from the execution's start for a
---   root node; or config.until: an absolute time) completes when its time
+--   the moment its upstream steps are done, from its insert (or the
+--   execution's start_after) for a root node; or config.until: an RFC 3339
+--   time with its offset) completes when its time
 --   comes, with output {"due_at", "fired_at"}.
 -- * A node of type 'workflow_db.signal' (config.signal: a name; optional
 --   config.timeout_seconds) waits for a signal of that name sent to its
