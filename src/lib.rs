@@ -12,6 +12,8 @@ pub mod error;
 pub mod graph;
 pub mod migrate;
 pub mod models;
+#[cfg(feature = "cli")]
+pub mod ops;
 pub mod pool;
 mod prepared;
 #[cfg(feature = "runtime")]

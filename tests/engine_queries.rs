@@ -184,6 +184,7 @@ fn keyset_pages_cover_every_row_exactly_once() {
         user_id: Some("u0".into()),
         started_from: Some("2026-01-01T01:00:00Z".parse().unwrap()),
         started_before: Some("2026-01-01T06:00:00Z".parse().unwrap()),
+        queue: None,
     };
     let filtered = collect(&mut conn, &filter, 3);
     let expected: HashSet<Uuid> = seen

@@ -82,7 +82,8 @@ pub use notify::{
 };
 pub use query::{
     ExecutionFilter, ExecutionPage, ancestors, count_by_status, descendants,
-    find_execution_by_short_id, find_workflow_by_short_id, list_executions, prune_executions,
+    find_execution_by_short_id, find_step_by_short_id, find_workflow_by_short_id, list_executions,
+    prune_executions,
 };
 pub use recovery::{
     Why, replay_execution, rerun_execution, why_not_running, why_schedule_not_firing,

@@ -6,8 +6,8 @@ use uuid::Uuid;
 
 use crate::enums::ExecutionStatus;
 use crate::error::{Error, Result};
-use crate::models::{Execution, MAX_PAGE_SIZE, Workflow};
-use crate::schema::{executions, workflows};
+use crate::models::{Execution, ExecutionStep, MAX_PAGE_SIZE, Workflow};
+use crate::schema::{execution_steps, executions, workflows};
 
 /// Filters of [`list_executions`]; the default lists everything.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -22,6 +22,9 @@ pub struct ExecutionFilter {
     pub started_from: Option<DateTime<Utc>>,
     /// Only executions started before this time.
     pub started_before: Option<DateTime<Utc>>,
+    /// Only executions with a step on this queue (its `queue`, else its
+    /// node type: `workflow_db_step_queue`).
+    pub queue: Option<String>,
 }
 
 /// One page of [`list_executions`].
@@ -87,6 +90,16 @@ pub fn list_executions(
     }
     if let Some(before) = filter.started_before {
         query = query.filter(executions::started_at.lt(before));
+    }
+    if let Some(queue) = &filter.queue {
+        query = query.filter(
+            diesel::dsl::sql::<diesel::sql_types::Bool>(
+                "EXISTS (SELECT 1 FROM execution_steps s WHERE s.execution_id = executions.id \
+                   AND workflow_db_step_queue(s.queue, s.node_type) = ",
+            )
+            .bind::<diesel::sql_types::Text, _>(queue.clone())
+            .sql(")"),
+        );
     }
     if let Some(cursor) = cursor {
         let (time, id) = decode_cursor(cursor)?;
@@ -212,6 +225,12 @@ pub fn find_workflow_by_short_id(conn: &mut PgConnection, prefix: &str) -> Resul
 #[tracing::instrument(skip(conn))]
 pub fn find_execution_by_short_id(conn: &mut PgConnection, prefix: &str) -> Result<Execution> {
     by_short_id!(conn, prefix, executions, Execution, "execution")
+}
+
+/// The step whose id starts with `prefix`, as [`find_workflow_by_short_id`].
+#[tracing::instrument(skip(conn))]
+pub fn find_step_by_short_id(conn: &mut PgConnection, prefix: &str) -> Result<ExecutionStep> {
+    by_short_id!(conn, prefix, execution_steps, ExecutionStep, "step")
 }
 
 /// Guard against a parent cycle written by hand.

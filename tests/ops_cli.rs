@@ -1,0 +1,470 @@
+#![cfg(feature = "cli")]
+//! `db-ops` as operators and scripts run it, against a database with
+//! executions in several states built through the engine API: exit codes,
+//! `--json` shapes, filters and pages, short ids, the drawn graph, and that
+//! a change refused for want of confirmation leaves the database as it was.
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use common::{PASSWORD, snapshot, url_with};
+use serde_json::{Value, json};
+use workflow_db::engine::{self, Backoff};
+use workflow_db::testing::TestDatabase;
+use workflow_db::{Edge, ExecutionStatus, NewExecution, NewWorkflow, Node, WorkflowGraph};
+
+const OPS: &str = env!("CARGO_BIN_EXE_db-ops");
+
+struct Run {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+impl Run {
+    /// The stdout JSON lines.
+    fn lines(&self) -> Vec<Value> {
+        self.stdout
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+            .collect()
+    }
+
+    fn events(&self, event: &str) -> Vec<Value> {
+        self.lines()
+            .into_iter()
+            .filter(|l| l["event"] == event)
+            .collect()
+    }
+}
+
+/// Runs `db-ops` with the database URL (holding a password) outside the
+/// repository, without a terminal, and checks the password is not printed.
+fn ops(url: &str, args: &[&str]) -> Run {
+    let out = Command::new(OPS)
+        .args(args)
+        .current_dir(std::env::temp_dir())
+        .stdin(Stdio::null())
+        .env_remove("NO_COLOR")
+        .env("DATABASE_URL", url)
+        .output()
+        .unwrap();
+    let run = Run {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8(out.stdout).unwrap(),
+        stderr: String::from_utf8(out.stderr).unwrap(),
+    };
+    assert!(
+        !run.stdout.contains(PASSWORD) && !run.stderr.contains(PASSWORD),
+        "db-ops {args:?} printed the password:\n{}{}",
+        run.stdout,
+        run.stderr
+    );
+    run
+}
+
+fn ok(url: &str, args: &[&str]) -> Run {
+    let r = ops(url, args);
+    assert_eq!(r.code, 0, "db-ops {args:?}: {}{}", r.stdout, r.stderr);
+    r
+}
+
+struct Fixture {
+    db: TestDatabase,
+    url: String,
+    completed: uuid::Uuid,
+    failed: uuid::Uuid,
+    expired: uuid::Uuid,
+    paused: uuid::Uuid,
+    fresh: uuid::Uuid,
+}
+
+/// `fetch -> store`, `fetch -> audit`, each node its own queue, no retries.
+/// Executions, oldest first: completed (user alice), failed at `store`
+/// (bob), running with `fetch`'s lease expired (alice), paused (bob), and
+/// running with `fetch` ready (carol).
+fn fixture() -> Fixture {
+    let db = TestDatabase::new();
+    let conn = &mut db.connect();
+    let node = |id: &str| Node::new(id, id).config(json!({ "max_retries": 0 }));
+    let graph = WorkflowGraph {
+        nodes: vec![node("fetch"), node("store"), node("audit")],
+        edges: vec![Edge::new("fetch", "store"), Edge::new("fetch", "audit")],
+    };
+    let wf = NewWorkflow::from_graph("ops-flow", &graph)
+        .create(conn)
+        .unwrap();
+    let start = |conn: &mut _, user: &str| {
+        engine::start_execution(conn, &NewExecution::new(wf.id).user_id(user))
+            .unwrap()
+            .execution
+            .id
+    };
+    let claim = |conn: &mut _, queue: &str, lease: Duration| {
+        let steps = engine::claim_from(conn, "w1", &[queue.to_owned()], 10, lease).unwrap();
+        assert_eq!(steps.len(), 1, "one {queue} step claimable");
+        steps[0].lease().unwrap()
+    };
+    let lease = Duration::from_secs(60);
+
+    let completed = start(conn, "alice");
+    for q in ["fetch", "store", "audit"] {
+        let l = claim(conn, q, lease);
+        engine::complete_step(conn, &l, None).unwrap();
+    }
+    let failed = start(conn, "bob");
+    let l = claim(conn, "fetch", lease);
+    engine::complete_step(conn, &l, None).unwrap();
+    let l = claim(conn, "store", lease);
+    engine::fail_step(conn, &l, "disk full\nsecond line", &Backoff::default()).unwrap();
+
+    let expired = start(conn, "alice");
+    claim(conn, "fetch", Duration::from_millis(1));
+    std::thread::sleep(Duration::from_millis(20));
+
+    let paused = start(conn, "bob");
+    engine::pause(conn, paused).unwrap();
+    let fresh = start(conn, "carol");
+
+    let status = |conn: &mut _, id| workflow_db::Execution::find(conn, id).unwrap().status;
+    assert_eq!(status(conn, completed), ExecutionStatus::Completed);
+    assert_eq!(status(conn, failed), ExecutionStatus::Failed);
+    let url = url_with(&db, None, None);
+    Fixture {
+        db,
+        url,
+        completed,
+        failed,
+        expired,
+        paused,
+        fresh,
+    }
+}
+
+fn ids(lines: &[Value]) -> Vec<String> {
+    lines
+        .iter()
+        .map(|l| l["id"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+#[test]
+fn list_filters_pages_and_short_ids() {
+    let f = fixture();
+    let url = &f.url;
+    let all = ok(url, &["--json", "list"]);
+    let execs = all.events("execution");
+    let newest_first: Vec<String> = [f.fresh, f.paused, f.expired, f.failed, f.completed]
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    assert_eq!(ids(&execs), newest_first);
+    for key in [
+        "id",
+        "short_id",
+        "workflow_id",
+        "workflow",
+        "workflow_version",
+        "status",
+        "user_id",
+        "started_at",
+        "completed_at",
+        "error",
+    ] {
+        assert!(execs[0].get(key).is_some(), "missing {key}: {}", execs[0]);
+    }
+    assert_eq!(execs[0]["workflow"], "ops-flow");
+    assert_eq!(
+        all.events("page"),
+        vec![json!({"event": "page", "count": 5, "next_cursor": null})]
+    );
+
+    // Pages of 2 continue without overlap or gap.
+    let mut seen = Vec::new();
+    let mut after: Option<String> = None;
+    for _ in 0..5 {
+        let mut args = vec!["--json", "list", "--limit", "2"];
+        if let Some(a) = &after {
+            args.extend(["--after", a.as_str()]);
+        }
+        let r = ok(url, &args);
+        seen.extend(ids(&r.events("execution")));
+        after = r.events("page")[0]["next_cursor"]
+            .as_str()
+            .map(str::to_owned);
+        if after.is_none() {
+            break;
+        }
+    }
+    assert_eq!(seen, newest_first);
+
+    // Filters.
+    let by =
+        |args: &[&str]| ids(&ok(url, &[&["--json", "list"], args].concat()).events("execution"));
+    assert_eq!(by(&["--status", "failed"]), vec![f.failed.to_string()]);
+    assert_eq!(
+        by(&["--status", "paused", "--status", "completed"]),
+        vec![f.paused.to_string(), f.completed.to_string()]
+    );
+    assert_eq!(
+        by(&["--user", "alice"]),
+        vec![f.expired.to_string(), f.completed.to_string()]
+    );
+    assert_eq!(by(&["--workflow", "ops-flow"]).len(), 5);
+    assert_eq!(by(&["--queue", "store"]).len(), 5);
+    assert!(by(&["--queue", "nope"]).is_empty());
+    assert!(by(&["--since", "2999-01-01T00:00:00Z"]).is_empty());
+    assert_eq!(by(&["--until", "2999-01-01T00:00:00Z"]).len(), 5);
+    // Human output: a header, one line per execution, the page line.
+    let text = ok(url, &["list", "--status", "failed"]);
+    assert_eq!(text.stdout.lines().count(), 3, "{}", text.stdout);
+    assert!(
+        text.stdout.contains("disk full second line"),
+        "{}",
+        text.stdout
+    );
+    // A bad status is a usage error.
+    assert_eq!(ops(url, &["list", "--status", "bogus"]).code, 2);
+
+    // Short ids: the printed one works; a prefix shared by several is ambiguous.
+    let short = execs[3]["short_id"].as_str().unwrap();
+    let r = ok(url, &["--json", "show", short]);
+    assert_eq!(r.events("execution")[0]["id"], f.failed.to_string());
+    let all_ids: Vec<String> = [f.completed, f.failed, f.expired, f.paused, f.fresh]
+        .iter()
+        .map(|i| i.simple().to_string())
+        .collect();
+    let (a, b) = all_ids
+        .iter()
+        .flat_map(|a| all_ids.iter().filter(move |b| *b != a).map(move |b| (a, b)))
+        .max_by_key(|(a, b)| a.chars().zip(b.chars()).take_while(|(x, y)| x == y).count())
+        .unwrap();
+    let common = a.chars().zip(b.chars()).take_while(|(x, y)| x == y).count();
+    assert!(common >= 8, "executions created a minute apart?");
+    let prefix = &a[..8];
+    let r = ops(url, &["show", prefix]);
+    assert_eq!(r.code, 1);
+    assert!(r.stderr.contains("ambiguous"), "{}", r.stderr);
+    let r = ops(url, &["--json", "show", prefix]);
+    assert_eq!(r.code, 1);
+    let err = &r.events("error")[0];
+    assert!(err["message"].as_str().unwrap().contains("ambiguous"));
+    assert_eq!(err["exit_code"], 1);
+    // Unknown id: exit 1, named.
+    let r = ops(url, &["show", "ffffffffffff"]);
+    assert_eq!(r.code, 1);
+    assert!(r.stderr.contains("not found"), "{}", r.stderr);
+}
+
+#[test]
+fn show_events_why_counts_and_stuck() {
+    let f = fixture();
+    let url = &f.url;
+
+    // show: fields, step table, graph; plain text without a terminal.
+    let r = ok(url, &["show", &f.failed.to_string()]);
+    assert!(!r.stdout.contains('\x1b'), "ANSI codes: {}", r.stdout);
+    assert!(r.stdout.contains("status:   failed"), "{}", r.stdout);
+    assert!(r.stdout.contains("NODE"), "{}", r.stdout);
+    assert!(r.stdout.contains("disk full second line"), "{}", r.stdout);
+    let graph: Vec<&str> = r
+        .stdout
+        .lines()
+        .skip_while(|l| *l != "graph:")
+        .skip(1)
+        .collect();
+    assert_eq!(graph.len(), 3, "{}", r.stdout);
+    assert!(graph[0].contains("layer 0") && graph[0].contains("fetch [completed]"));
+    assert!(graph[0].contains("-> audit, store"), "{}", graph[0]);
+    assert!(graph[1].contains("layer 1") && graph[1].contains("audit [skipped]"));
+    assert!(graph[2].contains("store [failed]"), "{}", graph[2]);
+
+    let r = ok(url, &["--json", "show", &f.failed.to_string()]);
+    assert_eq!(r.events("execution")[0]["status"], "failed");
+    let steps = r.events("step");
+    assert_eq!(steps.len(), 3);
+    for key in [
+        "id",
+        "node_id",
+        "node_type",
+        "queue",
+        "status",
+        "attempt",
+        "retry_count",
+        "max_retries",
+        "started_at",
+        "completed_at",
+        "error",
+    ] {
+        assert!(steps[0].get(key).is_some(), "missing {key}");
+    }
+    let edges: Vec<(String, String)> = r
+        .events("edge")
+        .iter()
+        .map(|e| {
+            (
+                e["source"].as_str().unwrap().to_owned(),
+                e["target"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        edges,
+        vec![
+            ("fetch".into(), "audit".into()),
+            ("fetch".into(), "store".into())
+        ]
+    );
+
+    // events: the timeline with the worker and the error.
+    let r = ok(url, &["--json", "events", &f.failed.to_string()]);
+    let t = r.events("transition");
+    assert!(
+        t.iter().any(|e| e["node_id"] == "store"
+            && e["from"] == "running"
+            && e["to"] == "failed"
+            && e["error"].as_str().is_some_and(|s| s.contains("disk full"))),
+        "{t:?}"
+    );
+    assert!(
+        t.iter()
+            .any(|e| e["node_id"].is_null() && e["to"] == "failed")
+    );
+    assert!(t.iter().any(|e| e["worker"] == "w1"), "{t:?}");
+    let text = ok(url, &["events", &f.failed.to_string()]);
+    assert!(text.stdout.contains("step store"), "{}", text.stdout);
+    assert!(text.stdout.contains("running -> failed"), "{}", text.stdout);
+
+    // why: the steps of the expired one wait for their upstream fetch.
+    let r = ok(url, &["--json", "why", &f.expired.to_string()]);
+    let why = r.events("why");
+    assert!(
+        why.iter().any(|w| w["node_id"] == "store"
+            && w["reason"] == "upstream"
+            && w["detail"].as_str().unwrap().contains("fetch")),
+        "{why:?}"
+    );
+    let store_step = ok(url, &["--json", "show", &f.expired.to_string()])
+        .events("step")
+        .into_iter()
+        .find(|s| s["node_id"] == "store")
+        .unwrap();
+    let r = ok(
+        url,
+        &[
+            "--json",
+            "why",
+            "--step",
+            store_step["id"].as_str().unwrap(),
+        ],
+    );
+    assert_eq!(r.events("why")[0]["reason"], "upstream");
+    let r = ok(url, &["why", &f.completed.to_string()]);
+    assert!(r.stdout.contains("finished"), "{}", r.stdout);
+
+    // counts.
+    let r = ok(url, &["--json", "counts"]);
+    let by_status: Vec<(String, i64)> = r
+        .events("executions")
+        .iter()
+        .map(|e| {
+            (
+                e["status"].as_str().unwrap().into(),
+                e["count"].as_i64().unwrap(),
+            )
+        })
+        .collect();
+    for (status, n) in [
+        ("running", 2),
+        ("paused", 1),
+        ("completed", 1),
+        ("failed", 1),
+    ] {
+        assert!(by_status.contains(&(status.into(), n)), "{by_status:?}");
+    }
+    assert_eq!(
+        r.events("ready_steps"),
+        vec![json!({"event": "ready_steps", "queue": "fetch", "count": 1})]
+    );
+    assert_eq!(
+        r.events("running_steps"),
+        vec![json!({"event": "running_steps", "queue": "fetch", "count": 1})]
+    );
+
+    // stuck: the expired lease of fetch; no execution without a runnable step.
+    let r = ok(url, &["--json", "stuck"]);
+    let leases = r.events("expired_lease");
+    assert_eq!(leases.len(), 1);
+    assert_eq!(leases[0]["execution_id"], f.expired.to_string());
+    assert_eq!(leases[0]["node_id"], "fetch");
+    assert_eq!(leases[0]["worker"], "w1");
+    assert!(r.events("stalled_execution").is_empty());
+    assert_eq!(r.events("stuck")[0]["expired_leases"], 1);
+    let text = ok(url, &["stuck"]);
+    assert!(text.stdout.contains("expired lease"), "{}", text.stdout);
+}
+
+#[test]
+fn changes_need_confirmation_and_apply_with_yes() {
+    let f = fixture();
+    let url = &f.url;
+    let before = snapshot(&f.db);
+    for (cmd, id) in [
+        ("cancel", f.fresh),
+        ("pause", f.fresh),
+        ("resume", f.paused),
+        ("retry", f.failed),
+    ] {
+        let r = ops(url, &[cmd, &id.to_string()]);
+        assert_eq!(r.code, 4, "{cmd}: {}{}", r.stdout, r.stderr);
+        assert!(r.stderr.contains("--yes"), "{}", r.stderr);
+        assert!(r.stderr.contains("nothing was changed"), "{}", r.stderr);
+        let r = ops(url, &["--json", cmd, &id.to_string()]);
+        assert_eq!(r.code, 4);
+        assert_eq!(r.events("error")[0]["rule"], "not-confirmed");
+    }
+    assert_eq!(
+        snapshot(&f.db),
+        before,
+        "a refused change changed the database"
+    );
+
+    let status = |id| {
+        workflow_db::Execution::find(&mut f.db.connect(), id)
+            .unwrap()
+            .status
+    };
+    let r = ok(url, &["--json", "cancel", "--yes", &f.fresh.to_string()]);
+    assert_eq!(
+        r.events("cancel")[0],
+        json!({"event": "cancel", "id": f.fresh.to_string(), "short_id": r.events("cancel")[0]["short_id"],
+               "from": "running", "status": "cancelled"})
+    );
+    assert_eq!(status(f.fresh), ExecutionStatus::Cancelled);
+
+    let r = ok(url, &["resume", "--yes", &f.paused.to_string()]);
+    assert!(r.stdout.contains("paused -> running"), "{}", r.stdout);
+    let r = ok(url, &["pause", "--yes", &f.paused.to_string()]);
+    assert!(r.stdout.contains("running -> paused"), "{}", r.stdout);
+    assert_eq!(status(f.paused), ExecutionStatus::Paused);
+
+    // retry replays the failed execution: store and audit pending again.
+    let r = ok(url, &["--json", "retry", "--yes", &f.failed.to_string()]);
+    assert_eq!(r.events("retry")[0]["status"], "running");
+    assert_eq!(status(f.failed), ExecutionStatus::Running);
+    let steps = ok(url, &["--json", "show", &f.failed.to_string()]).events("step");
+    for s in &steps {
+        let want = if s["node_id"] == "fetch" {
+            "completed"
+        } else {
+            "pending"
+        };
+        assert_eq!(s["status"], want, "{s}");
+    }
+
+    // An illegal change is an error (exit 1), not a confirmation matter.
+    let r = ops(url, &["cancel", "--yes", &f.completed.to_string()]);
+    assert_eq!(r.code, 1, "{}", r.stderr);
+}
