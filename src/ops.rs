@@ -227,7 +227,9 @@ pub fn paint(status: &str, colour: bool) -> String {
     format!("\x1b[{code}m{status}\x1b[0m")
 }
 
-fn cut(text: &str, max: usize) -> String {
+/// `text` on one line (line breaks as spaces), cut to `max` characters
+/// (the last one `…` when cut).
+pub fn one_line(text: &str, max: usize) -> String {
     let one_line = text.replace(['\n', '\r'], " ");
     if one_line.chars().count() <= max {
         one_line
@@ -277,7 +279,7 @@ pub fn step_table(steps: &[ExecutionStep]) -> Vec<String> {
                 time(s.completed_at),
                 s.error
                     .as_deref()
-                    .map_or_else(String::new, |e| cut(e, ERROR_WIDTH)),
+                    .map_or_else(String::new, |e| one_line(e, ERROR_WIDTH)),
             ]
         })
         .collect();
@@ -429,6 +431,6 @@ mod tests {
     fn paint_is_plain_without_colour() {
         assert_eq!(paint("failed", false), "failed");
         assert!(paint("failed", true).contains("\x1b[31m"));
-        assert_eq!(cut("ab\ncdef", 4), "ab …");
+        assert_eq!(one_line("ab\ncdef", 4), "ab …");
     }
 }

@@ -6,6 +6,7 @@
 
 mod common;
 
+use std::io::Write;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -266,7 +267,7 @@ fn show_events_why_counts_and_stuck() {
     // show: fields, step table, graph; plain text without a terminal.
     let r = ok(url, &["show", &f.failed.to_string()]);
     assert!(!r.stdout.contains('\x1b'), "ANSI codes: {}", r.stdout);
-    assert!(r.stdout.contains("status:   failed"), "{}", r.stdout);
+    assert!(r.stdout.contains("status:    failed"), "{}", r.stdout);
     assert!(r.stdout.contains("NODE"), "{}", r.stdout);
     assert!(r.stdout.contains("disk full second line"), "{}", r.stdout);
     let graph: Vec<&str> = r
@@ -467,4 +468,67 @@ fn changes_need_confirmation_and_apply_with_yes() {
     // An illegal change is an error (exit 1), not a confirmation matter.
     let r = ops(url, &["cancel", "--yes", &f.completed.to_string()]);
     assert_eq!(r.code, 1, "{}", r.stderr);
+}
+
+/// Runs `db-ops` in a pseudo-terminal (util-linux `script`), typing `answer`.
+fn in_pty(url: &str, args: &str, answer: &str, no_color: bool) -> (Option<i32>, String) {
+    let mut cmd = Command::new("script");
+    cmd.args(["-qec", &format!("'{OPS}' {args}"), "/dev/null"])
+        .current_dir(std::env::temp_dir())
+        .env("DATABASE_URL", url)
+        .env_remove("NO_COLOR")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    if no_color {
+        cmd.env("NO_COLOR", "1");
+    }
+    let mut child = cmd.spawn().unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(answer.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(!text.contains(PASSWORD), "{text}");
+    (out.status.code(), text)
+}
+
+#[test]
+fn on_a_terminal_changes_ask_and_show_is_coloured() {
+    if Command::new("script").arg("--version").output().is_err() {
+        eprintln!("skipped: util-linux `script` is not installed");
+        return;
+    }
+    let f = fixture();
+    let url = &f.url;
+    let before = snapshot(&f.db);
+    let cancel = format!("cancel {}", f.fresh);
+    for answer in ["\n", "n\n", "whatever\n"] {
+        let (code, text) = in_pty(url, &cancel, answer, false);
+        assert_eq!(code, Some(4), "{text}");
+        assert!(
+            text.contains("[y/N]") && text.contains("not confirmed"),
+            "{text}"
+        );
+        assert_eq!(snapshot(&f.db), before);
+    }
+    let (code, text) = in_pty(url, &cancel, "y\n", false);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(text.contains("running -> cancelled"), "{text}");
+    let status = workflow_db::Execution::find(&mut f.db.connect(), f.fresh)
+        .unwrap()
+        .status;
+    assert_eq!(status, ExecutionStatus::Cancelled);
+
+    // Colours on a terminal, unless NO_COLOR is set.
+    let show = format!("show {}", f.failed);
+    let (code, text) = in_pty(url, &show, "", false);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(text.contains("\x1b[31mfailed\x1b[0m"), "{text}");
+    let (_, text) = in_pty(url, &show, "", true);
+    assert!(!text.contains('\x1b'), "{text}");
+    assert!(text.contains("store [failed]"), "{text}");
 }

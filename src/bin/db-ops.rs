@@ -185,7 +185,7 @@ fn run_list(
             e.started_at
                 .map_or("-".into(), |t| t.format("%Y-%m-%d %H:%M:%S").to_string()),
             e.user_id.as_deref().unwrap_or("-"),
-            e.error.as_deref().unwrap_or("").replace('\n', " "),
+            ops::one_line(e.error.as_deref().unwrap_or(""), ops::ERROR_WIDTH),
         );
         out.event("execution", human.trim_end(), execution_fields(e, name));
     }
@@ -231,7 +231,7 @@ fn run_show(conn: &mut PgConnection, out: Reporter, text: bool, id: &str) -> any
     let edges = ops::execution_edges(conn, e.id)?;
     let colour = ops::use_colour(std::io::stdout().is_terminal());
     let human = format!(
-        "execution {} ({})\n  status:   {}\n  workflow: {} v{} ({})\n  user:     {}\n  started:  {}\n  completed: {}{}",
+        "execution {} ({})\n  status:    {}\n  workflow:  {} v{} ({})\n  user:      {}\n  started:   {}\n  completed: {}{}",
         e.id,
         short(e.id),
         ops::paint(e.status.as_str(), colour),
@@ -241,9 +241,10 @@ fn run_show(conn: &mut PgConnection, out: Reporter, text: bool, id: &str) -> any
         e.user_id.as_deref().unwrap_or("-"),
         e.started_at.map_or("-".into(), |t| t.to_rfc3339()),
         e.completed_at.map_or("-".into(), |t| t.to_rfc3339()),
-        e.error
-            .as_deref()
-            .map_or(String::new(), |err| format!("\n  error:    {err}")),
+        e.error.as_deref().map_or(String::new(), |err| format!(
+            "\n  error:     {}",
+            err.replace('\n', "\n             ")
+        )),
     );
     out.event("execution", human, execution_fields(&e, name));
     if text {
