@@ -214,6 +214,15 @@ fn list_filters_pages_and_short_ids() {
         vec![f.expired.to_string(), f.completed.to_string()]
     );
     assert_eq!(by(&["--workflow", "ops-flow"]).len(), 5);
+    let wf_short = &execs[0]["workflow_id"].as_str().unwrap()[..13];
+    assert_eq!(by(&["--workflow", wf_short]).len(), 5);
+    let r = ops(url, &["list", "--workflow", "no-such-flow"]);
+    assert_eq!(r.code, 1);
+    assert!(
+        r.stderr.contains("workflow no-such-flow not found"),
+        "{}",
+        r.stderr
+    );
     assert_eq!(by(&["--queue", "store"]).len(), 5);
     assert!(by(&["--queue", "nope"]).is_empty());
     assert!(by(&["--since", "2999-01-01T00:00:00Z"]).is_empty());
@@ -531,4 +540,41 @@ fn on_a_terminal_changes_ask_and_show_is_coloured() {
     let (_, text) = in_pty(url, &show, "", true);
     assert!(!text.contains('\x1b'), "{text}");
     assert!(text.contains("store [failed]"), "{text}");
+}
+
+#[test]
+fn stuck_lists_a_running_execution_nothing_can_move() {
+    use diesel::RunQueryDsl;
+    let f = fixture();
+    let conn = &mut f.db.connect();
+    // Written by hand, as a bad fix or a bug would: a running execution whose
+    // only step waits for an upstream step that does not exist.
+    let wf = workflow_db::Execution::find(conn, f.fresh)
+        .unwrap()
+        .workflow_id;
+    let stalled = NewExecution {
+        status: ExecutionStatus::Running,
+        ..NewExecution::new(wf)
+    }
+    .create(conn)
+    .unwrap();
+    diesel::sql_query(
+        "INSERT INTO execution_steps (id, execution_id, node_id, upstream_pending) \
+         VALUES (gen_random_uuid(), $1, 'orphan', 1)",
+    )
+    .bind::<diesel::sql_types::Uuid, _>(stalled.id)
+    .execute(conn)
+    .unwrap();
+    let r = ok(&f.url, &["--json", "stuck"]);
+    assert_eq!(
+        r.events("stalled_execution"),
+        vec![
+            json!({"event": "stalled_execution", "execution_id": stalled.id.to_string(), "pending_steps": 1})
+        ]
+    );
+    assert_eq!(r.events("stuck")[0]["stalled_executions"], 1);
+    // The ready and the running ones are not listed.
+    let text = ok(&f.url, &["stuck"]);
+    assert!(text.stdout.contains("no runnable step"), "{}", text.stdout);
+    assert!(!text.stdout.contains(&f.fresh.to_string()[..18]));
 }
