@@ -578,3 +578,53 @@ fn stuck_lists_a_running_execution_nothing_can_move() {
     assert!(text.stdout.contains("no runnable step"), "{}", text.stdout);
     assert!(!text.stdout.contains(&f.fresh.to_string()[..18]));
 }
+
+#[test]
+fn timer_and_signal_waits_are_explained_and_not_stuck() {
+    let f = fixture();
+    let conn = &mut f.db.connect();
+    let graph = WorkflowGraph {
+        nodes: vec![
+            Node::timer("nap", Duration::from_secs(3600)),
+            Node::signal("approval", "approved"),
+            Node::new("after", "task"),
+        ],
+        edges: vec![Edge::new("nap", "after"), Edge::new("approval", "after")],
+    };
+    let wf = NewWorkflow::from_graph("waits", &graph)
+        .create(conn)
+        .unwrap();
+    let e = engine::start_execution(conn, &NewExecution::new(wf.id))
+        .unwrap()
+        .execution;
+    let r = ok(&f.url, &["--json", "why", &e.id.to_string()[..18]]);
+    let reasons: Vec<(String, String)> = r
+        .events("why")
+        .iter()
+        .map(|w| {
+            (
+                w["node_id"].as_str().unwrap().to_owned(),
+                w["reason"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    for want in [
+        ("nap", "timer"),
+        ("approval", "signal"),
+        ("after", "upstream"),
+    ] {
+        assert!(
+            reasons.contains(&(want.0.into(), want.1.into())),
+            "{reasons:?}"
+        );
+    }
+    let r = ok(&f.url, &["--json", "stuck"]);
+    assert!(r.events("stalled_execution").is_empty());
+    let r = ok(&f.url, &["show", &e.id.to_string()]);
+    assert!(
+        r.stdout.contains("layer 0  approval [pending] -> after"),
+        "{}",
+        r.stdout
+    );
+    assert!(r.stdout.contains("layer 1  after"), "{}", r.stdout);
+}
