@@ -113,8 +113,14 @@ impl Reporter {
         let message = redact_urls_in(&format!("{err:#}"));
         if self.json {
             let mut fields = json!({ "message": message, "exit_code": code });
-            if let Some(Error::ProtectedEnvironment { rule, .. }) = err.downcast_ref::<Error>() {
-                fields["rule"] = json!(rule.name());
+            match err.downcast_ref::<Error>() {
+                Some(Error::ProtectedEnvironment { rule, .. }) => {
+                    fields["rule"] = json!(rule.name());
+                }
+                Some(Error::AmbiguousId { candidates, .. }) => {
+                    fields["candidates"] = json!(candidates);
+                }
+                _ => {}
             }
             println!("{}", Self::object("error", fields));
         } else if code == admin::EXIT_ERROR {

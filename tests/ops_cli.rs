@@ -262,6 +262,13 @@ fn list_filters_pages_and_short_ids() {
     let err = &r.events("error")[0];
     assert!(err["message"].as_str().unwrap().contains("ambiguous"));
     assert_eq!(err["exit_code"], 1);
+    let candidates = err["candidates"].as_array().unwrap();
+    assert!(candidates.len() >= 2, "{err}");
+    assert!(
+        candidates
+            .iter()
+            .all(|c| c.as_str().unwrap().replace('-', "").starts_with(prefix))
+    );
     // Unknown id: exit 1, named.
     let r = ops(url, &["show", "ffffffffffff"]);
     assert_eq!(r.code, 1);
