@@ -68,14 +68,13 @@ pub fn parse_execution_status(name: &str) -> std::result::Result<ExecutionStatus
         })
 }
 
-/// An id as printed in tables: its first 18 characters (`0192abcd-ef01-7abc`).
-/// The ids are UUIDv7, whose first 12 hex digits are the creation time in
-/// milliseconds: the 3 hex digits after the version digit tell apart
-/// executions created in the same millisecond (almost always; when not,
-/// the lookup lists the candidates). Any prefix of at least 8 hex digits
-/// is accepted as an id.
+/// An id as printed in tables: whole. A prefix is not unique in general:
+/// the crate's ids are UUIDv7 (the first 12 hex digits are the creation
+/// time), but ids made by other writers or seeds may share any prefix, and
+/// a printed id must always be one that can be pasted back. Any unique
+/// prefix of at least 8 hex digits is accepted as input.
 pub fn short(id: Uuid) -> String {
-    id.to_string()[..18].to_owned()
+    id.to_string()
 }
 
 /// Names of these workflows by id (one query).

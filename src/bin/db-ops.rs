@@ -136,7 +136,6 @@ fn run(args: &Args, out: Reporter) -> anyhow::Result<ExitCode> {
 fn execution_fields(e: &Execution, workflow: Option<&str>) -> serde_json::Value {
     json!({
         "id": e.id,
-        "short_id": short(e.id),
         "workflow_id": e.workflow_id,
         "workflow": workflow,
         "workflow_version": e.workflow_version,
@@ -171,14 +170,14 @@ fn run_list(
     let names = ops::workflow_names(conn, &ids)?;
     if text {
         println!(
-            "{:<18}  {:<9}  {:<20}  {:<19}  {:<12}  ERROR",
+            "{:<36}  {:<9}  {:<20}  {:<19}  {:<12}  ERROR",
             "ID", "STATUS", "WORKFLOW", "STARTED", "USER"
         );
     }
     for e in &page.executions {
         let name = names.get(&e.workflow_id).map(String::as_str);
         let human = format!(
-            "{:<18}  {:<9}  {:<20}  {:<19}  {:<12}  {}",
+            "{:<36}  {:<9}  {:<20}  {:<19}  {:<12}  {}",
             short(e.id),
             e.status.as_str(),
             format!("{} v{}", name.unwrap_or("?"), e.workflow_version),
@@ -207,7 +206,6 @@ fn run_list(
 fn step_fields(s: &ExecutionStep) -> serde_json::Value {
     json!({
         "id": s.id,
-        "short_id": short(s.id),
         "node_id": s.node_id,
         "node_type": s.node_type,
         "queue": s.queue_name(),
@@ -231,9 +229,8 @@ fn run_show(conn: &mut PgConnection, out: Reporter, text: bool, id: &str) -> any
     let edges = ops::execution_edges(conn, e.id)?;
     let colour = ops::use_colour(std::io::stdout().is_terminal());
     let human = format!(
-        "execution {} ({})\n  status:    {}\n  workflow:  {} v{} ({})\n  user:      {}\n  started:   {}\n  completed: {}{}",
+        "execution {}\n  status:    {}\n  workflow:  {} v{} ({})\n  user:      {}\n  started:   {}\n  completed: {}{}",
         e.id,
-        short(e.id),
         ops::paint(e.status.as_str(), colour),
         name.unwrap_or("?"),
         e.workflow_version,
@@ -397,7 +394,6 @@ fn change(
         ),
         json!({
             "id": after.id,
-            "short_id": short(after.id),
             "from": before.as_str(),
             "status": after.status.as_str(),
         }),
