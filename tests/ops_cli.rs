@@ -634,3 +634,25 @@ fn timer_and_signal_waits_are_explained_and_not_stuck() {
     );
     assert!(r.stdout.contains("layer 1  after"), "{}", r.stdout);
 }
+
+/// The ids a table prints can be pasted back, also for ids the crate did
+/// not make: the seeded executions share long prefixes (an 18-character
+/// prefix named six of them).
+#[test]
+fn printed_ids_are_unambiguous_for_seeded_data() {
+    let db = common::seeded();
+    let url = url_with(&db, None, None);
+    let list = ok(&url, &["list", "--limit", "50"]);
+    let printed: Vec<&str> = list
+        .stdout
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|t| t.len() == 36)
+        .collect();
+    assert!(printed.len() >= 2, "{}", list.stdout);
+    for id in printed {
+        let shown = ok(&url, &["--json", "show", id]);
+        assert_eq!(shown.events("execution")[0]["id"], id);
+    }
+}
