@@ -56,6 +56,12 @@ pub const SIGNAL_NODE_TYPE: &str = "workflow_db.signal";
 /// Node types (and queue names) starting with this are the engine's own.
 pub const RESERVED_PREFIX: &str = "workflow_db.";
 
+/// Whether a node type or queue name is in the engine's namespace
+/// ([`RESERVED_PREFIX`]): no worker handles or claims it.
+pub fn is_reserved(name: &str) -> bool {
+    name.starts_with(RESERVED_PREFIX)
+}
+
 /// Longest signal name.
 pub const MAX_SIGNAL_NAME_LEN: usize = 200;
 
@@ -184,7 +190,7 @@ impl Node {
                 }
             }
         }
-        if self.queue().is_some_and(|q| q.starts_with(RESERVED_PREFIX)) {
+        if self.queue().is_some_and(is_reserved) {
             return bad(
                 "queue",
                 "a name outside the engine's namespace workflow_db.*",
@@ -232,7 +238,7 @@ impl Node {
                     _ => None,
                 }
             }
-            other if other.starts_with(RESERVED_PREFIX) => Some(format!(
+            other if is_reserved(other) => Some(format!(
                 "node {id:?}: type {other:?} is reserved: the engine's own types are \
                  {TIMER_NODE_TYPE} and {SIGNAL_NODE_TYPE}"
             )),

@@ -68,15 +68,6 @@ pub fn parse_execution_status(name: &str) -> std::result::Result<ExecutionStatus
         })
 }
 
-/// An id as printed in tables: whole. A prefix is not unique in general:
-/// the crate's ids are UUIDv7 (the first 12 hex digits are the creation
-/// time), but ids made by other writers or seeds may share any prefix, and
-/// a printed id must always be one that can be pasted back. Any unique
-/// prefix of at least 8 hex digits is accepted as input.
-pub fn short(id: Uuid) -> String {
-    id.to_string()
-}
-
 /// Names of these workflows by id (one query).
 pub fn workflow_names(conn: &mut PgConnection, ids: &[Uuid]) -> QueryResult<HashMap<Uuid, String>> {
     Ok(workflows::table

@@ -11,7 +11,7 @@ use workflow_db::cli::{self, CommonArgs, Reporter};
 use workflow_db::engine::{self, ExecutionFilter};
 use workflow_db::error::GuardRule;
 use workflow_db::models::{Execution, ExecutionEvent, ExecutionStep};
-use workflow_db::ops::{self, short};
+use workflow_db::ops;
 use workflow_db::{Error, ExecutionStatus};
 
 /// Inspect and steer the executions on DATABASE_URL: list, show (steps and
@@ -178,7 +178,7 @@ fn run_list(
         let name = names.get(&e.workflow_id).map(String::as_str);
         let human = format!(
             "{:<36}  {:<9}  {:<20}  {:<19}  {:<12}  {}",
-            short(e.id),
+            e.id,
             e.status.as_str(),
             format!("{} v{}", name.unwrap_or("?"), e.workflow_version),
             e.started_at
@@ -364,19 +364,14 @@ fn change(
 ) -> anyhow::Result<()> {
     let e = ops::resolve_execution(conn, &args.id)?;
     if !args.yes {
-        let question = format!(
-            "{action} execution {} ({}, {})?",
-            short(e.id),
-            e.status.as_str(),
-            e.id
-        );
+        let question = format!("{action} execution {} ({})?", e.id, e.status.as_str());
         let confirmed = std::io::stdin().is_terminal() && confirm(&question)?;
         if !confirmed {
             return Err(Error::ProtectedEnvironment {
                 rule: GuardRule::NotConfirmed,
                 message: format!(
                     "{action} of execution {} not confirmed (answer y on a terminal, or pass --yes); nothing was changed",
-                    short(e.id)
+                    e.id
                 ),
             }
             .into());
@@ -388,7 +383,7 @@ fn change(
         action,
         format!(
             "{action}: execution {} {} -> {}",
-            short(after.id),
+            after.id,
             before.as_str(),
             after.status.as_str()
         ),
@@ -433,9 +428,9 @@ fn run_stuck(conn: &mut PgConnection, out: Reporter, limit: i64) -> anyhow::Resu
             "expired_lease",
             format!(
                 "expired lease: step {} ({}) of execution {}, worker {}, expired {}",
-                short(l.step_id),
+                l.step_id,
                 l.node_id,
-                short(l.execution_id),
+                l.execution_id,
                 l.worker.as_deref().unwrap_or("-"),
                 l.locked_until.to_rfc3339()
             ),
@@ -447,7 +442,7 @@ fn run_stuck(conn: &mut PgConnection, out: Reporter, limit: i64) -> anyhow::Resu
             "stalled_execution",
             format!(
                 "no runnable step: execution {} is running with {} pending step(s), none of them ready and nothing running",
-                short(s.execution_id),
+                s.execution_id,
                 s.pending_steps
             ),
             json!(s),

@@ -11,6 +11,8 @@
 //! [`fire_due_waits`], which the maintenance leader runs every round, takes
 //! the due ones. See `docs/engine.md`, "Timers and signals".
 
+use std::collections::{HashMap, VecDeque};
+
 use chrono::{DateTime, Utc};
 use diesel::prelude::*;
 use diesel::sql_types::{Array, BigInt, Jsonb, Nullable, Text, Timestamptz, Uuid as SqlUuid};
@@ -152,25 +154,33 @@ fn fire_waits(conn: &mut PgConnection, execution: Option<Uuid>, limit: i64) -> R
         // names, oldest first, locked (their executions are locked by this
         // transaction, so nobody else delivers them meanwhile).
         let signal_steps: Vec<&Due> = due.iter().filter(|d| d.wait_signal.is_some()).collect();
-        let mut waiting: Vec<Waiting> = if signal_steps.is_empty() {
-            Vec::new()
-        } else {
+        // Only the (execution, name) pairs a due step waits for; per pair a
+        // queue, oldest first.
+        let mut waiting: HashMap<(Uuid, String), VecDeque<Waiting>> = HashMap::new();
+        if !signal_steps.is_empty() {
             let executions: Vec<Uuid> = signal_steps.iter().map(|d| d.execution_id).collect();
             let names: Vec<&str> = signal_steps
                 .iter()
                 .filter_map(|d| d.wait_signal.as_deref())
                 .collect();
-            prepared(
+            let signals: Vec<Waiting> = prepared(
                 diesel::sql_query(
                     "SELECT g.id, g.execution_id, g.name, g.payload FROM execution_signals g \
-                     WHERE g.execution_id = ANY($1) AND g.name = ANY($2) AND g.delivered_to IS NULL \
-                     ORDER BY g.sent_at, g.id FOR UPDATE",
+                     WHERE (g.execution_id, g.name) IN (SELECT DISTINCT * FROM unnest($1::uuid[], $2::text[])) \
+                       AND g.delivered_to IS NULL \
+                     ORDER BY g.sent_at, g.id FOR UPDATE OF g",
                 )
                 .bind::<Array<SqlUuid>, _>(&executions)
                 .bind::<Array<Text>, _>(&names),
             )
-            .load(conn)?
-        };
+            .load(conn)?;
+            for w in signals {
+                waiting
+                    .entry((w.execution_id, w.name.clone()))
+                    .or_default()
+                    .push_back(w);
+            }
+        }
         // What to do with each due step.
         let mut complete: Vec<(Uuid, Option<Value>)> = Vec::new();
         let mut timed_out: Vec<(Uuid, String)> = Vec::new();
@@ -184,15 +194,13 @@ fn fire_waits(conn: &mut PgConnection, execution: Option<Uuid>, limit: i64) -> R
                 }
                 Some(name) => {
                     let next = waiting
-                        .iter()
-                        .position(|w| w.execution_id == d.execution_id && &w.name == name);
-                    if let Some(i) = next {
-                        let signal = waiting.remove(i);
+                        .get_mut(&(d.execution_id, name.clone()))
+                        .and_then(VecDeque::pop_front);
+                    if let Some(signal) = next {
                         complete.push((d.id, signal.payload));
                         deliveries.push((signal.id, d.id));
                         report.signals_delivered += 1;
-                    } else if d.wait_until.is_some_and(|deadline| deadline <= d.now) {
-                        let deadline = d.wait_until.unwrap_or(d.now);
+                    } else if let Some(deadline) = d.wait_until.filter(|t| *t <= d.now) {
                         timed_out.push((
                             d.id,
                             format!("signal {name:?} not received by {}", deadline.to_rfc3339()),

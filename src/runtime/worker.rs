@@ -96,7 +96,7 @@ use super::pool::AsyncPool;
 use crate::config::DatabaseUrl;
 use crate::engine::{self, Backoff};
 use crate::error::{Error, Result};
-use crate::graph::RESERVED_PREFIX;
+use crate::graph::is_reserved;
 use crate::models::{ExecutionStep, Lease};
 
 /// The error a handler returns: anything that converts into a boxed error
@@ -268,7 +268,7 @@ impl WorkerOptions {
         if self.queues.iter().any(String::is_empty) {
             return invalid("WorkerOptions::queues", "a queue name is empty".into());
         }
-        if let Some(q) = self.queues.iter().find(|q| q.starts_with(RESERVED_PREFIX)) {
+        if let Some(q) = self.queues.iter().find(|q| is_reserved(q)) {
             return invalid(
                 "WorkerOptions::queues",
                 format!(
@@ -451,11 +451,7 @@ impl Worker {
                 reason: "the worker has no handler".into(),
             });
         }
-        if let Some(t) = self
-            .handlers
-            .keys()
-            .find(|t| t.starts_with(RESERVED_PREFIX))
-        {
+        if let Some(t) = self.handlers.keys().find(|t| is_reserved(t)) {
             return Err(Error::InvalidOption {
                 option: "Worker::handle",
                 reason: format!(
