@@ -12,12 +12,14 @@ pub mod error;
 pub mod graph;
 pub mod migrate;
 pub mod models;
-#[cfg(feature = "cli")]
+#[cfg(feature = "studio")]
 pub mod ops;
 pub mod pool;
 mod prepared;
 #[cfg(feature = "runtime")]
 pub mod runtime;
+#[cfg(feature = "studio")]
+pub mod studio;
 #[allow(missing_docs)]
 pub mod schema;
 pub mod seed;

@@ -1,0 +1,4 @@
+//! The web dashboard (feature `studio`): `db-ops studio` serves it, and a
+//! tokio service can mount the same [`axum::Router`] in its own server.
+//!
+//! Guide: `docs/admin.md`, "db-ops studio".
