@@ -240,7 +240,7 @@ async fn hostile_data_stays_text_on_every_page() {
     .unwrap()
     .execution;
     let queue = format!("q{SCRIPT}");
-    let fetch = engine::claim_from(conn, "w", &[queue.clone()], 1, LEASE).unwrap();
+    let fetch = engine::claim_from(conn, "w", std::slice::from_ref(&queue), 1, LEASE).unwrap();
     engine::complete_step(
         conn,
         &fetch[0].lease().unwrap(),
