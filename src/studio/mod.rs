@@ -2,3 +2,6 @@
 //! tokio service can mount the same [`axum::Router`] in its own server.
 //!
 //! Guide: `docs/admin.md`, "db-ops studio".
+
+/// The SVG drawing of an execution's graph ([`graph::render_svg`]).
+pub mod graph;
