@@ -610,7 +610,7 @@ mod tests {
         for i in 0..n.saturating_sub(width) {
             let layer = i / width;
             let next = (layer + 1) * width;
-            e.push(edge(&names[i], &names[next + (i * 7) % width]));
+            e.push(edge(&names[i], &names[(next + (i * 7) % width).min(n - 1)]));
             e.push(edge(
                 &names[i],
                 &names[(next + (i * 3 + 1) % width).min(n - 1)],
