@@ -1004,3 +1004,27 @@ fn a_fire_skips_an_execution_another_transaction_holds() {
     assert_eq!(fire(&mut conn), report(1, 1, 0, 0));
     assert_eq!(status(&mut conn, held), ExecutionStatus::Completed);
 }
+
+/// Why, for a signal wait without a timeout: no deadline is invented (the
+/// detail read "until , then fails" and "(timeout )" before migration
+/// 000043).
+#[test]
+fn why_a_signal_wait_without_a_timeout_names_no_deadline() {
+    let db = TestDatabase::new();
+    let mut conn = db.connect();
+    let wf = signal_workflow(&mut conn);
+    let e = start(&mut conn, NewExecution::new(wf.id));
+    let wait = step_of(&mut conn, e.id, "wait");
+    let detail = |conn: &mut PgConnection| {
+        engine::why_step_not_running(conn, wait.id)
+            .unwrap()
+            .into_iter()
+            .find(|w| w.reason == "signal")
+            .expect("a signal reason")
+            .detail
+    };
+    assert_eq!(detail(&mut conn), "then waits for signal 'go' (no timeout)");
+    let first = claim_all(&mut conn).remove(0);
+    complete(&mut conn, &first);
+    assert_eq!(detail(&mut conn), "waits for signal 'go' (no timeout)");
+}
