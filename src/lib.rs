@@ -18,11 +18,11 @@ pub mod pool;
 mod prepared;
 #[cfg(feature = "runtime")]
 pub mod runtime;
-#[cfg(feature = "studio")]
-pub mod studio;
 #[allow(missing_docs)]
 pub mod schema;
 pub mod seed;
+#[cfg(feature = "studio")]
+pub mod studio;
 #[cfg(feature = "test-utils")]
 pub mod testing;
 #[cfg(feature = "test-utils")]
