@@ -238,6 +238,17 @@ pub enum Error {
         message: String,
     },
 
+    /// A socket of the crate's own could not be opened or served (the
+    /// studio's listening address, say).
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done, naming the address.
+        context: String,
+        /// The operating system's error.
+        #[source]
+        source: std::io::Error,
+    },
+
     /// A setting given in code is out of range (a zero interval, a batch of
     /// zero, ...); nothing was started.
     #[error("invalid {option}: {reason}")]

@@ -121,6 +121,70 @@ pub fn running_steps_by_queue(conn: &mut PgConnection) -> QueryResult<Vec<(Strin
     .collect())
 }
 
+#[derive(QueryableByName)]
+struct StatusCount {
+    #[diesel(sql_type = Text)]
+    status: String,
+    #[diesel(sql_type = BigInt)]
+    n: i64,
+}
+
+/// Executions by status, every status listed, each count exact up to
+/// `cap` and `cap + 1` beyond (each status's count stops at `cap + 1`
+/// rows of its index, so this stays cheap on any table size).
+pub fn count_by_status_capped(
+    conn: &mut PgConnection,
+    cap: i64,
+) -> QueryResult<Vec<(ExecutionStatus, i64)>> {
+    let rows: Vec<StatusCount> = diesel::sql_query(
+        "SELECT s.status::text AS status, \
+                (SELECT count(*) FROM (SELECT 1 FROM executions e \
+                                        WHERE e.status = s.status LIMIT $1 + 1) x) AS n \
+           FROM unnest(enum_range(NULL::execution_status)) AS s(status)",
+    )
+    .bind::<BigInt, _>(cap)
+    .load(conn)?;
+    Ok(rows
+        .into_iter()
+        .filter_map(|r| ExecutionStatus::from_label(&r.status).map(|status| (status, r.n)))
+        .collect())
+}
+
+/// Executions that finished in a time bucket with one status.
+#[derive(Debug, Clone, PartialEq, Eq, QueryableByName, Serialize)]
+pub struct Finished {
+    /// Buckets back from now: 0 is the most recent `bucket_seconds`.
+    #[diesel(sql_type = diesel::sql_types::Integer)]
+    pub bucket: i32,
+    /// The final status.
+    #[diesel(sql_type = Text)]
+    pub status: String,
+    /// How many.
+    #[diesel(sql_type = BigInt)]
+    pub executions: i64,
+}
+
+/// Executions that reached a final status in the last `window_seconds`,
+/// by bucket of `bucket_seconds` (0 = the newest) and status (reads the
+/// index of final executions by completion time, that window only).
+pub fn finished_recently(
+    conn: &mut PgConnection,
+    window_seconds: i32,
+    bucket_seconds: i32,
+) -> QueryResult<Vec<Finished>> {
+    diesel::sql_query(
+        "SELECT floor(extract(epoch FROM statement_timestamp() - e.completed_at) / $2)::int4 AS bucket, \
+                e.status::text AS status, count(*) AS executions \
+           FROM executions e \
+          WHERE e.status IN ('completed', 'failed', 'cancelled') \
+            AND e.completed_at > statement_timestamp() - make_interval(secs => $1) \
+          GROUP BY 1, 2 ORDER BY 1, 2",
+    )
+    .bind::<diesel::sql_types::Integer, _>(window_seconds)
+    .bind::<diesel::sql_types::Integer, _>(bucket_seconds.max(1))
+    .load(conn)
+}
+
 /// A running step whose lease expired and that nothing reclaimed yet.
 #[derive(Debug, Clone, PartialEq, QueryableByName, Serialize)]
 pub struct ExpiredLease {
@@ -230,7 +294,8 @@ pub fn one_line(text: &str, max: usize) -> String {
     }
 }
 
-fn time(t: Option<DateTime<Utc>>) -> String {
+/// A time as the operator's view prints it (UTC, to the second), `-` when unset.
+pub fn time(t: Option<DateTime<Utc>>) -> String {
     t.map_or_else(
         || "-".to_owned(),
         |t| t.format("%Y-%m-%d %H:%M:%S").to_string(),

@@ -656,3 +656,78 @@ fn printed_ids_are_unambiguous_for_seeded_data() {
         assert_eq!(shown.events("execution")[0]["id"], id);
     }
 }
+
+/// `db-ops studio` refuses an address other hosts can reach without a
+/// token (nothing listens), and otherwise says where it listens, serves
+/// pages without the password in them, and stops on SIGTERM.
+#[test]
+fn studio_refuses_a_public_bind_without_a_token_and_serves_otherwise() {
+    let db = TestDatabase::new();
+    let url = url_with(&db, None, None);
+    let r = ops(&url, &["studio", "--bind", "0.0.0.0:0"]);
+    assert_eq!(r.code, 1, "{}{}", r.stdout, r.stderr);
+    assert!(
+        r.stderr.contains("token") && r.stderr.contains("0.0.0.0:0"),
+        "{}",
+        r.stderr
+    );
+    assert!(!r.stdout.contains("listening"), "{}", r.stdout);
+    let r = ops(&url, &["--json", "studio", "--bind", "0.0.0.0:0"]);
+    assert_eq!(r.lines()[0]["event"], "error", "{}", r.stdout);
+
+    let mut child = Command::new(OPS)
+        .args(["--json", "studio", "--bind", "127.0.0.1:0"])
+        .env("DATABASE_URL", &url)
+        .env_remove(workflow_db::studio::TOKEN_ENV)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut stdout, &mut line).unwrap();
+    let listening: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
+    assert_eq!(listening["event"], "listening");
+    assert_eq!(listening["actions"], false);
+    let address = listening["url"].as_str().unwrap();
+    let host = address
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+        .to_owned();
+    let page = http_get(&host, "/executions");
+    assert!(page.starts_with("HTTP/1.1 200"), "{page}");
+    assert!(page.contains("id=\"executions\""), "{page}");
+    assert!(!page.contains(PASSWORD) && !page.contains("postgres://"));
+    // SIGTERM: a graceful stop, said so.
+    let pid = child.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let status = child.wait().unwrap();
+    let mut rest = String::new();
+    std::io::Read::read_to_string(&mut stdout, &mut rest).unwrap();
+    assert!(status.success(), "{status}: {rest}");
+    assert!(rest.contains("\"event\":\"stopped\""), "{rest}");
+}
+
+/// A plain HTTP/1.1 GET (connection closed after the answer).
+fn http_get(host: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut socket = std::net::TcpStream::connect(host).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    write!(
+        socket,
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut answer = String::new();
+    socket.read_to_string(&mut answer).unwrap();
+    answer
+}

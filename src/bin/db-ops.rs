@@ -1,6 +1,7 @@
 //! `db-ops`: inspect and steer executions from a terminal.
 
 use std::io::{BufRead, IsTerminal, Write};
+use std::net::SocketAddr;
 use std::process::ExitCode;
 
 use chrono::{DateTime, Utc};
@@ -12,7 +13,9 @@ use workflow_db::engine::{self, ExecutionFilter};
 use workflow_db::error::GuardRule;
 use workflow_db::models::{Execution, ExecutionEvent, ExecutionStep};
 use workflow_db::ops;
-use workflow_db::{Error, ExecutionStatus};
+use workflow_db::runtime::AsyncPool;
+use workflow_db::studio::{self, Studio, StudioOptions};
+use workflow_db::{Config, DatabaseUrl, Error, ExecutionStatus};
 
 /// Inspect and steer the executions on DATABASE_URL: list, show (steps and
 /// graph), events, why, cancel, pause, resume, retry, counts, stuck. Ids may
@@ -61,6 +64,9 @@ enum Command {
     Retry(ChangeArgs),
     /// Executions by status, ready and running steps by queue.
     Counts,
+    /// The web dashboard: overview, executions, graphs, steps, queues,
+    /// schedules, live updates (127.0.0.1:4000 unless --bind says otherwise).
+    Studio(StudioArgs),
     /// Running steps whose lease expired, running executions with no runnable step.
     Stuck {
         /// List at most this many of each kind.
@@ -100,6 +106,21 @@ struct ListArgs {
 }
 
 #[derive(clap::Args, Debug)]
+struct StudioArgs {
+    /// Address to listen on (port 0 picks a free port). An address other
+    /// hosts can reach needs an access token.
+    #[arg(long, default_value = "127.0.0.1:4000", value_name = "ADDR")]
+    bind: SocketAddr,
+    /// Offer cancel, pause, resume and retry (each asks for confirmation).
+    #[arg(long)]
+    allow_actions: bool,
+    /// Require this access token on every request (prefer the environment
+    /// variable: a command line is visible to other users of the host).
+    #[arg(long, env = studio::TOKEN_ENV, hide_env_values = true, value_name = "TOKEN")]
+    token: Option<String>,
+}
+
+#[derive(clap::Args, Debug)]
 struct ChangeArgs {
     /// Execution id (or short id).
     id: String,
@@ -116,6 +137,10 @@ fn main() -> ExitCode {
 
 fn run(args: &Args, out: Reporter) -> anyhow::Result<ExitCode> {
     let url = args.common.url()?;
+    if let Command::Studio(studio) = &args.command {
+        run_studio(url, studio, out)?;
+        return Ok(ExitCode::SUCCESS);
+    }
     let conn = &mut workflow_db::pool::connect_as(&url, "workflow-db-ops")?;
     let text = !args.common.json;
     match &args.command {
@@ -129,6 +154,7 @@ fn run(args: &Args, out: Reporter) -> anyhow::Result<ExitCode> {
         Command::Retry(c) => change(conn, out, c, "retry", engine::replay_execution)?,
         Command::Counts => run_counts(conn, out)?,
         Command::Stuck { limit } => run_stuck(conn, out, *limit)?,
+        Command::Studio(_) => unreachable!("served above"),
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -461,4 +487,65 @@ fn run_stuck(conn: &mut PgConnection, out: Reporter, limit: i64) -> anyhow::Resu
         }),
     );
     Ok(())
+}
+
+fn run_studio(url: DatabaseUrl, args: &StudioArgs, out: Reporter) -> anyhow::Result<()> {
+    studio::check_bind(&args.bind, args.token.as_deref())?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let config = Config::new(url.clone());
+        let pool = AsyncPool::from_config(&config).await?;
+        let listener = tokio::net::TcpListener::bind(args.bind)
+            .await
+            .map_err(|source| Error::Io {
+                context: format!("listening on {}", args.bind),
+                source,
+            })?;
+        let address = format!("http://{}/", listener.local_addr()?);
+        let mut options = StudioOptions::default();
+        options.actions = args.allow_actions;
+        options.token = args.token.clone();
+        let studio = Studio::new(pool, options);
+        let shutdown = async {
+            // Ctrl-C or SIGTERM; if the handler cannot be installed, run on.
+            let ctrl_c = async {
+                if tokio::signal::ctrl_c().await.is_err() {
+                    std::future::pending::<()>().await;
+                }
+            };
+            #[cfg(unix)]
+            let term = async {
+                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                    Ok(mut s) => {
+                        s.recv().await;
+                    }
+                    Err(_) => std::future::pending::<()>().await,
+                }
+            };
+            #[cfg(not(unix))]
+            let term = std::future::pending::<()>();
+            tokio::select! {
+                () = ctrl_c => {}
+                () = term => {}
+            }
+        };
+        let serving = studio::serve(studio, listener, &url, shutdown);
+        out.event(
+            "listening",
+            format!(
+                "studio listening on {address}{}",
+                if args.allow_actions {
+                    " (actions on)"
+                } else {
+                    ""
+                }
+            ),
+            json!({ "url": address, "actions": args.allow_actions }),
+        );
+        serving.await?;
+        out.event("stopped", "studio stopped", json!({}));
+        anyhow::Ok(())
+    })
 }
