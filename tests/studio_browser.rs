@@ -86,15 +86,40 @@ fn step_statuses(conn: &mut PgConnection, id: Uuid) -> BTreeMap<String, String> 
         .collect()
 }
 
+/// One `g.node` of the page's `svg.graph`: its `data-step-id`,
+/// `data-node-id`, `data-status` and `class` (`None` when missing).
+#[derive(Debug, serde::Deserialize)]
+struct GraphNode {
+    step: Option<String>,
+    node: Option<String>,
+    status: Option<String>,
+    class: Option<String>,
+}
+
+/// The graph's nodes, read in one script (a live update cannot stale them).
+async fn graph_nodes(b: &Browser) -> Vec<GraphNode> {
+    let v = b
+        .js(
+            "return [...document.querySelectorAll('svg.graph g.node')].map(n => ({
+               step: n.getAttribute('data-step-id'), node: n.getAttribute('data-node-id'),
+               status: n.getAttribute('data-status'), class: n.getAttribute('class') }));",
+        )
+        .await;
+    serde_json::from_value(v).unwrap()
+}
+
 /// `data-node-id -> data-status` of the graph's nodes in the page.
 async fn graph_statuses(b: &Browser) -> BTreeMap<String, String> {
-    let v = b
-        .js("return [...document.querySelectorAll('svg.graph g.node')]
-               .map(n => [n.getAttribute('data-node-id'), n.getAttribute('data-status')]);")
-        .await;
-    serde_json::from_value::<Vec<(String, String)>>(v)
-        .unwrap()
+    let missing = || "(missing)".to_owned();
+    graph_nodes(b)
+        .await
         .into_iter()
+        .map(|n| {
+            (
+                n.node.unwrap_or_else(missing),
+                n.status.unwrap_or_else(missing),
+            )
+        })
         .collect()
 }
 
@@ -207,11 +232,7 @@ async fn overview_counts_executions_by_status() {
             Some(format!("/executions?status={s}").as_str())
         );
     }
-    b.wait_for("#counts a.count[data-status=running]")
-        .await
-        .click()
-        .await
-        .unwrap();
+    b.click("#counts a.count[data-status=running]").await;
     b.wait_for_page("/executions?status=running").await;
     b.wait_for("#executions").await;
     assert_eq!(
@@ -244,7 +265,7 @@ async fn list_filters_and_links_to_executions() {
     assert_eq!(rows(&b).await.len(), 5);
 
     fill(&b, "status", "failed").await;
-    b.wait_for("#filters-apply").await.click().await.unwrap();
+    b.click("#filters-apply").await;
     b.wait_until("document.readyState === 'complete' && location.search.includes('status=failed')")
         .await;
     b.wait_for("#executions").await;
@@ -255,7 +276,7 @@ async fn list_filters_and_links_to_executions() {
 
     b.goto(&studio.at("/executions")).await;
     fill(&b, "workflow", "beta").await;
-    b.wait_for("#filters-apply").await.click().await.unwrap();
+    b.click("#filters-apply").await;
     b.wait_until("document.readyState === 'complete' && location.search.includes('workflow=beta')")
         .await;
     b.wait_for("#executions").await;
@@ -278,11 +299,7 @@ async fn list_filters_and_links_to_executions() {
     link.click().await.unwrap();
     b.wait_for_page(&format!("/executions/{beta_running}"))
         .await;
-    let s = b.wait_for("#execution-status").await;
-    assert_eq!(
-        s.attr("data-status").await.unwrap().as_deref(),
-        Some("running")
-    );
+    b.wait_for("#execution-status[data-status=running]").await;
 }
 
 /// (c) The execution page draws one node per step, with its status.
@@ -314,24 +331,27 @@ async fn execution_graph_shows_each_step_status() {
     b.goto(&studio.at(&format!("/executions/{id}"))).await;
     b.wait_for("#live svg.graph g.node").await;
     assert_eq!(graph_statuses(&b).await, want);
+    let nodes = graph_nodes(&b).await;
+    assert_eq!(nodes.len(), 4, "{nodes:?}");
     for step in steps(conn, id) {
-        let node = b
-            .wait_for(&format!("svg.graph g.node[data-step-id='{}']", step.id))
-            .await;
-        assert_eq!(node.attr("data-node-id").await.unwrap(), Some(step.node_id));
-        let class = node.attr("class").await.unwrap().unwrap_or_default();
+        let node = nodes
+            .iter()
+            .find(|n| n.step.as_deref() == Some(step.id.to_string().as_str()))
+            .unwrap_or_else(|| panic!("no node of step {} in {nodes:?}", step.id));
+        assert_eq!(
+            node.node.as_deref(),
+            Some(step.node_id.as_str()),
+            "{node:?}"
+        );
+        let class = format!("status-{}", step.status.as_str());
         assert!(
-            class
-                .split_whitespace()
-                .any(|c| c == format!("status-{}", step.status.as_str())),
-            "class {class:?}"
+            node.class
+                .as_deref()
+                .is_some_and(|c| c.split_whitespace().any(|c| c == class)),
+            "{node:?} has class {class}"
         );
     }
-    let s = b.wait_for("#execution-status").await;
-    assert_eq!(
-        s.attr("data-status").await.unwrap().as_deref(),
-        Some("failed")
-    );
+    b.wait_for("#execution-status[data-status=failed]").await;
     b.wait_for("#steps").await;
 }
 
@@ -379,10 +399,11 @@ async fn screenshot_of_an_execution() {
     b.goto(&studio.at(&format!("/executions/{id}"))).await;
     b.wait_until("document.querySelectorAll('svg.graph g.node').length === 8")
         .await;
-    assert_eq!(graph_statuses(&b).await, want);
+    // The artifact first: it shows what went wrong when the page is wrong.
     let png = b.screenshot().await;
     assert!(png.starts_with(b"\x89PNG"), "a PNG");
     std::fs::write(artifact_dir().join("execution.png"), &png).unwrap();
+    assert_eq!(graph_statuses(&b).await, want);
     if std::env::var_os("UPDATE_SCREENSHOT").is_some_and(|v| v == "1") {
         let docs = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs");
         std::fs::write(docs.join("studio-execution.png"), &png).unwrap();
@@ -403,32 +424,39 @@ async fn execution_page_updates_live() {
     );
     let id = start(conn, &wf, "alice");
     let lease = claim(conn, "first");
+    // Nodes are found by step id (the node ids are checked by the other tests).
+    let node = |step: Uuid, status: &str| {
+        format!("svg.graph g.node[data-step-id='{step}'][data-status={status}]")
+    };
+    let (first, second) = (lease.step_id, steps(conn, id)[1].id);
 
     let studio = Studio::start(&db, &[]);
     let b = Browser::start().await;
     b.goto(&studio.at(&format!("/executions/{id}"))).await;
     b.wait_for("#live[data-live-state=open]").await;
-    b.wait_for("svg.graph g.node[data-node-id=first][data-status=running]")
-        .await;
+    b.wait_for(&node(first, "running")).await;
+    b.wait_for(&node(second, "pending")).await;
     // Gone if the page were loaded again.
     b.js("window.__same_page = true; return null;").await;
 
     let mut other = db.connect();
     engine::complete_step(&mut other, &lease, Some(&json!({ "rows": 3 }))).unwrap();
-    b.wait_for("svg.graph g.node[data-node-id=first][data-status=completed]")
-        .await;
+    b.wait_for(&node(first, "completed")).await;
     assert_eq!(
         b.js("return window.__same_page === true;").await,
         Value::Bool(true),
         "updated without a reload"
     );
-    assert_eq!(graph_statuses(&b).await, step_statuses(conn, id));
 
     // And again: the stream stays open after an update.
     complete(&mut other, "second");
-    b.wait_for("svg.graph g.node[data-node-id=second][data-status=completed]")
-        .await;
+    b.wait_for(&node(second, "completed")).await;
     b.wait_for("#execution-status[data-status=completed]").await;
+    assert_eq!(
+        b.js("return window.__same_page === true;").await,
+        Value::Bool(true),
+        "updated without a reload"
+    );
 }
 
 /// (e) With `--allow-actions`, cancelling asks for a confirmation, then
@@ -445,14 +473,15 @@ async fn cancel_action_confirms_then_cancels() {
     let page = format!("/executions/{id}");
     b.goto(&studio.at(&page)).await;
     b.wait_for("#execution-status[data-status=running]").await;
-    b.wait_for("#action-cancel").await.click().await.unwrap();
+    b.wait_for("#live[data-live-state=open]").await;
+    b.click("#action-cancel").await;
     b.wait_for("#confirm #confirm-yes").await;
     assert_eq!(
         status(conn, id),
         ExecutionStatus::Running,
         "nothing happens before the confirmation"
     );
-    b.wait_for("#confirm-yes").await.click().await.unwrap();
+    b.click("#confirm-yes").await;
     b.wait_for_page(&page).await;
     b.wait_for("#execution-status[data-status=cancelled]").await;
     assert_eq!(status(conn, id), ExecutionStatus::Cancelled);
@@ -475,14 +504,20 @@ async fn actions_are_refused_without_the_flag() {
     assert!(b.all("form[method=post]").await.is_empty());
 
     let before = snapshot(&db);
-    for form in [None, Some("confirm=yes")] {
+    // Forms as a script would make them: the confirmation's fields with a
+    // guessed token, without the confirmation, and no fields at all.
+    let mut answers = Vec::new();
+    for form in ["csrf=guessed&confirm=yes", "csrf=guessed", ""] {
         let (code, body) = studio
-            .request("POST", &format!("/executions/{id}/cancel"), form)
+            .request("POST", &format!("/executions/{id}/cancel"), Some(form))
             .await;
-        assert_eq!(code, 403, "POST with {form:?}: {body}");
+        answers.push((form, code, body));
     }
     assert_eq!(snapshot(&db), before, "the database is unchanged");
     assert_eq!(status(conn, id), ExecutionStatus::Running);
+    for (form, code, body) in answers {
+        assert_eq!(code, 403, "POST {form:?} refused as forbidden: {body}");
+    }
 }
 
 /// (f) Markup in every string the data control shows as text on every page
@@ -553,19 +588,20 @@ async fn markup_in_data_is_shown_as_text() {
     b.goto(&studio.at(&format!("/executions?{query}"))).await;
     assert_not_pwned(&b, "/executions?(markup)").await;
 
+    // The graph's node ids are checked last (the other checks do not need
+    // the drawing).
+    let mut graphs = Vec::new();
     for id in [failed, running] {
         let page = format!("/executions/{id}");
         b.goto(&studio.at(&page)).await;
         b.wait_for("#live svg.graph").await;
         assert_not_pwned(&b, &page).await;
-        let ids: Vec<String> = b.attrs("svg.graph g.node", "data-node-id").await;
-        for node in [NODE, NODE_ATTR] {
-            assert!(
-                ids.iter().any(|i| i == node),
-                "{page}: node {node:?} in {ids:?}"
-            );
-        }
-        let steps_text = b.wait_for("#steps").await.text().await.unwrap();
+        let ids: Vec<Option<String>> = graph_nodes(&b).await.into_iter().map(|n| n.node).collect();
+        let drawn = b
+            .js("return document.querySelector('svg.graph').textContent;")
+            .await;
+        graphs.push((page.clone(), ids, drawn));
+        let steps_text = b.text_of("#steps").await;
         text_has(&steps_text, NODE, &page);
         text_has(&steps_text, NODE_ATTR, &page);
         let text = b.text().await;
@@ -581,14 +617,14 @@ async fn markup_in_data_is_shown_as_text() {
     let page = format!("/steps/{}", step(NODE));
     b.goto(&studio.at(&page)).await;
     assert_not_pwned(&b, &page).await;
-    let output = b.wait_for("#step-output").await.text().await.unwrap();
+    let output = b.text_of("#step-output").await;
     text_has(&output, OUTPUT, &page);
     text_has(&b.text().await, NODE, &page);
 
     let page = format!("/steps/{}", step(NODE_ATTR));
     b.goto(&studio.at(&page)).await;
     assert_not_pwned(&b, &page).await;
-    let error = b.wait_for("#step-error").await.text().await.unwrap();
+    let error = b.text_of("#step-error").await;
     assert_eq!(error.trim(), ERROR, "{page}");
 
     let page = format!("/steps/{}", step("approval"));
@@ -602,14 +638,27 @@ async fn markup_in_data_is_shown_as_text() {
 
     b.goto(&studio.at("/workflows")).await;
     assert_not_pwned(&b, "/workflows").await;
-    let text = b.wait_for("#workflows").await.text().await.unwrap();
+    let text = b.text_of("#workflows").await;
     text_has(&text, WORKFLOW, "/workflows");
 
     b.goto(&studio.at("/queues")).await;
     assert_not_pwned(&b, "/queues").await;
-    let text = b.wait_for("#queues").await.text().await.unwrap();
+    let text = b.text_of("#queues").await;
     text_has(&text, QUEUE, "/queues");
 
     b.goto(&studio.at("/schedules")).await;
     assert_not_pwned(&b, "/schedules").await;
+
+    for (page, ids, drawn) in graphs {
+        for node in [NODE, NODE_ATTR] {
+            assert!(
+                ids.iter().any(|i| i.as_deref() == Some(node)),
+                "{page}: a graph node has data-node-id {node:?}: {ids:?}"
+            );
+            assert!(
+                drawn.as_str().is_some_and(|t| t.contains(node)),
+                "{page}: the graph shows {node:?} as text: {drawn}"
+            );
+        }
+    }
 }

@@ -158,6 +158,32 @@ impl Browser {
         }
     }
 
+    /// Clicks the element matching `css`, once there (found again when a
+    /// live update replaced it between finding and clicking).
+    pub async fn click(&self, css: &str) {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            match self.wait_for(css).await.click().await {
+                Ok(()) => return,
+                Err(e) if e.is_stale_element_reference() && Instant::now() < deadline => {}
+                Err(e) => panic!("cannot click `{css}`: {e}\n{}", self.context().await),
+            }
+        }
+    }
+
+    /// The visible text of the element matching `css`, once there (read in
+    /// one script, so that a live update cannot stale it).
+    pub async fn text_of(&self, css: &str) -> String {
+        self.wait_for(css).await;
+        let css = serde_json::to_string(css).unwrap();
+        let text = self
+            .js(&format!(
+                "const e = document.querySelector({css}); return e ? e.innerText : null;"
+            ))
+            .await;
+        text.as_str().unwrap_or_default().to_owned()
+    }
+
     /// Waits (up to [`WAIT`]) until the JavaScript expression `condition`
     /// is true in the page (re-evaluated, across navigations, every 50 ms).
     pub async fn wait_until(&self, condition: &str) {
@@ -194,15 +220,6 @@ impl Browser {
     /// The elements matching `css` now (no wait).
     pub async fn all(&self, css: &str) -> Vec<Element> {
         self.client().find_all(Locator::Css(css)).await.unwrap()
-    }
-
-    /// `attribute` of each element matching `css` now.
-    pub async fn attrs(&self, css: &str, attribute: &str) -> Vec<String> {
-        let mut out = Vec::new();
-        for e in self.all(css).await {
-            out.push(e.attr(attribute).await.unwrap().unwrap_or_default());
-        }
-        out
     }
 
     /// The page's visible text.
@@ -359,8 +376,10 @@ impl Studio {
             assert_eq!(v["event"], "listening", "{first_line}");
             v["url"].as_str().unwrap().to_owned()
         } else {
+            // `studio listening on URL`, then maybe a remark (` (actions on)`).
             first_line
                 .strip_prefix("studio listening on ")
+                .and_then(|rest| rest.split_whitespace().next())
                 .unwrap_or_else(|| panic!("unexpected first line: {first_line:?}"))
                 .to_owned()
         };
@@ -380,7 +399,8 @@ impl Studio {
         format!("{}{path}", self.base)
     }
 
-    /// A plain HTTP/1.1 request to the studio (no browser): status and body.
+    /// A plain HTTP/1.1 request to the studio (no browser), with `form` as
+    /// its url-encoded body (empty when `None`) unless a GET: status and body.
     pub async fn request(&self, method: &str, path: &str, form: Option<&str>) -> (u16, String) {
         let authority = self.base.strip_prefix("http://").unwrap();
         let mut stream = tokio::net::TcpStream::connect(authority).await.unwrap();
@@ -389,7 +409,7 @@ impl Studio {
             "{method} {path} HTTP/1.1\r\nHost: {authority}\r\nConnection: close\r\nContent-Length: {}\r\n",
             body.len()
         );
-        if form.is_some() {
+        if method != "GET" {
             head.push_str("Content-Type: application/x-www-form-urlencoded\r\n");
         }
         head.push_str("\r\n");
