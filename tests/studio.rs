@@ -439,6 +439,40 @@ async fn the_access_token_guards_every_path() {
     assert_eq!(send(&app, with_cookie).await.status, StatusCode::OK);
 }
 
+/// Mounted under a prefix, every link and form carries it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_studio_nested_under_a_path_links_under_it() {
+    let db = TestDatabase::new();
+    let (id, _) = running_execution(&db);
+    let mut options = StudioOptions::default();
+    options.actions = true;
+    options.base_path = "/ops/studio/".to_owned();
+    let studio = Studio::new(AsyncPool::new(db.pool()), options);
+    let app = Router::new().nest("/ops/studio", studio.router());
+    let list = get(&app, "/ops/studio/executions").await;
+    assert_eq!(list.status, StatusCode::OK);
+    assert!(
+        list.body
+            .contains(&format!("href=\"/ops/studio/executions/{id}\"")),
+        "{}",
+        list.body
+    );
+    assert!(list.body.contains("href=\"/ops/studio/static/studio.css\""));
+    let page = get(&app, &format!("/ops/studio/executions/{id}"))
+        .await
+        .body;
+    assert!(page.contains(&format!("action=\"/ops/studio/executions/{id}/cancel\"")));
+    assert!(page.contains(&format!(
+        "data-live-url=\"/ops/studio/executions/{id}/live\""
+    )));
+    for href in page.split("href=\"").skip(1) {
+        assert!(
+            href.starts_with("/ops/studio/"),
+            "a link outside the prefix: {href:.60}"
+        );
+    }
+}
+
 #[test]
 fn a_reachable_address_needs_a_token() {
     let local: std::net::SocketAddr = "127.0.0.1:4000".parse().unwrap();

@@ -129,6 +129,10 @@ fn digest(text: &str) -> [u8; 32] {
     Sha256::digest(text.as_bytes()).into()
 }
 
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 impl Studio {
     /// A dashboard reading through `pool`. Live updates start with
     /// [`Studio::start_live`] (or [`serve`]).
@@ -248,12 +252,9 @@ async fn authorize(studio: &Studio, expected: [u8; 32], request: Request, next: 
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
-    let cookie = cookie(headers, TOKEN_COOKIE);
-    if [bearer, cookie.as_deref()]
-        .into_iter()
-        .flatten()
-        .any(|t| digest(t) == expected)
-    {
+    // The cookie holds the token's digest, never the token.
+    let by_cookie = cookie(headers, TOKEN_COOKIE).is_some_and(|c| c == hex(&expected));
+    if by_cookie || bearer.is_some_and(|t| digest(t) == expected) {
         return next.run(request).await;
     }
     // `?token=` once: set the cookie and go to the same page without it.
@@ -289,7 +290,8 @@ async fn authorize(studio: &Studio, expected: [u8; 32], request: Request, next: 
                 studio.inner.base.as_str()
             };
             if let Ok(value) = HeaderValue::from_str(&format!(
-                "{TOKEN_COOKIE}={token}; Path={path}; HttpOnly; SameSite=Strict"
+                "{TOKEN_COOKIE}={}; Path={path}; HttpOnly; SameSite=Strict",
+                hex(&expected)
             )) {
                 response.headers_mut().insert(header::SET_COOKIE, value);
             }

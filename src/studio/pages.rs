@@ -20,7 +20,7 @@ use crate::enums::ExecutionStatus;
 use crate::error::Error;
 use crate::models::{Execution, ExecutionEvent, ExecutionStep, Queue, Schedule, Workflow};
 use crate::ops;
-use crate::schema::{execution_steps, workflows};
+use crate::schema::{execution_events, execution_steps, workflows};
 
 /// Executions per page of the list.
 const PAGE_SIZE: i64 = 50;
@@ -584,7 +584,6 @@ pub(super) struct ExecutionLive {
     steps_cut: bool,
     steps: Vec<StepRow>,
     events: Vec<EventRow>,
-    events_total: usize,
     events_cut: bool,
 }
 
@@ -626,7 +625,13 @@ pub(super) fn load_execution(conn: &mut PgConnection, id: &str) -> crate::Result
             .get_result(conn)?
     };
     let edges = ops::execution_edges(conn, execution.id)?;
-    let events = ExecutionEvent::for_execution(conn, execution.id)?;
+    // The newest events, and one more to know whether there are others.
+    let events: Vec<ExecutionEvent> = execution_events::table
+        .filter(execution_events::execution_id.eq(execution.id))
+        .order(execution_events::id.desc())
+        .limit(EVENTS_MAX as i64 + 1)
+        .select(ExecutionEvent::as_select())
+        .load(conn)?;
     let why = if execution.status.is_final() {
         Vec::new()
     } else {
@@ -685,7 +690,6 @@ pub(super) fn execution_live(studio: &Studio, data: &ExecutionData) -> Execution
     let events: Vec<EventRow> = data
         .events
         .iter()
-        .rev()
         .take(EVENTS_MAX)
         .map(|ev| event_row(ev, ev.step_id.and_then(|s| node_of.get(&s).copied())))
         .collect();
@@ -725,7 +729,6 @@ pub(super) fn execution_live(studio: &Studio, data: &ExecutionData) -> Execution
         steps_total: data.steps_total,
         steps_cut: (data.steps.len() as i64) < data.steps_total,
         steps: data.steps.iter().map(step_row).collect(),
-        events_total: data.events.len(),
         events_cut: data.events.len() > EVENTS_MAX,
         events,
         base,
