@@ -12,7 +12,7 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use common::browser::{Browser, Studio, artifact_dir};
+use common::browser::{Browser, Studio, artifact_dir, open};
 use common::snapshot;
 use diesel::PgConnection;
 use fantoccini::Locator;
@@ -209,8 +209,7 @@ async fn overview_counts_executions_by_status() {
     assert_eq!(status(conn, completed), ExecutionStatus::Completed);
     assert_eq!(status(conn, failed), ExecutionStatus::Failed);
 
-    let studio = Studio::start(&db, &[]);
-    let b = Browser::start().await;
+    let (studio, b) = open(&db, &[]).await;
     b.goto(&studio.at("/")).await;
     b.wait_for("#counts a.count[data-status=running]").await;
     for (s, n) in [
@@ -258,8 +257,7 @@ async fn list_filters_and_links_to_executions() {
     fail(conn, "beta-task", "nope");
     let beta_running = start(conn, &beta, "carol");
 
-    let studio = Studio::start(&db, &[]);
-    let b = Browser::start().await;
+    let (studio, b) = open(&db, &[]).await;
     b.goto(&studio.at("/executions")).await;
     b.wait_for("#executions tr[data-execution-id]").await;
     assert_eq!(rows(&b).await.len(), 5);
@@ -326,8 +324,7 @@ async fn execution_graph_shows_each_step_status() {
         "a failed execution skips its pending steps"
     );
 
-    let studio = Studio::start(&db, &[]);
-    let b = Browser::start().await;
+    let (studio, b) = open(&db, &[]).await;
     b.goto(&studio.at(&format!("/executions/{id}"))).await;
     b.wait_for("#live svg.graph g.node").await;
     assert_eq!(graph_statuses(&b).await, want);
@@ -394,8 +391,7 @@ async fn screenshot_of_an_execution() {
     claim(conn, "enrich");
     let want = step_statuses(conn, id);
 
-    let studio = Studio::start(&db, &[]);
-    let b = Browser::start().await;
+    let (studio, b) = open(&db, &[]).await;
     b.goto(&studio.at(&format!("/executions/{id}"))).await;
     b.wait_until("document.querySelectorAll('svg.graph g.node').length === 8")
         .await;
@@ -430,8 +426,7 @@ async fn execution_page_updates_live() {
     };
     let (first, second) = (lease.step_id, steps(conn, id)[1].id);
 
-    let studio = Studio::start(&db, &[]);
-    let b = Browser::start().await;
+    let (studio, b) = open(&db, &[]).await;
     b.goto(&studio.at(&format!("/executions/{id}"))).await;
     b.wait_for("#live[data-live-state=open]").await;
     b.wait_for(&node(first, "running")).await;
@@ -468,8 +463,7 @@ async fn cancel_action_confirms_then_cancels() {
     let wf = create(conn, "cancellable", vec![task("work")], &[]);
     let id = start(conn, &wf, "alice");
 
-    let studio = Studio::start(&db, &["--allow-actions"]);
-    let b = Browser::start().await;
+    let (studio, b) = open(&db, &["--allow-actions"]).await;
     let page = format!("/executions/{id}");
     b.goto(&studio.at(&page)).await;
     b.wait_for("#execution-status[data-status=running]").await;
@@ -496,8 +490,7 @@ async fn actions_are_refused_without_the_flag() {
     let wf = create(conn, "guarded", vec![task("work")], &[]);
     let id = start(conn, &wf, "alice");
 
-    let studio = Studio::start(&db, &[]);
-    let b = Browser::start().await;
+    let (studio, b) = open(&db, &[]).await;
     b.goto(&studio.at(&format!("/executions/{id}"))).await;
     b.wait_for("#execution-status[data-status=running]").await;
     assert!(b.all("#action-cancel").await.is_empty());
@@ -561,8 +554,7 @@ async fn markup_in_data_is_shown_as_text() {
             .id
     };
 
-    let studio = Studio::start(&db, &["--allow-actions"]);
-    let b = Browser::start().await;
+    let (studio, b) = open(&db, &["--allow-actions"]).await;
     let text_has = |text: &str, want: &str, page: &str| {
         assert!(
             text.contains(want),

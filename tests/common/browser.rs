@@ -321,21 +321,20 @@ pub struct Studio {
 }
 
 impl Studio {
-    /// `db-ops studio --bind 127.0.0.1:0` with `extra` arguments after
-    /// `studio` (`--allow-actions`), on `db`.
-    pub fn start(db: &TestDatabase, extra: &[&str]) -> Studio {
-        Studio::start_with(db, &[], extra)
+    /// `db-ops [global] studio --bind 127.0.0.1:0 [extra]` on `db`: global
+    /// options (`--json`) before `studio`, its own (`--allow-actions`) after.
+    pub fn start_with(db: &TestDatabase, global: &[&str], extra: &[&str]) -> Studio {
+        Studio::serve(db.url().expose(), global, extra)
     }
 
-    /// As [`Studio::start`], with global options (`--json`) before `studio`.
-    pub fn start_with(db: &TestDatabase, global: &[&str], extra: &[&str]) -> Studio {
+    fn serve(database_url: &str, global: &[&str], extra: &[&str]) -> Studio {
         let mut child = Group::spawn(
             Command::new(OPS)
                 .args(global)
                 .args(["studio", "--bind", "127.0.0.1:0"])
                 .args(extra)
                 .current_dir(std::env::temp_dir())
-                .env("DATABASE_URL", db.url().expose())
+                .env("DATABASE_URL", database_url)
                 .env_remove("NO_COLOR")
                 .stdin(Stdio::null())
                 .stdout(Stdio::piped())
@@ -432,6 +431,22 @@ impl Studio {
             .to_owned();
         (status, body)
     }
+}
+
+/// The studio on `db` (with `extra` arguments) and a browser, started side
+/// by side.
+pub async fn open(db: &TestDatabase, extra: &[&str]) -> (Studio, Browser) {
+    let url = db.url().expose().to_owned();
+    let extra: Vec<String> = extra.iter().map(|s| (*s).to_owned()).collect();
+    let studio = tokio::task::spawn_blocking(move || {
+        let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+        Studio::serve(&url, &[], &extra)
+    });
+    let browser = Browser::start().await;
+    let studio = studio
+        .await
+        .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
+    (studio, browser)
 }
 
 /// Where artifacts of the browser tests go: `$CARGO_TARGET_DIR/studio`, else
