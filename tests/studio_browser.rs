@@ -300,6 +300,37 @@ async fn list_filters_and_links_to_executions() {
     b.wait_for("#execution-status[data-status=running]").await;
 }
 
+/// (b) A filtered list pages with `#next-page`, keeping its filter.
+#[tokio::test(flavor = "multi_thread")]
+async fn list_pages_keep_the_filter() {
+    let db = TestDatabase::new();
+    let conn = &mut db.connect();
+    let wf = create(conn, "paged", vec![task("paged-task")], &[]);
+    for _ in 0..3 {
+        start(conn, &wf, "alice");
+        fail(conn, "paged-task", "nope");
+    }
+    let running: Vec<Uuid> = (0..55).map(|_| start(conn, &wf, "bob")).collect();
+
+    let (studio, b) = open(&db, &[]).await;
+    b.goto(&studio.at("/executions?status=running")).await;
+    b.wait_for("#executions tr[data-execution-id]").await;
+    let first = rows(&b).await;
+    assert_eq!(first.len(), 50, "a page of 50");
+    b.click("#next-page").await;
+    b.wait_until("document.readyState === 'complete' && location.search.includes('after=')")
+        .await;
+    b.wait_for("#executions").await;
+    let second = rows(&b).await;
+    assert_eq!(second.len(), 5, "the rest");
+    assert!(b.all("#next-page").await.is_empty(), "the last page");
+    let mut seen: Vec<String> = first.keys().chain(second.keys()).cloned().collect();
+    seen.sort();
+    let mut want: Vec<String> = running.iter().map(Uuid::to_string).collect();
+    want.sort();
+    assert_eq!(seen, want, "every running execution once, no failed one");
+}
+
 /// (c) The execution page draws one node per step, with its status.
 #[tokio::test(flavor = "multi_thread")]
 async fn execution_graph_shows_each_step_status() {
