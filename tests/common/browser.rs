@@ -77,9 +77,10 @@ fn free_port() -> u16 {
 /// A headless chromium session (through its own chromedriver).
 pub struct Browser {
     client: Option<Client>,
-    // Dropped after the session is closed: chromedriver, then the profile.
+    // Dropped after the session is closed: chromedriver, then the directory
+    // of chromium's profile and temporary files.
     _driver: Group,
-    _profile: tempfile::TempDir,
+    _dir: tempfile::TempDir,
 }
 
 impl Browser {
@@ -88,8 +89,10 @@ impl Browser {
     pub async fn start() -> Browser {
         let chrome = program("CHROME_BIN", "/usr/bin/chromium", "chromium");
         let chromedriver = program("CHROMEDRIVER", "/usr/bin/chromedriver", "chromium-driver");
-        let profile = tempfile::tempdir().unwrap();
-        let (driver, port) = start_chromedriver(&chromedriver);
+        let dir = tempfile::tempdir().unwrap();
+        let (profile, tmp) = (dir.path().join("profile"), dir.path().join("tmp"));
+        std::fs::create_dir(&tmp).unwrap();
+        let (driver, port) = start_chromedriver(&chromedriver, &tmp);
         let mut caps = serde_json::Map::new();
         caps.insert(
             "goog:chromeOptions".into(),
@@ -101,7 +104,7 @@ impl Browser {
                     "--disable-gpu",
                     "--disable-dev-shm-usage",
                     "--window-size=1400,1000",
-                    format!("--user-data-dir={}", profile.path().display()),
+                    format!("--user-data-dir={}", profile.display()),
                 ],
             }),
         );
@@ -119,7 +122,7 @@ impl Browser {
         Browser {
             client: Some(client),
             _driver: driver,
-            _profile: profile,
+            _dir: dir,
         }
     }
 
@@ -273,13 +276,15 @@ impl Drop for Browser {
 }
 
 /// chromedriver on a free port, once it accepts connections.
-fn start_chromedriver(chromedriver: &Path) -> (Group, u16) {
+/// Its temporary files and chromium's go to `tmp`.
+fn start_chromedriver(chromedriver: &Path, tmp: &Path) -> (Group, u16) {
     let mut last = String::new();
     for _ in 0..3 {
         let port = free_port();
         let mut driver = Group::spawn(
             Command::new(chromedriver)
                 .arg(format!("--port={port}"))
+                .env("TMPDIR", tmp)
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .stderr(Stdio::inherit()),
