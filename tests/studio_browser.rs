@@ -10,10 +10,9 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::time::Duration;
 
 use common::browser::{Browser, Studio, artifact_dir, open};
-use common::snapshot;
+use common::{LEASE, snapshot};
 use diesel::PgConnection;
 use fantoccini::Locator;
 use serde_json::{Value, json};
@@ -25,10 +24,8 @@ use workflow_db::{
     Workflow, WorkflowGraph,
 };
 
-const LEASE: Duration = Duration::from_secs(600);
-
-/// A task node running in its own queue (named after it unless `queue`),
-/// without retries.
+/// A task node in its own queue (named after the node, so that a test
+/// claims exactly it), without retries.
 fn task(id: &str) -> Node {
     Node::new(id, "task").config(json!({ "queue": id, "max_retries": 0 }))
 }
