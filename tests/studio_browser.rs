@@ -423,6 +423,17 @@ async fn screenshot_of_an_execution() {
     b.goto(&studio.at(&format!("/executions/{id}"))).await;
     b.wait_until("document.querySelectorAll('svg.graph g.node').length === 8")
         .await;
+    // The whole page (up to 3000 pixels high) in the picture.
+    let height = b
+        .js("return document.documentElement.scrollHeight;")
+        .await
+        .as_u64()
+        .unwrap_or(1000)
+        .clamp(1000, 3000);
+    b.client()
+        .set_window_size(1400, u32::try_from(height).unwrap())
+        .await
+        .unwrap();
     // The artifact first: it shows what went wrong when the page is wrong.
     let png = b.screenshot().await;
     assert!(png.starts_with(b"\x89PNG"), "a PNG");
