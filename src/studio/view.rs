@@ -17,15 +17,22 @@ pub fn time(t: DateTime<Utc>) -> String {
     maybe_time(Some(t))
 }
 
-/// A duration, compactly: `850 ms`, `12.3 s`, `4 min 05 s`, `2 h 10 min`.
+/// A duration, compactly: `850 ms`, `12.3 s`, `4 min 05 s`, `2 h 10 min`
+/// (rounded to the unit shown).
 pub fn duration(d: chrono::TimeDelta) -> String {
     let ms = d.num_milliseconds().max(0);
-    match ms {
-        0..1_000 => format!("{ms} ms"),
-        1_000..60_000 => format!("{:.1} s", ms as f64 / 1000.0),
-        60_000..3_600_000 => format!("{} min {:02} s", ms / 60_000, (ms / 1000) % 60),
-        _ => format!("{} h {:02} min", ms / 3_600_000, (ms / 60_000) % 60),
+    if ms < 1000 {
+        return format!("{ms} ms");
     }
+    let tenths = (ms + 50) / 100;
+    if tenths < 600 {
+        return format!("{}.{} s", tenths / 10, tenths % 10);
+    }
+    let secs = (ms + 500) / 1000;
+    if secs < 3600 {
+        return format!("{} min {:02} s", secs / 60, secs % 60);
+    }
+    format!("{} h {:02} min", secs / 3600, secs / 60 % 60)
 }
 
 /// How long something ran: from `start` to `end`, or to now while it runs.
@@ -92,11 +99,20 @@ mod tests {
     #[test]
     fn durations_read_compactly() {
         let ms = chrono::TimeDelta::milliseconds;
-        assert_eq!(duration(ms(850)), "850 ms");
-        assert_eq!(duration(ms(12_345)), "12.3 s");
-        assert_eq!(duration(ms(245_000)), "4 min 05 s");
-        assert_eq!(duration(ms(7_800_000)), "2 h 10 min");
-        assert_eq!(duration(ms(-5)), "0 ms");
+        for (millis, text) in [
+            (-5, "0 ms"),
+            (850, "850 ms"),
+            (1_000, "1.0 s"),
+            (12_340, "12.3 s"),
+            (59_940, "59.9 s"),
+            (59_960, "1 min 00 s"),
+            (245_000, "4 min 05 s"),
+            (3_599_400, "59 min 59 s"),
+            (3_599_999, "1 h 00 min"),
+            (7_800_000, "2 h 10 min"),
+        ] {
+            assert_eq!(duration(ms(millis)), text, "{millis} ms");
+        }
     }
 
     #[test]
