@@ -2,6 +2,8 @@
 //! means (admin tests) and small graphs and executions (engine tests).
 #![allow(dead_code)]
 
+#[cfg(feature = "cli")]
+pub mod browser;
 pub mod session;
 
 use std::process::Command;
