@@ -13,10 +13,10 @@ use diesel::sql_types::{BigInt, Text, Timestamptz, Uuid as SqlUuid};
 use serde::Serialize;
 use uuid::Uuid;
 
-use crate::engine;
+use crate::engine::{self, ExecutionFilter};
 use crate::enums::{ExecutionStatus, StepStatus};
 use crate::error::{Error, Result};
-use crate::models::{Execution, ExecutionStep, Workflow};
+use crate::models::{Execution, ExecutionStep};
 use crate::schema::workflows;
 
 /// The execution named by a full id or a short id (a unique prefix of at
@@ -30,31 +30,34 @@ pub fn resolve_step(conn: &mut PgConnection, id: &str) -> Result<ExecutionStep> 
     engine::find_step_by_short_id(conn, id)
 }
 
-/// The workflow named by a full or short id, else by its name (one
-/// workflow of that name; several give [`Error::AmbiguousId`]).
-pub fn resolve_workflow(conn: &mut PgConnection, id_or_name: &str) -> Result<Workflow> {
+/// Narrows `filter` to a workflow given as an id or short id, else as a
+/// name (every version of that name); [`Error::NotFound`] when nothing
+/// matches.
+pub fn filter_by_workflow(
+    conn: &mut PgConnection,
+    filter: &mut ExecutionFilter,
+    id_or_name: &str,
+) -> Result<()> {
     match engine::find_workflow_by_short_id(conn, id_or_name) {
-        Ok(wf) => return Ok(wf),
+        Ok(wf) => {
+            filter.workflow_id = Some(wf.id);
+            return Ok(());
+        }
         Err(Error::NotFound { .. } | Error::InvalidId { .. }) => {}
         Err(e) => return Err(e),
     }
-    let mut rows: Vec<Workflow> = workflows::table
-        .filter(workflows::name.eq(id_or_name))
-        .order(workflows::id)
-        .limit(10)
-        .select(Workflow::as_select())
-        .load(conn)?;
-    match rows.len() {
-        0 => Err(Error::NotFound {
+    let named: bool = diesel::select(diesel::dsl::exists(
+        workflows::table.filter(workflows::name.eq(id_or_name)),
+    ))
+    .get_result(conn)?;
+    if !named {
+        return Err(Error::NotFound {
             entity: "workflow",
             id: id_or_name.to_owned(),
-        }),
-        1 => Ok(rows.remove(0)),
-        _ => Err(Error::AmbiguousId {
-            prefix: id_or_name.to_owned(),
-            candidates: rows.iter().map(|w| w.id).collect(),
-        }),
+        });
     }
+    filter.workflow_name = Some(id_or_name.to_owned());
+    Ok(())
 }
 
 /// Parses an execution status by its name (`running`, `failed`, ...).

@@ -185,6 +185,7 @@ fn keyset_pages_cover_every_row_exactly_once() {
         started_from: Some("2026-01-01T01:00:00Z".parse().unwrap()),
         started_before: Some("2026-01-01T06:00:00Z".parse().unwrap()),
         queue: None,
+        workflow_name: None,
     };
     let filtered = collect(&mut conn, &filter, 3);
     let expected: HashSet<Uuid> = seen

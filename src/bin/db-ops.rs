@@ -179,18 +179,17 @@ fn run_list(
     text: bool,
     args: &ListArgs,
 ) -> anyhow::Result<()> {
-    let workflow_id = match &args.workflow {
-        Some(w) => Some(ops::resolve_workflow(conn, w)?.id),
-        None => None,
-    };
-    let filter = ExecutionFilter {
-        workflow_id,
+    let mut filter = ExecutionFilter {
         statuses: args.status.clone(),
         user_id: args.user.clone(),
         started_from: args.since,
         started_before: args.until,
         queue: args.queue.clone(),
+        ..ExecutionFilter::default()
     };
+    if let Some(w) = &args.workflow {
+        ops::filter_by_workflow(conn, &mut filter, w)?;
+    }
     let page = engine::list_executions(conn, &filter, args.after.as_deref(), args.limit)?;
     let ids: Vec<_> = page.executions.iter().map(|e| e.workflow_id).collect();
     let names = ops::workflow_names(conn, &ids)?;
@@ -508,6 +507,17 @@ fn run_studio(url: DatabaseUrl, args: &StudioArgs, out: Reporter) -> anyhow::Res
         options.actions = args.allow_actions;
         options.token = args.token.clone();
         let studio = Studio::new(pool, options);
+        let live = match studio.start_live(&url).await {
+            Ok(()) => true,
+            Err(e) => {
+                out.warn(
+                    "live_off",
+                    format!("studio: pages will not update by themselves: {e}"),
+                    json!({ "reason": e.to_string() }),
+                );
+                false
+            }
+        };
         let shutdown = async {
             // Ctrl-C or SIGTERM; if the handler cannot be installed, run on.
             let ctrl_c = async {
@@ -531,7 +541,7 @@ fn run_studio(url: DatabaseUrl, args: &StudioArgs, out: Reporter) -> anyhow::Res
                 () = term => {}
             }
         };
-        let serving = studio::serve(studio, listener, &url, shutdown);
+        let serving = studio::serve(studio, listener, shutdown);
         out.event(
             "listening",
             format!(
@@ -542,7 +552,7 @@ fn run_studio(url: DatabaseUrl, args: &StudioArgs, out: Reporter) -> anyhow::Res
                     ""
                 }
             ),
-            json!({ "url": address, "actions": args.allow_actions }),
+            json!({ "url": address, "actions": args.allow_actions, "live": live }),
         );
         serving.await?;
         out.event("stopped", "studio stopped", json!({}));

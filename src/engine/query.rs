@@ -14,6 +14,8 @@ use crate::schema::{execution_steps, executions, workflows};
 pub struct ExecutionFilter {
     /// Only executions of this workflow.
     pub workflow_id: Option<Uuid>,
+    /// Only executions of a workflow of this name (any version).
+    pub workflow_name: Option<String>,
     /// Only executions with one of these statuses (empty: any).
     pub statuses: Vec<ExecutionStatus>,
     /// Only executions started by this user.
@@ -78,6 +80,15 @@ pub fn list_executions(
         .into_boxed();
     if let Some(workflow_id) = filter.workflow_id {
         query = query.filter(executions::workflow_id.eq(workflow_id));
+    }
+    if let Some(name) = &filter.workflow_name {
+        query = query.filter(
+            executions::workflow_id.eq_any(
+                workflows::table
+                    .filter(workflows::name.eq(name.clone()))
+                    .select(workflows::id),
+            ),
+        );
     }
     if !filter.statuses.is_empty() {
         query = query.filter(executions::status.eq_any(filter.statuses.clone()));

@@ -16,6 +16,9 @@ use std::convert::Infallible;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use askama::Template;
 use axum::extract::{Path, State};
@@ -43,7 +46,13 @@ pub(super) struct Hub {
 struct Watched {
     tx: watch::Sender<Fragment>,
     dirty: bool,
+    /// When it was last taken for a render.
+    taken: Instant,
 }
+
+/// A watched execution is re-read at least this often, notified or not
+/// (a NOTIFY is a wake-up, not a promise).
+const REFRESH: Duration = Duration::from_secs(15);
 
 impl Hub {
     fn lock(&self) -> MutexGuard<'_, HashMap<Uuid, Watched>> {
@@ -58,6 +67,7 @@ impl Hub {
         let w = watched.entry(id).or_insert_with(|| Watched {
             tx: watch::channel(None).0,
             dirty: true,
+            taken: Instant::now(),
         });
         w.dirty = true;
         w.tx.subscribe()
@@ -75,13 +85,21 @@ impl Hub {
         }
     }
 
-    /// The dirty executions with viewers (forgetting those without).
+    /// The executions with viewers that are dirty or were not read for
+    /// [`REFRESH`] (forgetting those without viewers).
     fn take_dirty(&self) -> Vec<Uuid> {
         let mut watched = self.lock();
         watched.retain(|_, w| w.tx.receiver_count() > 0);
+        let now = Instant::now();
         watched
             .iter_mut()
-            .filter_map(|(id, w)| std::mem::take(&mut w.dirty).then_some(*id))
+            .filter_map(|(id, w)| {
+                let due = std::mem::take(&mut w.dirty) || now - w.taken >= REFRESH;
+                if due {
+                    w.taken = now;
+                }
+                due.then_some(*id)
+            })
             .collect()
     }
 
@@ -126,27 +144,32 @@ pub(super) async fn start(studio: Studio, url: &DatabaseUrl) -> Result<()> {
     Ok(())
 }
 
+/// Reads and renders one execution on a blocking thread (the layout and
+/// the template are CPU work) and publishes it. A failure (a pool timeout,
+/// a lost connection, a panic) marks it dirty again, so the next tick
+/// tries again: a viewer must not keep a stale last state.
 async fn render(studio: &Studio, id: Uuid) {
-    let read = studio
-        .inner
-        .pool
-        .run(move |conn| pages::load_execution(conn, &id.to_string()))
+    let renderer = studio.clone();
+    let rendered = studio
+        .read(move |conn| {
+            let data = pages::load_execution(conn, &id.to_string())?;
+            Ok(pages::execution_live(&renderer, &data).render())
+        })
         .await;
-    let data = match read {
-        Ok(data) => data,
-        Err(e) => {
-            tracing::warn!(execution_id = %id, error = %e, "studio: live update failed");
-            return;
-        }
-    };
-    match pages::execution_live(studio, &data).render() {
+    match rendered {
         // An event's data cannot hold a carriage return; the page reads
         // the character reference as the same text.
-        Ok(html) => studio
+        Ok(Ok(html)) => studio
             .inner
             .live
             .publish(id, Arc::from(html.replace('\r', "&#13;"))),
-        Err(e) => tracing::error!(error = %e, "studio: live template failed"),
+        Ok(Err(e)) => tracing::error!(error = %e, "studio: live template failed"),
+        // Gone (pruned): nothing more to show.
+        Err(Error::NotFound { .. }) => {}
+        Err(e) => {
+            tracing::warn!(execution_id = %id, error = %e, "studio: live update failed, retrying");
+            studio.inner.live.touch(id);
+        }
     }
 }
 
@@ -163,6 +186,23 @@ pub(super) async fn stream(
             reason: "a live stream needs the whole id",
         })
     })?;
+    // An execution that does not exist has nothing to stream.
+    studio
+        .read(move |conn| {
+            use diesel::prelude::*;
+            crate::schema::executions::table
+                .find(id)
+                .select(crate::schema::executions::id)
+                .first::<Uuid>(conn)
+                .map_err(|e| match e {
+                    diesel::result::Error::NotFound => Error::NotFound {
+                        entity: "execution",
+                        id: id.to_string(),
+                    },
+                    e => e.into(),
+                })
+        })
+        .await?;
     let mut fragments = studio.inner.live.subscribe(id);
     let (tx, rx) = mpsc::channel::<Arc<str>>(1);
     let shutdown = studio.inner.shutdown.clone();
@@ -175,8 +215,10 @@ pub(super) async fn stream(
                     }
                     let fragment = fragments.borrow_and_update().clone();
                     if let Some(html) = fragment {
-                        if tx.send(html).await.is_err() {
-                            break;
+                        // A stalled viewer must not hold the shutdown up.
+                        tokio::select! {
+                            sent = tx.send(html) => if sent.is_err() { break },
+                            () = shutdown.cancelled() => break,
                         }
                     }
                 }

@@ -85,6 +85,9 @@ pub struct StudioOptions {
     /// The path the router is mounted under, without a trailing slash
     /// (default empty: the root).
     pub base_path: String,
+    /// Host names (the `Host` header without its port) answered without a
+    /// token besides `localhost` and loopback addresses (default none).
+    pub allowed_hosts: Vec<String>,
 }
 
 impl std::fmt::Debug for StudioOptions {
@@ -93,6 +96,7 @@ impl std::fmt::Debug for StudioOptions {
             .field("actions", &self.actions)
             .field("token", &self.token.as_ref().map(|_| "<set>"))
             .field("base_path", &self.base_path)
+            .field("allowed_hosts", &self.allowed_hosts)
             .finish()
     }
 }
@@ -107,6 +111,7 @@ struct Inner {
     pool: AsyncPool,
     actions: bool,
     base: String,
+    allowed_hosts: Vec<String>,
     /// SHA-256 of the access token (compared digest to digest).
     token: Option<[u8; 32]>,
     /// The synchronizer token every action form carries.
@@ -147,6 +152,11 @@ impl Studio {
                 pool,
                 actions: options.actions,
                 base: options.base_path.trim_end_matches('/').to_owned(),
+                allowed_hosts: options
+                    .allowed_hosts
+                    .iter()
+                    .map(|h| h.to_ascii_lowercase())
+                    .collect(),
                 token: options.token.as_deref().map(digest),
                 csrf,
                 live: live::Hub::default(),
@@ -166,7 +176,9 @@ impl Studio {
     /// Listens to the engine's notifications on `url` (one connection) and
     /// keeps the viewers of each execution page up to date, until
     /// [`Studio::shutdown`]. Without it the pages work but do not update
-    /// by themselves.
+    /// by themselves. Fails when that connection cannot be opened (the
+    /// notifier speaks no TLS yet: `sslmode=require` URLs are refused);
+    /// the pages can still be served.
     pub async fn start_live(&self, url: &DatabaseUrl) -> Result<()> {
         live::start(self.clone(), url).await
     }
@@ -179,6 +191,26 @@ impl Studio {
 
     fn link(&self, path: &str) -> String {
         format!("{}{path}", self.inner.base)
+    }
+
+    /// Whether the request's `Host` names this host: `localhost`, a
+    /// loopback address, or one of [`StudioOptions::allowed_hosts`]. A
+    /// request without one (not from a browser) is answered.
+    fn host_allowed(&self, headers: &HeaderMap) -> bool {
+        let Some(host) = headers.get(header::HOST) else {
+            return true;
+        };
+        let Ok(host) = host.to_str() else {
+            return false;
+        };
+        let name = host_name(host).to_ascii_lowercase();
+        name == "localhost"
+            || name
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback())
+            || self.inner.allowed_hosts.contains(&name)
     }
 }
 
@@ -197,36 +229,60 @@ pub fn check_bind(addr: &SocketAddr, token: Option<&str>) -> Result<()> {
     })
 }
 
-/// Serves `studio` on `listener` with live updates from `url` until
-/// `shutdown` completes; then ends the live streams and returns once the
-/// open requests are answered.
+/// How long a graceful stop waits for open requests once the live streams
+/// are ended.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// Serves `studio` on `listener` until `shutdown` completes; then ends the
+/// live streams and returns once the open requests are answered (or after
+/// [`SHUTDOWN_GRACE`]). Call [`Studio::start_live`] first for live pages.
 pub async fn serve(
     studio: Studio,
     listener: tokio::net::TcpListener,
-    url: &DatabaseUrl,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
-    studio.start_live(url).await?;
     let app = studio.router();
     let stop = studio.clone();
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            shutdown.await;
-            stop.shutdown();
-        })
-        .await
-        .map_err(|e| Error::Io {
+    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
+        shutdown.await;
+        stop.shutdown();
+    });
+    let stopped = studio.inner.shutdown.clone();
+    tokio::select! {
+        served = server => served.map_err(|e| Error::Io {
             context: "serving the studio".to_owned(),
             source: e,
-        })
+        }),
+        () = async {
+            stopped.cancelled().await;
+            tokio::time::sleep(SHUTDOWN_GRACE).await;
+        } => {
+            tracing::warn!("studio: requests still open after the grace period, stopping anyway");
+            Ok(())
+        }
+    }
 }
 
 /// Security headers on every response; the access token on every request.
 async fn guard(State(studio): State<Studio>, request: Request, next: Next) -> Response {
-    let mut response = match studio.inner.token {
-        None => next.run(request).await,
-        Some(expected) => authorize(&studio, expected, request, next).await,
-    };
+    let base = studio.inner.base.clone();
+    let mut response = pages::BASE
+        .scope(base, async {
+            match studio.inner.token {
+                // Without a token only names of this host are answered: a
+                // page elsewhere that rebinds its own name to 127.0.0.1
+                // must not read the studio (DNS rebinding).
+                None if !studio.host_allowed(request.headers()) => pages::PageError::new(
+                    StatusCode::MISDIRECTED_REQUEST,
+                    "this studio answers requests addressed to localhost only \
+                     (set an access token to serve it under other names)",
+                )
+                .into_response(),
+                None => next.run(request).await,
+                Some(expected) => authorize(&studio, expected, request, next).await,
+            }
+        })
+        .await;
     let headers = response.headers_mut();
     for (name, value) in [
         (
@@ -253,7 +309,8 @@ async fn authorize(studio: &Studio, expected: [u8; 32], request: Request, next: 
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
     // The cookie holds the token's digest, never the token.
-    let by_cookie = cookie(headers, TOKEN_COOKIE).is_some_and(|c| c == hex(&expected));
+    let by_cookie =
+        cookie(headers, TOKEN_COOKIE).is_some_and(|c| digest(&c) == digest(&hex(&expected)));
     if by_cookie || bearer.is_some_and(|t| digest(t) == expected) {
         return next.run(request).await;
     }
@@ -270,11 +327,10 @@ async fn authorize(studio: &Studio, expected: [u8; 32], request: Request, next: 
     if let Some((_, token)) = query.iter().find(|(k, _)| k == "token") {
         if digest(token) == expected {
             let rest: Vec<&(String, String)> = query.iter().filter(|(k, _)| k != "token").collect();
-            let mut target = studio.link(
-                uri.path()
-                    .strip_prefix(&studio.inner.base)
-                    .unwrap_or(uri.path()),
-            );
+            // The path as the router sees it (a nested router's is
+            // already without the prefix), one leading slash: never
+            // `//host`, which a browser would read as another site.
+            let mut target = studio.link(&format!("/{}", uri.path().trim_start_matches('/')));
             if !rest.is_empty() {
                 target.push('?');
                 target.push_str(
@@ -290,7 +346,7 @@ async fn authorize(studio: &Studio, expected: [u8; 32], request: Request, next: 
                 studio.inner.base.as_str()
             };
             if let Ok(value) = HeaderValue::from_str(&format!(
-                "{TOKEN_COOKIE}={}; Path={path}; HttpOnly; SameSite=Strict",
+                "{TOKEN_COOKIE}={}; Path={path}; HttpOnly; SameSite=Lax",
                 hex(&expected)
             )) {
                 response.headers_mut().insert(header::SET_COOKIE, value);
@@ -305,6 +361,34 @@ async fn authorize(studio: &Studio, expected: [u8; 32], request: Request, next: 
          or send Authorization: Bearer <token>\n",
     )
         .into_response()
+}
+
+/// `host[:port]` without the port (`[::1]:4000` is `[::1]`).
+fn host_name(host: &str) -> &str {
+    if host.starts_with('[') {
+        return host.split_inclusive(']').next().unwrap_or(host);
+    }
+    host.rsplit_once(':').map_or(host, |(name, _)| name)
+}
+
+/// Whether a POST came from a page of this studio: `Sec-Fetch-Site`, when
+/// the browser sends it, is `same-origin` (or `none`: typed or
+/// bookmarked), and `Origin`, when sent, names the request's own host.
+fn same_origin(headers: &HeaderMap) -> bool {
+    let site = headers
+        .get("sec-fetch-site")
+        .map(|v| v.to_str().unwrap_or(""));
+    if site.is_some_and(|s| s != "same-origin" && s != "none") {
+        return false;
+    }
+    match (headers.get(header::ORIGIN), headers.get(header::HOST)) {
+        (Some(origin), Some(host)) => {
+            let origin = origin.to_str().unwrap_or("");
+            let origin_host = origin.split_once("://").map_or("", |(_, h)| h);
+            host.to_str().is_ok_and(|h| h.eq_ignore_ascii_case(origin_host))
+        }
+        _ => true,
+    }
 }
 
 /// The value of cookie `name` in the request's `Cookie` headers.

@@ -5,6 +5,7 @@ use std::collections::HashMap;
 
 use askama::Template;
 use axum::Router;
+use axum::extract::rejection::FormRejection;
 use axum::extract::{Form, Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{Html, IntoResponse, Redirect, Response};
@@ -33,6 +34,36 @@ const EVENTS_MAX: usize = 200;
 /// Workflows listed.
 const WORKFLOWS_MAX: i64 = 500;
 
+/// The longest a page's reads may take before they are cancelled.
+const READ_TIMEOUT_SECONDS: u32 = 10;
+
+/// The most "why" rows an execution page lists.
+const WHY_MAX: usize = 50;
+
+impl Studio {
+    /// Runs a page's reads on the pool: one read-only transaction (one
+    /// snapshot for the whole page) whose statements are cancelled after
+    /// [`READ_TIMEOUT_SECONDS`].
+    pub(super) async fn read<T, F>(&self, f: F) -> crate::Result<T>
+    where
+        F: FnOnce(&mut PgConnection) -> crate::Result<T> + Send + 'static,
+        T: Send + 'static,
+    {
+        self.inner
+            .pool
+            .run(move |conn| {
+                conn.build_transaction().read_only().run(|conn| {
+                    diesel::sql_query(format!(
+                        "SET LOCAL statement_timeout = '{READ_TIMEOUT_SECONDS}s'"
+                    ))
+                    .execute(conn)?;
+                    f(conn)
+                })
+            })
+            .await
+    }
+}
+
 pub(super) fn routes() -> Router<Studio> {
     Router::new()
         .route("/", get(overview))
@@ -46,9 +77,21 @@ pub(super) fn routes() -> Router<Studio> {
         .route("/schedules", get(schedules))
         .route("/static/studio.css", get(css))
         .route("/static/studio.js", get(js))
+        .fallback(not_found)
+}
+
+async fn not_found() -> PageError {
+    PageError::new(StatusCode::NOT_FOUND, "no such page")
 }
 
 // ---------------------------------------------------------------- errors
+
+tokio::task_local! {
+    /// The studio's base path while a request is handled (set by the
+    /// guard), so that an error page, built from an error alone, links
+    /// within the studio.
+    pub(super) static BASE: String;
+}
 
 /// A page that could not be shown, with the status it answers.
 pub(super) struct PageError {
@@ -57,7 +100,7 @@ pub(super) struct PageError {
 }
 
 impl PageError {
-    fn new(status: StatusCode, message: impl Into<String>) -> Self {
+    pub(super) fn new(status: StatusCode, message: impl Into<String>) -> Self {
         PageError {
             status,
             message: message.into(),
@@ -67,6 +110,18 @@ impl PageError {
 
 impl From<Error> for PageError {
     fn from(e: Error) -> Self {
+        if let Error::Query(diesel::result::Error::DatabaseError(_, info)) = &e {
+            if info.message().contains("statement timeout") {
+                return PageError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!(
+                        "this page's reads took longer than {} s and were cancelled: \
+                         narrow the filters (a status, a time range) and try again",
+                        READ_TIMEOUT_SECONDS
+                    ),
+                );
+            }
+        }
         let status = match &e {
             Error::NotFound { .. } => StatusCode::NOT_FOUND,
             Error::InvalidId { .. } | Error::AmbiguousId { .. } => StatusCode::BAD_REQUEST,
@@ -141,10 +196,10 @@ impl Chrome {
         }
     }
 
-    /// For error pages, which may not know the studio.
+    /// For error pages, which know the studio only through [`BASE`].
     fn bare(title: &str) -> Self {
         Chrome {
-            base: String::new(),
+            base: BASE.try_with(String::clone).unwrap_or_default(),
             title: title.to_owned(),
             tab: "",
         }
@@ -206,9 +261,7 @@ const BUCKET_SECONDS: i32 = 300;
 
 async fn overview(State(studio): State<Studio>) -> PageResult {
     let (counts, finished, queues, stuck) = studio
-        .inner
-        .pool
-        .run(|conn| {
+        .read(|conn| {
             let counts = ops::count_by_status_capped(conn, COUNT_CAP)?;
             let finished = ops::finished_recently(conn, BUCKETS * BUCKET_SECONDS, BUCKET_SECONDS)?;
             let queues = queue_rows(conn)?;
@@ -419,23 +472,21 @@ async fn executions(State(studio): State<Studio>, Query(q): Query<ListQuery>) ->
     let until = time("until", &q.until);
     let workflow = non_empty(&q.workflow).map(str::to_owned);
     let filter = ExecutionFilter {
-        workflow_id: None,
         statuses: status.into_iter().collect(),
         user_id: non_empty(&q.user).map(str::to_owned),
         started_from: since,
         started_before: until,
         queue: non_empty(&q.queue).map(str::to_owned),
+        ..ExecutionFilter::default()
     };
     let after = non_empty(&q.after).map(str::to_owned);
     let bad_input = !problems.is_empty();
     let (page, names, workflow_problem) = studio
-        .inner
-        .pool
-        .run(move |conn| {
+        .read(move |conn| {
             let mut filter = filter;
             if let Some(w) = &workflow {
-                match ops::resolve_workflow(conn, w) {
-                    Ok(wf) => filter.workflow_id = Some(wf.id),
+                match ops::filter_by_workflow(conn, &mut filter, w) {
+                    Ok(()) => {}
                     Err(e @ (Error::NotFound { .. } | Error::AmbiguousId { .. })) => {
                         return Ok((None, HashMap::new(), Some(e.to_string())));
                     }
@@ -718,6 +769,7 @@ pub(super) fn execution_live(studio: &Studio, data: &ExecutionData) -> Execution
         why: data
             .why
             .iter()
+            .take(WHY_MAX)
             .map(|w| WhyRow {
                 node: w.node_id.clone().unwrap_or_default(),
                 reason: w.reason.clone(),
@@ -776,19 +828,18 @@ async fn execution(
     Path(id): Path<String>,
     Query(q): Query<ExecutionQuery>,
 ) -> PageResult {
-    let data = studio
-        .inner
-        .pool
-        .run(move |conn| load_execution(conn, &id))
+    // The graph's layout and the render are CPU work: on the blocking
+    // thread with the reads, not on the async runtime.
+    let renderer = studio.clone();
+    let (id, live) = studio
+        .read(move |conn| {
+            let data = load_execution(conn, &id)?;
+            Ok((data.execution.id, execution_live(&renderer, &data)))
+        })
         .await?;
-    let live = execution_live(&studio, &data);
     Ok(render(&ExecutionPage {
-        chrome: Chrome::new(
-            &studio,
-            format!("Execution {}", view::short(data.execution.id)),
-            "executions",
-        ),
-        live_url: studio.link(&format!("/executions/{}/live", data.execution.id)),
+        chrome: Chrome::new(&studio, format!("Execution {}", view::short(id)), "executions"),
+        live_url: studio.link(&format!("/executions/{id}/live")),
         live,
         done: q
             .done
@@ -818,7 +869,7 @@ async fn action(
     State(studio): State<Studio>,
     Path((id, action)): Path<(String, String)>,
     headers: HeaderMap,
-    Form(form): Form<ActionForm>,
+    form: Result<Form<ActionForm>, FormRejection>,
 ) -> PageResult {
     if !studio.inner.actions {
         return Err(PageError::new(
@@ -826,16 +877,18 @@ async fn action(
             "actions are off: start the studio with --allow-actions to cancel, pause, resume or retry",
         ));
     }
-    let cross_site = headers
-        .get("sec-fetch-site")
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v == "cross-site");
-    if cross_site || super::digest(&form.csrf) != super::digest(&studio.inner.csrf) {
-        return Err(PageError::new(
-            StatusCode::FORBIDDEN,
-            "this form is stale or did not come from this studio (CSRF check failed): reload the page and try again",
-        ));
-    }
+    let csrf_ok = form
+        .as_ref()
+        .is_ok_and(|f| super::digest(&f.csrf) == super::digest(&studio.inner.csrf));
+    let form = match form {
+        Ok(Form(form)) if csrf_ok && super::same_origin(&headers) => form,
+        _ => {
+            return Err(PageError::new(
+                StatusCode::FORBIDDEN,
+                "this form is stale or did not come from this studio (CSRF check failed): reload the page and try again",
+            ));
+        }
+    };
     let apply: fn(&mut PgConnection, Uuid) -> crate::Result<Execution> = match action.as_str() {
         "cancel" => engine::cancel,
         "pause" => engine::pause,
@@ -914,9 +967,7 @@ struct StepPage {
 
 async fn step(State(studio): State<Studio>, Path(id): Path<String>) -> PageResult {
     let (s, events, why) = studio
-        .inner
-        .pool
-        .run(move |conn| {
+        .read(move |conn| {
             let s = ops::resolve_step(conn, &id)?;
             let events = ExecutionEvent::for_step(conn, s.id)?;
             let why = if s.status.is_final() {
@@ -1011,9 +1062,7 @@ struct WorkflowsPage {
 
 async fn workflows_page(State(studio): State<Studio>) -> PageResult {
     let rows: Vec<Workflow> = studio
-        .inner
-        .pool
-        .run(|conn| {
+        .read(|conn| {
             Ok(workflows::table
                 .order((workflows::name, workflows::version.desc(), workflows::id))
                 .limit(WORKFLOWS_MAX)
@@ -1054,9 +1103,7 @@ struct QueuesPage {
 
 async fn queues(State(studio): State<Studio>) -> PageResult {
     let (queues, limits) = studio
-        .inner
-        .pool
-        .run(|conn| {
+        .read(|conn| {
             let queues = queue_rows(conn)?;
             let limits = engine::list_concurrency_limits(conn)?;
             Ok((queues, limits))
@@ -1096,9 +1143,7 @@ struct SchedulesPage {
 
 async fn schedules(State(studio): State<Studio>) -> PageResult {
     let (rows, names) = studio
-        .inner
-        .pool
-        .run(|conn| {
+        .read(|conn| {
             let rows: Vec<Schedule> = engine::list_schedules(conn, None)?;
             let ids: Vec<Uuid> = rows.iter().map(|s| s.workflow_id).collect();
             let names = ops::workflow_names(conn, &ids)?;
