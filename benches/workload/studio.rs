@@ -173,8 +173,11 @@ fn next_page(html: &str) -> Option<String> {
     )
 }
 
+/// (p50, p99, max) of a page's request times, ms.
+type Quantiles = (f64, f64, f64);
+
 /// (p50, p99, max) of `v`, nearest rank.
-fn p50_p99_max(mut v: Vec<f64>) -> (f64, f64, f64) {
+fn p50_p99_max(mut v: Vec<f64>) -> Quantiles {
     v.sort_by(f64::total_cmp);
     let n = v.len();
     let rank = |p: f64| v[((n as f64 * p / 100.0).ceil() as usize).clamp(1, n) - 1];
@@ -304,7 +307,7 @@ impl Bench {
                 ("/queues".into(), "/queues".into()),
                 ("/schedules".into(), "/schedules".into()),
             ];
-            let mut out: Vec<(String, Vec<(f64, f64, f64)>)> = Vec::new();
+            let mut out: Vec<(String, Vec<Quantiles>)> = Vec::new();
             for (label, uri) in pages {
                 let mut per_run = Vec::new();
                 for _ in 0..runs {
