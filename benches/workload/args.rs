@@ -27,6 +27,11 @@ pub struct Args {
     pub peer_jobs: u64,
     /// PERF_PEERS_DIR (default ../shared/perf-peers beside the crate).
     pub peers_dir: PathBuf,
+    /// STUDIO data scales in executions (`--studio-executions`, default
+    /// 100000,1000000), each on its own throwaway database.
+    pub studio_executions: Vec<u64>,
+    /// Timed requests per STUDIO page (`--studio-requests`, default 200).
+    pub studio_requests: usize,
 }
 
 /// Largest `--batch` ([`workflow_db::models::MAX_PAGE_SIZE`]: `claim_steps` clamps to it).
@@ -35,7 +40,9 @@ pub const MAX_BATCH: i64 = workflow_db::models::MAX_PAGE_SIZE;
 pub const USAGE: &str = "\
 usage: cargo bench --bench workload -- [options]
   --only W1,W3      run only these figure groups (W1..W6, ASYNC, WORKER, CLAIM,
-                    FLOW, WAITS, R2D2, CANCEL, FANIN, DRAIN; default all; FLOW is the
+                    FLOW, WAITS, R2D2, CANCEL, FANIN, DRAIN, STUDIO; default all;
+                    STUDIO is the web dashboard's page times on databases
+                    of --studio-executions executions; FLOW is the
                     claim latency with 1,000 concurrency keys, half at their
                     limit, against none; WAITS is 20k due timers run by
                     fire_due_waits against 20k ordinary steps claimed and
@@ -57,7 +64,11 @@ usage: cargo bench --bench workload -- [options]
                     an error when it cannot run
   --no-peer         leave the peer out of --limit
   --peer-jobs N     jobs queued per peer run (default 50000)
-  --keep            keep the throwaway database afterwards and print its name
+  --studio-executions N[,N..]  STUDIO data scales, each on its own throwaway
+                    database built set-based (default 100000,1000000; 1M takes
+                    several minutes and ~10 GB)
+  --studio-requests N  timed sequential requests per STUDIO page (default 200)
+  --keep            keep the throwaway database(s) afterwards and print their names
 env: TEST_DATABASE_URL, else DATABASE_URL (the server; the benchmark runs on a
      fresh throwaway database workflow_db_tmp_bench_<time>_<pid>_<n> there),
      PERF_LIMIT_DIR (default ../shared/perf-limit), PERF_PEERS_DIR (default
@@ -85,6 +96,8 @@ pub fn parse() -> Res<Args> {
         peers_dir: std::env::var_os("PERF_PEERS_DIR")
             .map(PathBuf::from)
             .unwrap_or_else(|| root.join("../shared/perf-peers")),
+        studio_executions: vec![100_000, 1_000_000],
+        studio_requests: 200,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -132,6 +145,22 @@ pub fn parse() -> Res<Args> {
                 }
                 a.batches = batches;
             }
+            "--studio-executions" => {
+                let mut sizes = Vec::new();
+                for n in value("--studio-executions")?.split(',').map(str::trim) {
+                    let n: u64 = n
+                        .parse()
+                        .map_err(|e| format!("--studio-executions {n:?}: {e}"))?;
+                    if n < 1000 {
+                        return Err(format!("--studio-executions {n}: at least 1000").into());
+                    }
+                    if !sizes.contains(&n) {
+                        sizes.push(n);
+                    }
+                }
+                a.studio_executions = sizes;
+            }
+            "--studio-requests" => a.studio_requests = value("--studio-requests")?.parse()?,
             "--keep" => a.keep = true,
             "--w6-executions" => a.w6_executions = value("--w6-executions")?.parse()?,
             "-h" | "--help" => {
@@ -147,10 +176,12 @@ pub fn parse() -> Res<Args> {
         || a.w6_executions == 0
         || a.peer_jobs == 0
         || a.batches.is_empty()
+        || a.studio_executions.is_empty()
+        || a.studio_requests == 0
         || a.duration <= 0.0
     {
         return Err(
-            "--runs, --executions, --queries, --w6-executions, --peer-jobs, --batch and --duration must be positive"
+            "--runs, --executions, --queries, --w6-executions, --peer-jobs, --batch, --studio-executions, --studio-requests and --duration must be positive"
                 .into(),
         );
     }

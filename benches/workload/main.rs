@@ -5,7 +5,8 @@
 //! ```text
 //! cargo bench --bench workload -- [--only W1,W3] [--runs 3] [--executions 100000]
 //!     [--duration 8] [--warmup 1] [--queries 1000] [--batch 10] [--limit]
-//!     [--peer | --no-peer] [--peer-jobs 50000] [--keep]
+//!     [--peer | --no-peer] [--peer-jobs 50000] [--studio-executions 100000,1000000]
+//!     [--studio-requests 200] [--keep]
 //! ```
 //!
 //! Modules: [`args`] (options), [`db`] (the bench database and the
@@ -16,7 +17,9 @@
 //! [`claim`] (W2, W6, claim-latency growth), [`async_face`] (ASYNC: W2
 //! through `workflow_db::runtime::AsyncPool`), [`worker`] (WORKER: W2 and
 //! W6 through `workflow_db::runtime::Worker`), [`settle`] (CANCEL, FANIN,
-//! DRAIN), [`load`] (W5), [`read`] (W3, W4), [`pool`] (r2d2 checkout).
+//! DRAIN), [`load`] (W5), [`read`] (W3, W4), [`pool`] (r2d2 checkout),
+//! [`studio`] (STUDIO: the web dashboard's page times at 100k and 1M
+//! executions).
 
 mod args;
 mod async_face;
@@ -32,6 +35,7 @@ mod read;
 mod report;
 mod settle;
 mod start;
+mod studio;
 mod waits;
 mod worker;
 
@@ -160,6 +164,11 @@ fn run_figures(b: &mut Bench) -> Res<()> {
         if b.args.wants("R2D2") {
             b.r2d2(rep)?;
         }
+    }
+    // Last, and once: it builds a database per scale (minutes at 1M) and
+    // measures every page --runs times on it.
+    if b.args.wants("STUDIO") {
+        b.studio_group()?;
     }
     Ok(())
 }
