@@ -429,7 +429,7 @@ async fn the_access_token_guards_every_path() {
     assert_eq!(a.headers[header::LOCATION], "/executions?status=running");
     let cookie = a.headers[header::SET_COOKIE].to_str().unwrap().to_owned();
     assert!(
-        cookie.contains("HttpOnly") && cookie.contains("SameSite=Strict"),
+        cookie.contains("HttpOnly") && cookie.contains("SameSite=Lax"),
         "{cookie}"
     );
     let with_cookie = Request::get("/executions?status=running")
@@ -566,4 +566,157 @@ async fn the_live_stream_pushes_a_change_made_elsewhere() {
         .unwrap();
     assert!(row.contains("data-status=\"completed\""), "{row}");
     studio.shutdown();
+}
+
+/// Without a token only requests addressed to this host are answered: a
+/// page whose name was rebound to 127.0.0.1 (DNS rebinding) reads nothing
+/// and changes nothing. With a token the token decides.
+#[tokio::test(flavor = "multi_thread")]
+async fn without_a_token_only_local_host_names_are_answered() {
+    let db = TestDatabase::new();
+    let (id, _) = running_execution(&db);
+    let app = studio(&db, true, None).router();
+    let with_host = |path: &str, host: &str| {
+        Request::get(path)
+            .header(header::HOST, host)
+            .body(Body::empty())
+            .unwrap()
+    };
+    for host in [
+        "localhost:4000",
+        "127.0.0.1:4000",
+        "[::1]:4000",
+        "LOCALHOST",
+    ] {
+        let a = send(&app, with_host("/executions", host)).await;
+        assert_eq!(a.status, StatusCode::OK, "{host}");
+    }
+    let a = send(
+        &app,
+        with_host(&format!("/executions/{id}"), "attacker.example:4000"),
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::MISDIRECTED_REQUEST);
+    assert!(!a.body.contains(&id.to_string()) && !a.body.contains("name=\"csrf\""));
+    assert!(a.body.contains("localhost only"), "{}", a.body);
+    // The same with a token: the token decides, not the name.
+    let tokened = studio(&db, false, Some("tok")).router();
+    let request = Request::get("/executions")
+        .header(header::HOST, "studio.internal:4000")
+        .header(header::AUTHORIZATION, "Bearer tok")
+        .body(Body::empty())
+        .unwrap();
+    assert_eq!(send(&tokened, request).await.status, StatusCode::OK);
+    // And names a service allows.
+    let mut options = StudioOptions::default();
+    options.allowed_hosts = vec!["ops.internal".to_owned()];
+    let allowed = Studio::new(AsyncPool::new(db.pool()), options).router();
+    let a = send(&allowed, with_host("/executions", "OPS.internal:8080")).await;
+    assert_eq!(a.status, StatusCode::OK);
+}
+
+/// A POST with the right token but from another origin, or without a form
+/// at all, is refused like a wrong token; nothing changes.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_action_from_another_origin_or_without_a_form_is_refused() {
+    let db = TestDatabase::new();
+    let (id, _) = running_execution(&db);
+    let app = studio(&db, true, None).router();
+    let token = csrf(&get(&app, &format!("/executions/{id}")).await.body);
+    let path = format!("/executions/{id}/cancel");
+    let before = common::snapshot(&db);
+    let forged = |origin: &str, site: &str| {
+        Request::post(&path)
+            .header(header::HOST, "localhost:4000")
+            .header(header::ORIGIN, origin)
+            .header("sec-fetch-site", site)
+            .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+            .body(Body::from(format!("csrf={token}&confirm=yes")))
+            .unwrap()
+    };
+    for (origin, site) in [
+        ("http://evil.example", "cross-site"),
+        ("http://localhost:5000", "same-site"),
+        ("http://evil.example", "same-origin"),
+    ] {
+        let a = send(&app, forged(origin, site)).await;
+        assert_eq!(a.status, StatusCode::FORBIDDEN, "{origin} {site}");
+    }
+    let a = post(&app, &path, "").await;
+    assert_eq!(a.status, StatusCode::FORBIDDEN, "{}", a.body);
+    assert!(a.body.contains("CSRF"));
+    assert_eq!(common::snapshot(&db), before);
+    // From the studio's own page: accepted.
+    let a = send(&app, forged("http://localhost:4000", "same-origin")).await;
+    assert_eq!(a.status, StatusCode::SEE_OTHER, "{}", a.body);
+    assert_eq!(status_of(&db, id), ExecutionStatus::Cancelled);
+}
+
+/// Error pages are the studio's pages, within its base path; a live
+/// stream of an execution that does not exist is a 404, not an open
+/// stream; `?token=` never redirects off the studio.
+#[tokio::test(flavor = "multi_thread")]
+async fn errors_stay_within_the_studio() {
+    let db = TestDatabase::new();
+    let mut options = StudioOptions::default();
+    options.base_path = "/ops".to_owned();
+    options.token = Some("tok".to_owned());
+    let studio = Studio::new(AsyncPool::new(db.pool()), options);
+    let app = Router::new().nest("/ops", studio.router());
+    let auth = |path: &str| {
+        Request::get(path)
+            .header(header::AUTHORIZATION, "Bearer tok")
+            .body(Body::empty())
+            .unwrap()
+    };
+    let a = send(&app, auth("/ops/nowhere")).await;
+    assert_eq!(a.status, StatusCode::NOT_FOUND);
+    assert!(a.body.contains("no such page"));
+    assert!(
+        a.body.contains("href=\"/ops/static/studio.css\""),
+        "{}",
+        a.body
+    );
+    let a = send(
+        &app,
+        auth(&format!("/ops/executions/{}", uuid::Uuid::now_v7())),
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::NOT_FOUND);
+    assert!(a.body.contains("href=\"/ops/executions\""));
+    let a = send(
+        &app,
+        auth(&format!("/ops/executions/{}/live", uuid::Uuid::now_v7())),
+    )
+    .await;
+    assert_eq!(a.status, StatusCode::NOT_FOUND);
+    let a = get(&app, "/ops//evil.example/x?token=tok").await;
+    assert_eq!(a.status, StatusCode::SEE_OTHER);
+    assert_eq!(a.headers[header::LOCATION], "/ops/evil.example/x");
+}
+
+/// A workflow name filters every version of that name.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_workflow_filter_takes_a_name_across_versions() {
+    let db = TestDatabase::new();
+    let conn = &mut db.connect();
+    let v1 = common::workflow(conn, &["a"], &[]);
+    let v2 = NewWorkflow::from_graph("test", &common::graph(&["a", "b"], &[("a", "b")]))
+        .create(conn)
+        .unwrap();
+    let other = NewWorkflow::from_graph("other", &common::graph(&["a"], &[]))
+        .create(conn)
+        .unwrap();
+    let e1 = common::start(conn, &v1);
+    let e2 = common::start(conn, &v2);
+    let e3 = common::start(conn, &other);
+    let app = studio(&db, false, None).router();
+    let list = get(&app, "/executions?workflow=test").await;
+    assert_eq!(list.status, StatusCode::OK, "{}", list.body);
+    assert!(list.body.contains(&e1.id.to_string()) && list.body.contains(&e2.id.to_string()));
+    assert!(!list.body.contains(&e3.id.to_string()));
+    let by_id = get(&app, &format!("/executions?workflow={}", v2.id))
+        .await
+        .body;
+    assert!(by_id.contains(&e2.id.to_string()) && !by_id.contains(&e1.id.to_string()));
 }

@@ -385,7 +385,8 @@ fn same_origin(headers: &HeaderMap) -> bool {
         (Some(origin), Some(host)) => {
             let origin = origin.to_str().unwrap_or("");
             let origin_host = origin.split_once("://").map_or("", |(_, h)| h);
-            host.to_str().is_ok_and(|h| h.eq_ignore_ascii_case(origin_host))
+            host.to_str()
+                .is_ok_and(|h| h.eq_ignore_ascii_case(origin_host))
         }
         _ => true,
     }

@@ -11,6 +11,7 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{Html, IntoResponse, Redirect, Response};
 use axum::routing::{get, post};
 use chrono::{DateTime, NaiveDate, Utc};
+use diesel::connection::SimpleConnection;
 use diesel::prelude::*;
 use serde::Deserialize;
 use uuid::Uuid;
@@ -53,10 +54,12 @@ impl Studio {
             .pool
             .run(move |conn| {
                 conn.build_transaction().read_only().run(|conn| {
-                    diesel::sql_query(format!(
-                        "SET LOCAL statement_timeout = '{READ_TIMEOUT_SECONDS}s'"
-                    ))
-                    .execute(conn)?;
+                    // Small reads: parallel workers only slow them (a
+                    // filtered list read 25,821 rows for 51 with them).
+                    conn.batch_execute(&format!(
+                        "SET LOCAL statement_timeout = '{READ_TIMEOUT_SECONDS}s'; \
+                         SET LOCAL max_parallel_workers_per_gather = 0"
+                    ))?;
                     f(conn)
                 })
             })
@@ -838,7 +841,11 @@ async fn execution(
         })
         .await?;
     Ok(render(&ExecutionPage {
-        chrome: Chrome::new(&studio, format!("Execution {}", view::short(id)), "executions"),
+        chrome: Chrome::new(
+            &studio,
+            format!("Execution {}", view::short(id)),
+            "executions",
+        ),
         live_url: studio.link(&format!("/executions/{id}/live")),
         live,
         done: q

@@ -1,0 +1,1 @@
+DROP INDEX CONCURRENTLY IF EXISTS executions_running_idx;
