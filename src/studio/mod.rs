@@ -292,7 +292,9 @@ async fn guard(State(studio): State<Studio>, request: Request, next: Next) -> Re
         ),
         (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
         (header::X_FRAME_OPTIONS, "DENY"),
-        (header::REFERRER_POLICY, "no-referrer"),
+        // same-origin, not no-referrer: with no-referrer a browser sends `Origin: null`
+        // on the studio's own form posts, which the origin check refuses.
+        (header::REFERRER_POLICY, "same-origin"),
     ] {
         headers.insert(name, HeaderValue::from_static(value));
     }
