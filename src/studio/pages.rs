@@ -608,6 +608,18 @@ struct WhyRow {
     detail: String,
 }
 
+/// At most [`WHY_MAX`] reasons, as rows.
+fn why_rows(why: &[Why]) -> Vec<WhyRow> {
+    why.iter()
+        .take(WHY_MAX)
+        .map(|w| WhyRow {
+            node: w.node_id.clone().unwrap_or_default(),
+            reason: w.reason.clone(),
+            detail: w.detail.clone(),
+        })
+        .collect()
+}
+
 struct ActionButton {
     name: &'static str,
     label: &'static str,
@@ -769,16 +781,7 @@ pub(super) fn execution_live(studio: &Studio, data: &ExecutionData) -> Execution
             Vec::new()
         },
         csrf: studio.inner.csrf.clone(),
-        why: data
-            .why
-            .iter()
-            .take(WHY_MAX)
-            .map(|w| WhyRow {
-                node: w.node_id.clone().unwrap_or_default(),
-                reason: w.reason.clone(),
-                detail: w.detail.clone(),
-            })
-            .collect(),
+        why: why_rows(&data.why),
         graph: graph::render_svg(&data.steps, &data.edges, &base),
         steps_shown: data.steps.len(),
         steps_total: data.steps_total,
@@ -948,21 +951,14 @@ struct AttemptRow {
 #[template(path = "step.html", config = "src/studio/askama.toml")]
 struct StepPage {
     chrome: Chrome,
-    id: String,
+    /// What the execution page's table shows of it.
+    step: StepRow,
     execution_id: String,
-    node_id: String,
-    node_type: String,
-    queue: String,
-    status: &'static str,
-    attempt: i32,
-    retries: String,
     reclaims: i32,
     priority: i32,
     concurrency_key: String,
     run_after: String,
-    started: String,
     completed: String,
-    took: String,
     lease: String,
     input: Option<String>,
     output: Option<String>,
@@ -1012,21 +1008,13 @@ async fn step(State(studio): State<Studio>, Path(id): Path<String>) -> PageResul
         .collect();
     let page = StepPage {
         chrome: Chrome::new(&studio, format!("Step {}", s.node_id), "executions"),
-        id: s.id.to_string(),
+        step: step_row(&s),
         execution_id: s.execution_id.to_string(),
-        node_id: s.node_id.clone(),
-        node_type: s.node_type.clone().unwrap_or_else(|| "-".to_owned()),
-        queue: s.queue_name().to_owned(),
-        status: s.status.as_str(),
-        attempt: s.attempt,
-        retries: format!("{} of {}", s.retry_count, s.max_retries),
         reclaims: s.reclaims,
         priority: s.priority,
         concurrency_key: s.concurrency_key.clone().unwrap_or_else(|| "-".to_owned()),
         run_after: view::time(s.run_after),
-        started: view::maybe_time(s.started_at),
         completed: view::maybe_time(s.completed_at),
-        took: view::elapsed(s.started_at, s.completed_at),
         lease: match (&s.locked_by, s.locked_until) {
             (Some(w), Some(t)) => format!("{w} until {}", view::time(t)),
             _ => "-".to_owned(),
@@ -1035,14 +1023,7 @@ async fn step(State(studio): State<Studio>, Path(id): Path<String>) -> PageResul
         output: s.output.as_ref().map(view::payload),
         validation: s.validation.as_ref().map(view::payload),
         error: s.error.clone(),
-        why: why
-            .iter()
-            .map(|w| WhyRow {
-                node: w.node_id.clone().unwrap_or_default(),
-                reason: w.reason.clone(),
-                detail: w.detail.clone(),
-            })
-            .collect(),
+        why: why_rows(&why),
         attempts,
     };
     Ok(render(&page))
