@@ -232,22 +232,58 @@ struct QueueCount {
     steps: i64,
 }
 
+/// The predicate of the claimable steps' partial indexes, for step alias `$s`.
+macro_rules! ready {
+    ($s:literal) => {
+        concat!(
+            $s,
+            ".status = 'pending' AND ",
+            $s,
+            ".upstream_pending = 0 AND NOT ",
+            $s,
+            ".parked AND NOT ",
+            $s,
+            ".throttled"
+        )
+    };
+}
+
 /// The queue depth: steps claimable now (pending, upstream done, execution
 /// running, admitted by their key, `run_after` come), by queue (timers and
 /// signal waits, which wait for their time, not for a worker, left out), largest
 /// first (paused and full queues included: their steps are waiting). Reads
 /// the claimable steps' index, so it costs in proportion to them; the
 /// maintenance leader publishes it as a gauge every few seconds.
+///
+/// The queues come from a loose scan of `execution_steps_claimable_at_idx`
+/// (one probe per queue), then each queue's ready steps are counted on its
+/// range of that index: left to itself the planner counted through the
+/// unfinished steps' index instead (96,000 rows read for 7,000 ready ones
+/// at a million executions; 41 → 26 ms).
 #[tracing::instrument(skip(conn))]
 pub fn ready_steps_by_queue(conn: &mut PgConnection) -> QueryResult<Vec<(String, i64)>> {
-    Ok(diesel::sql_query(
-        "SELECT workflow_db_step_queue(s.queue, s.node_type) AS queue, count(*) AS steps \
-           FROM execution_steps s \
-          WHERE s.status = 'pending' AND s.upstream_pending = 0 AND NOT s.parked AND NOT s.throttled \
-            AND s.run_after <= statement_timestamp() \
-            AND NOT starts_with(workflow_db_step_queue(s.queue, s.node_type), 'workflow_db.') \
-          GROUP BY 1 ORDER BY steps DESC, queue",
-    )
+    Ok(diesel::sql_query(concat!(
+        "WITH RECURSIVE q(name) AS ( \
+            (SELECT workflow_db_step_queue(s.queue, s.node_type) FROM execution_steps s \
+              WHERE ",
+        ready!("s"),
+        " ORDER BY 1 LIMIT 1) \
+          UNION ALL \
+            SELECT (SELECT workflow_db_step_queue(s.queue, s.node_type) FROM execution_steps s \
+                     WHERE ",
+        ready!("s"),
+        " AND workflow_db_step_queue(s.queue, s.node_type) > q.name \
+                     ORDER BY 1 LIMIT 1) \
+              FROM q WHERE q.name IS NOT NULL) \
+        SELECT q.name AS queue, c.steps FROM q \
+         CROSS JOIN LATERAL (SELECT count(*) AS steps FROM execution_steps s \
+                              WHERE ",
+        ready!("s"),
+        " AND workflow_db_step_queue(s.queue, s.node_type) = q.name \
+                                AND s.run_after <= statement_timestamp()) c \
+         WHERE q.name IS NOT NULL AND NOT starts_with(q.name, 'workflow_db.') AND c.steps > 0 \
+         ORDER BY c.steps DESC, q.name",
+    ))
     .load::<QueueCount>(conn)?
     .into_iter()
     .map(|r| (r.queue, r.steps))

@@ -506,7 +506,7 @@ impl Maintenance {
     }
 
     /// Runs the loop in the caller's task until `shutdown` resolves, then
-    /// releases the lock (`pg_advisory_unlock`, and closes the connection)
+    /// releases the lock (`pg_advisory_unlock_all`, and closes the connection)
     /// and returns what it did.
     ///
     /// Connection failures are logged and retried at the next round, never
@@ -980,14 +980,15 @@ impl Maintenance {
     /// At shutdown: unlocks (when leader) and closes the lock connection.
     async fn release(&self, state: &mut State) {
         if let Some(session) = state.session.take() {
-            if state.leader.is() {
-                let unlock = format!(
-                    "SELECT pg_advisory_unlock({}, {})",
-                    MAINTENANCE_LOCK.0, MAINTENANCE_LOCK.1
-                );
-                if let Err(reason) = session.query(&unlock, self.timeout).await {
-                    tracing::debug!(%reason, "maintenance unlock failed; closing the connection releases the lock");
-                }
+            // Unlock whether or not this instance knows it leads: a round
+            // abandoned by the shutdown while its `pg_try_advisory_lock`
+            // was in flight may hold the lock without having seen the
+            // answer, and a closed connection releases it only when its
+            // backend has exited, after `shutdown` returned. The
+            // connection is this loop's own: it holds no other lock.
+            let unlock = "SELECT pg_advisory_unlock_all()";
+            if let Err(reason) = session.query(unlock, self.timeout).await {
+                tracing::debug!(%reason, "maintenance unlock failed; closing the connection releases the lock");
             }
             session.close(self.timeout).await;
         }
@@ -1035,9 +1036,10 @@ impl MaintenanceHandle {
     }
 
     /// Stops the loop (a round in progress is abandoned), releases the
-    /// lock (`pg_advisory_unlock`) and closes the connection, then returns
-    /// the totals, or the error the loop stopped with. Another instance
-    /// can take over as soon as this returns.
+    /// lock (`pg_advisory_unlock_all`: also one an abandoned round's
+    /// attempt took) and closes the connection, then returns the totals,
+    /// or the error the loop stopped with. Another instance can take over
+    /// as soon as this returns.
     pub async fn shutdown(mut self) -> Result<MaintenanceStats> {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
