@@ -610,25 +610,6 @@ mod tests {
         }
     }
 
-    /// `cargo test --release --lib --features studio studio::graph::tests::timing -- --ignored --nocapture`
-    #[test]
-    #[ignore = "a timing, for release builds"]
-    fn timing_500_nodes() {
-        let (s, e) = layered_dag(500, 12);
-        let svg = render_svg(&s, &e, "");
-        let runs = 10;
-        let start = std::time::Instant::now();
-        for _ in 0..runs {
-            std::hint::black_box(render_svg(&s, &e, ""));
-        }
-        println!(
-            "500 nodes, {} edges: {:?} per render, {} bytes",
-            e.len(),
-            start.elapsed() / runs,
-            svg.len()
-        );
-    }
-
     #[test]
     fn meta_line() {
         let now = DateTime::from_timestamp(1_700_000_100, 0).unwrap();
