@@ -31,7 +31,10 @@
 //! use workflow_db::studio::{Studio, StudioOptions};
 //! let config = workflow_db::Config::from_env()?;
 //! let pool = workflow_db::runtime::AsyncPool::from_config(&config).await?;
-//! let studio = Studio::new(pool, StudioOptions::default());
+//! let mut options = StudioOptions::default();
+//! options.base_path = "/studio".to_owned(); // where it is nested
+//! options.allowed_hosts = vec!["ops.internal".to_owned()]; // names besides localhost
+//! let studio = Studio::new(pool, options);
 //! studio.start_live(&config.database_url).await?;
 //! let app = axum::Router::new().nest("/studio", studio.router());
 //! # let _ = app;
@@ -39,7 +42,9 @@
 //! # }
 //! ```
 //!
-//! Mounted under a prefix, set [`StudioOptions::base_path`] to it.
+//! Without a token, only requests addressed to `localhost`, a loopback
+//! address or one of [`StudioOptions::allowed_hosts`] are answered (a page
+//! elsewhere must not reach it by DNS rebinding).
 //!
 //! Guide: `docs/admin.md`, "db-ops studio".
 
