@@ -381,12 +381,22 @@ fn stale_throwaway_databases_are_swept_unless_in_use() {
     let stale = format!("workflow_db_tmp_sweeptest_{two_hours_ago}_{pid}_1");
     let in_use = format!("workflow_db_tmp_sweeptest_{two_hours_ago}_{pid}_2");
     let recent = workflow_db::testing::throwaway_name("sweeptest");
-    for name in [&stale, &in_use, &recent] {
+    for name in [&stale, &recent] {
         diesel::sql_query(format!("CREATE DATABASE \"{name}\""))
             .execute(&mut admin)
             .unwrap();
     }
-    let holder = workflow_db::pool::connect(&db.url().with_database(&in_use)).unwrap();
+    // Tests running alongside sweep too: one may drop `in_use` between its
+    // creation and our connection (it is stale and nobody holds it yet).
+    // Create it again until we hold it.
+    let holder = (0..20)
+        .find_map(|_| {
+            diesel::sql_query(format!("CREATE DATABASE \"{in_use}\""))
+                .execute(&mut admin)
+                .unwrap();
+            workflow_db::pool::connect(&db.url().with_database(&in_use)).ok()
+        })
+        .expect("a connection to the stale database we created");
     let _next = TestDatabase::new(); // sweeps
     let exists = |admin: &mut PgConnection, name: &str| {
         diesel::sql_query("SELECT datname AS name FROM pg_database WHERE datname = $1")
