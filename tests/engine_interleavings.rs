@@ -889,6 +889,176 @@ struct User {
     user: String,
 }
 
+/// (e) Two statements of one transaction on one execution against a batch
+/// (found by the torture, seeds 505 and 2222). Session T retries `a` (queue
+/// `qb`) of execution E, then completes `b` (queue `qa`) of E; session U
+/// completes `x` (`qa`) and `y` (`qb`) of another execution in one
+/// statement, between T's two. The queues have rows (a limit), so each
+/// report locks its steps' queue rows in name order. If T's first statement
+/// locked only `qb`, U would hold `qa` and wait for `qb`, and T's second
+/// statement would wait for `qa`: a deadlock. A statement that ends attempts
+/// of an execution locks the queues of all of its running steps, as it
+/// already does with the keys of its unfinished steps.
+#[test]
+fn two_reports_in_one_transaction_and_a_batch_over_two_queues_do_not_deadlock() {
+    let db = TestDatabase::new();
+    let mut conn = db.connect();
+    let node = |id: &str, queue: &str| {
+        workflow_db::Node::new(id, "task").config(json!({ "queue": queue }))
+    };
+    let create = |conn: &mut PgConnection, nodes: Vec<workflow_db::Node>| {
+        let graph = workflow_db::WorkflowGraph {
+            nodes,
+            edges: Vec::new(),
+        };
+        workflow_db::NewWorkflow::from_graph("queues", &graph)
+            .create(conn)
+            .unwrap()
+    };
+    let wf_e = create(&mut conn, vec![node("a", "qb"), node("b", "qa")]);
+    let wf_u = create(&mut conn, vec![node("x", "qa"), node("y", "qb")]);
+    for q in ["qa", "qb"] {
+        engine::set_queue_limit(&mut conn, q, Some(10)).unwrap();
+    }
+    let e = start(&mut conn, &wf_e);
+    let u = start(&mut conn, &wf_u);
+    let claimed = engine::claim_steps(&mut conn, "w", 10, LEASE).unwrap();
+    assert_eq!(claimed.len(), 4);
+    let lease = |ex: Uuid, n: &str| {
+        claimed
+            .iter()
+            .find(|s| s.execution_id == ex && s.node_id == n)
+            .and_then(ExecutionStep::lease)
+            .unwrap()
+    };
+    let (a, b, x, y) = (
+        lease(e.id, "a"),
+        lease(e.id, "b"),
+        lease(u.id, "x"),
+        lease(u.id, "y"),
+    );
+
+    let b_id = b.step_id;
+    let mut t = Session::new(&db, "T");
+    let mut batch = Session::new(&db, "U");
+    t.begin();
+    t.run("T: retry a (qb)", move |c| {
+        engine::fail_step(c, &a, "boom", &no_backoff()).map(|s| s.status)
+    });
+    assert_eq!(t.settle(&mut conn), State::Done);
+    batch.run("U: complete x (qa) and y (qb)", move |c| {
+        engine::complete_steps(c, &[(x, None), (y, None)]).map(|s| s.len())
+    });
+    assert_eq!(
+        batch.settle(&mut conn),
+        State::Blocked,
+        "the batch waits for a queue row T holds"
+    );
+    t.run("T: complete b (qa)", move |c| {
+        engine::complete_step(c, &b, None).map(|s| s.status)
+    });
+    t.settle(&mut conn);
+    t.commit();
+    let (t, batch) = (t.finish(), batch.finish());
+    assert_all_ok(
+        "two reports in one transaction vs a batch",
+        &[("T", &t), ("U", &batch)],
+    );
+    assert_eq!(status(&mut conn, u.id), ExecutionStatus::Completed);
+    assert_eq!(step(&mut conn, b_id).status, StepStatus::Completed);
+}
+
+/// A hand-written claim of one step, leased to worker `w` by the database.
+fn claim_by_hand(id: Uuid) -> impl FnOnce(&mut PgConnection) -> QueryResult<usize> + Send {
+    move |c| {
+        diesel::sql_query(
+            "UPDATE execution_steps SET status = 'running', locked_by = 'w' WHERE id = $1",
+        )
+        .bind::<SqlUuid, _>(id)
+        .execute(c)
+    }
+}
+
+/// (f) A heartbeat against a pause (the same for a cancel or a failure for
+/// good, whose trigger skips the pending steps). The pause's trigger updates
+/// the steps that were pending in its snapshot; a step a claim made running
+/// since is locked by the update's recheck and stays locked. Steps `s1 <
+/// s2` (ids) lie in the heap as `s2, s1`; claims C1 (`s1`) and C2 (`s2`)
+/// are open. The pause waits for C2 at `s2`, first in heap order; C1
+/// commits; worker `w` heartbeats `s1` in an open transaction, then C2
+/// commits: the pause locks `s2` and wants `s1`, which the heartbeat's
+/// transaction holds while its next heartbeat wants `s2`: a deadlock
+/// (torture seed 505). The execution trigger now locks the steps it updates
+/// in id order, as every other writer does.
+#[test]
+fn a_heartbeat_and_a_pause_over_steps_claimed_meanwhile_do_not_deadlock() {
+    let db = TestDatabase::new();
+    let mut conn = db.connect();
+    let wf = workflow(&mut conn, &["a", "b"], &[]);
+    let new = NewExecution::new(wf.id);
+    new.create(&mut conn).unwrap();
+    let (s1, s2) = (sid(1), sid(2));
+    for (id, node) in [(s2, "b"), (s1, "a")] {
+        NewExecutionStep::create_many(
+            &mut conn,
+            &[NewExecutionStep {
+                id,
+                ..NewExecutionStep::new(new.id, node)
+            }],
+        )
+        .unwrap();
+    }
+    engine::transition_execution(
+        &mut conn,
+        new.id,
+        ExecutionStatus::Pending,
+        ExecutionStatus::Running,
+    )
+    .unwrap();
+
+    let mut c1 = Session::new(&db, "C1");
+    let mut c2 = Session::new(&db, "C2");
+    let mut pause = Session::new(&db, "P");
+    let mut beat = Session::new(&db, "H");
+    for (c, id) in [(&mut c1, s1), (&mut c2, s2)] {
+        c.begin();
+        c.run("claim by hand", claim_by_hand(id));
+        assert_eq!(c.settle(&mut conn), State::Done);
+    }
+    let ex = new.id;
+    pause.run("P: pause", move |c| engine::pause(c, ex).map(|e| e.status));
+    assert_eq!(pause.settle(&mut conn), State::Blocked);
+    c1.commit();
+    assert_eq!(c1.settle(&mut conn), State::Done);
+    pause.settle(&mut conn);
+    let leases = |conn: &mut PgConnection, id: Uuid| vec![step(conn, id).lease().unwrap()];
+    let (l1, l2) = (leases(&mut conn, s1), vec![Lease::new(s2, "w", 1)]);
+    beat.begin();
+    beat.run("H: heartbeat s1", move |c| engine::heartbeat(c, &l1, LEASE));
+    beat.settle(&mut conn);
+    c2.commit();
+    c2.settle(&mut conn);
+    pause.settle(&mut conn);
+    beat.run("H: heartbeat s2", move |c| engine::heartbeat(c, &l2, LEASE));
+    beat.commit();
+    let outcomes = [c1.finish(), c2.finish(), pause.finish(), beat.finish()];
+    assert_all_ok(
+        "a heartbeat and a pause over steps claimed meanwhile",
+        &[
+            ("C1", &outcomes[0]),
+            ("C2", &outcomes[1]),
+            ("P", &outcomes[2]),
+            ("H", &outcomes[3]),
+        ],
+    );
+    assert_eq!(status(&mut conn, ex), ExecutionStatus::Paused);
+    assert_eq!(
+        outcomes[3][2].1,
+        Ok(format!("{:?}", vec![s2])),
+        "the second heartbeat kept s2's lease"
+    );
+}
+
 fn session_user(conn: &mut PgConnection) -> String {
     diesel::sql_query("SELECT session_user::text AS user")
         .get_result::<User>(conn)

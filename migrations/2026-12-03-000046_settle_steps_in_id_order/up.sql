@@ -1,0 +1,96 @@
+-- A heartbeat deadlocked with a pause, cancel or failure for good (torture
+-- seed 505; test
+-- a_heartbeat_and_a_pause_over_steps_claimed_meanwhile_do_not_deadlock): the
+-- execution trigger updated its pending steps in heap order, and its
+-- recheck keeps a lock on a step a claim made running meanwhile, so it
+-- could hold a later step while wanting an earlier one a heartbeat (which
+-- locks in id order) held. It now locks them in id order first. The
+-- function is 000035's otherwise.
+CREATE OR REPLACE FUNCTION workflow_db_executions_transitioned()
+ RETURNS trigger
+ LANGUAGE plpgsql
+AS $function$
+DECLARE
+    changed_count bigint;
+    final_ids uuid[];
+    paused_ids uuid[];
+    running_ids uuid[];
+BEGIN
+    -- Old and new rows zipped by id, as in workflow_db_steps_transitioned().
+    WITH changed AS MATERIALIZED (
+        SELECT c.*
+          FROM (SELECT array_agg(id ORDER BY id) AS id,
+                       array_agg(status ORDER BY id) AS status,
+                       array_agg(error ORDER BY id) AS error
+                  FROM new_rows) n,
+               (SELECT array_agg(status ORDER BY id) AS status FROM old_rows) o,
+               unnest(n.id, n.status, o.status, n.error) AS c(id, status, from_status, error)
+         WHERE c.status <> c.from_status),
+    events AS (
+        INSERT INTO execution_events (execution_id, from_status, to_status, payload)
+        SELECT id, from_status, status,
+               CASE WHEN error IS NOT NULL THEN jsonb_build_object('error', error) END
+          FROM changed
+         ORDER BY id),
+    notified AS (
+        SELECT count(pg_notify('workflow_db_events', json_build_object(
+                   'execution_id', x.id, 'step_id', NULL, 'status', x.status)::text)) AS sent
+          FROM (SELECT id, status FROM changed ORDER BY id) x)
+    SELECT (SELECT count(*) FROM changed),
+           (SELECT array_agg(id ORDER BY id) FROM changed WHERE status IN ('completed', 'failed', 'cancelled')),
+           (SELECT array_agg(id ORDER BY id) FROM changed WHERE status = 'paused'),
+           (SELECT array_agg(id ORDER BY id) FROM changed WHERE status = 'running')
+      INTO changed_count, final_ids, paused_ids, running_ids
+      FROM notified;
+    IF changed_count = 0 THEN
+        RETURN NULL;
+    END IF;
+
+    -- The pending steps are locked in id order (the lock order of every
+    -- writer of several steps) before they are updated. A step a claim made
+    -- running since this statement's snapshot is locked too, by the
+    -- recheck, and stays locked to the end of the transaction: in any
+    -- other order, a heartbeat holding one such step and waiting for
+    -- another could deadlock with it.
+    -- A final execution runs nothing more.
+    IF final_ids IS NOT NULL THEN
+        UPDATE execution_steps SET status = 'skipped'
+         WHERE id = ANY (ARRAY(SELECT s.id FROM execution_steps s
+                                WHERE s.execution_id = ANY (final_ids) AND s.status = 'pending'
+                                ORDER BY s.id FOR NO KEY UPDATE))
+           AND status = 'pending';
+    END IF;
+    -- A paused one parks its pending steps; a (re)started one unparks them ...
+    IF paused_ids IS NOT NULL THEN
+        UPDATE execution_steps SET parked = true
+         WHERE id = ANY (ARRAY(SELECT s.id FROM execution_steps s
+                                WHERE s.execution_id = ANY (paused_ids) AND s.status = 'pending' AND NOT s.parked
+                                ORDER BY s.id FOR NO KEY UPDATE))
+           AND status = 'pending' AND NOT parked;
+    END IF;
+    IF running_ids IS NOT NULL THEN
+        UPDATE execution_steps SET parked = false
+         WHERE id = ANY (ARRAY(SELECT s.id FROM execution_steps s
+                                WHERE s.execution_id = ANY (running_ids) AND s.status = 'pending' AND s.parked
+                                ORDER BY s.id FOR NO KEY UPDATE))
+           AND status = 'pending' AND parked;
+        -- ... and settles: a step failed while it was paused, or nothing is
+        -- left to run (not while replaying: the replay resets the failed and
+        -- skipped steps next, in the same transaction).
+        UPDATE executions e
+           SET status = CASE WHEN f.failure IS NULL THEN 'completed' ELSE 'failed' END::execution_status,
+               error = coalesce(f.failure, e.error)
+          FROM (SELECT x.id,
+                       (SELECT format('step %s failed: %s', s.node_id, coalesce(s.error, 'no error message'))
+                          FROM execution_steps s
+                         WHERE s.execution_id = x.id AND s.status = 'failed'
+                         ORDER BY s.id LIMIT 1) AS failure
+                  FROM unnest(running_ids) AS x(id)) f
+         WHERE e.id = f.id AND e.status = 'running' AND NOT workflow_db_replaying()
+           AND (f.failure IS NOT NULL
+                OR NOT EXISTS (SELECT 1 FROM execution_steps s
+                                WHERE s.execution_id = e.id AND s.status IN ('pending', 'running')));
+    END IF;
+    RETURN NULL;
+END;
+$function$;
